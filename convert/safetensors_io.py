@@ -1,0 +1,75 @@
+"""Reading safetensors checkpoints: one file or shards listed by ``model.safetensors.index.json``.
+
+Tensors are memory-mapped and read one at a time, so the host never holds the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from contextlib import ExitStack
+
+import numpy as np
+from safetensors import safe_open
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (the message names the file or tensor)."""
+
+
+class SafetensorsReader:
+    """Maps tensor names to their shard; ``get(name)`` returns a numpy array (bf16 via ml_dtypes)."""
+
+    def __init__(self, folder: str):
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"checkpoint folder {folder} does not exist")
+        self.folder = folder
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+        index = os.path.join(folder, INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(folder, s))})
+            if missing:
+                raise CheckpointError(f"{INDEX} names missing shard(s): {', '.join(missing)}")
+            self._shard_of = dict(weight_map)
+        else:
+            files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            if not files:
+                raise CheckpointError(f"no *.safetensors files in {folder}")
+            self._shard_of = {}
+            for path in files:
+                for key in self._open(os.path.basename(path)).keys():
+                    self._shard_of[key] = os.path.basename(path)
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            path = os.path.join(self.folder, shard)
+            try:
+                self._handles[shard] = self._stack.enter_context(safe_open(path, framework="numpy"))
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file ({e})") from None
+        return self._handles[shard]
+
+    def keys(self) -> list[str]:
+        return list(self._shard_of)
+
+    def get(self, name: str) -> np.ndarray:
+        handle = self._open(self._shard_of[name])
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self._shard_of[name]}: {e}") from None
+
+    def close(self):
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

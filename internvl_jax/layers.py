@@ -1,0 +1,157 @@
+"""Building blocks shared by InternViT, the projector and the decoder.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that ``sharding/`` can place
+the same params tree on any mesh from a rule table. Norms and softmax run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Axes = tuple[str | None, ...]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> jnp.dtype:
+    """``"bfloat16"`` or ``jnp.bfloat16`` -> ``jnp.bfloat16``."""
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[name_or_dtype]
+    return jnp.dtype(name_or_dtype)
+
+
+def dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def param_with_axes(init, axes: Axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x, axes: Axes):
+    """Logical sharding constraint on an activation (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the trailing ``len(in_axes)`` dims of x.
+
+    kernel shape: in_shape + features, named ``in_axes + out_axes``; bias named ``out_axes``.
+    """
+
+    features: Sequence[int]
+    in_axes: Axes
+    out_axes: Axes
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dtype: jnp.dtype | None = None  # e.g. float32 logits from bfloat16 inputs
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = len(self.in_axes)
+        in_shape = x.shape[x.ndim - n_in :]
+        features = tuple(self.features)
+        kernel = self.param(
+            "kernel",
+            param_with_axes(nn.initializers.normal(0.02), self.in_axes + self.out_axes),
+            in_shape + features,
+            self.param_dtype,
+        )
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())), preferred_element_type=self.out_dtype
+        )
+        if self.use_bias:
+            bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.out_axes), features, self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last axis.
+
+    RMSNorm normalises in float32, casts back to the compute dtype, then multiplies by the weight (the
+    transformers/InternLM convention). LayerNorm computes entirely in float32 and casts at the end (as torch does).
+    """
+
+    kind: str  # "rms_norm" | "layer_norm"
+    eps: float
+    axis_name: str | None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        scale = self.param("scale", param_with_axes(nn.initializers.ones, (self.axis_name,)), (dim,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        if self.kind == "rms_norm":
+            y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+            return scale.astype(self.dtype) * y.astype(self.dtype)
+        if self.kind != "layer_norm":
+            raise ValueError(f"unknown norm type {self.kind!r}")
+        bias = self.param("bias", param_with_axes(nn.initializers.zeros, (self.axis_name,)), (dim,), self.param_dtype)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def attention(q, k, v, mask, *, scale: float):
+    """Softmax attention with grouped KV heads, float32 scores and softmax.
+
+    q: [B, L, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h uses KV head h // (H/K));
+    mask: bool, broadcastable to [B, 1, 1, L, S] (True = attend) or None. Returns [B, L, H, D] in q's dtype.
+    """
+    b, l, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, l, kv, h // kv, d)
+    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        # a finite minimum keeps fully masked (padding) rows NaN-free
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(b, l, h, d)
+
+
+def causal_segment_mask(segment_ids):
+    """[B, L] int segment ids (0 = padding) -> bool [B, 1, 1, L, L]: causal within each segment only."""
+    l = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((l, l), dtype=bool))
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return (causal[None] & same)[:, None, None]
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def scan_layers(layer_cls, *, length: int, remat: str, in_axes):
+    """A scanned stack of ``layer_cls`` (params stacked on a leading ``layers`` axis), optionally rematerialised.
+
+    ``remat`` names a policy in ``REMAT_POLICIES``. ``in_axes`` as for ``nn.scan`` (excluding the carry).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+    if remat != "none":
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

@@ -1,0 +1,1 @@
+"""Training: input pipeline, packing, losses, optimisers and freezing, trainer, checkpoints."""
