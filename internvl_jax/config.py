@@ -345,6 +345,7 @@ def text_config_to_hf_dict(t: TextConfig) -> dict:
         "rope_parameters": _rope_to_dict(t.rope),
         "hidden_act": "silu",
         "tie_word_embeddings": t.tie_word_embeddings,
+        "pad_token_id": None,  # the LLM defaults (Phi-3: 32000) may not exist in a resized vocabulary
     }
     if model_type in ("llama", "qwen3"):
         if t.qkv_bias != t.o_bias:

@@ -179,6 +179,7 @@ PRESETS: dict[str, InternVLConfig] = {
     "InternVL3-8B": _chat(  # unverified: rope (dynamic x2 as in 1B)
         _vit300m(), _qwen2(151674, 3584, 28, 28, 4, 18944), "internvl2_5", 151667
     ),
+    # InternLM3-8B tokenizer not checked: vocab and IMG_CONTEXT assume the 9 added tokens end a 128512 vocabulary.
     "InternVL3-9B": _chat(  # unverified: vocab_size, image_token_id, rope (internlm3-8b: theta 5e7, dynamic x6)
         _vit300m(),
         _llama(128512, 4096, 48, 32, 2, 10240, max_pos=32768, rope=RopeConfig(type="dynamic", theta=5e7, factor=6.0)),
