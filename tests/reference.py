@@ -46,6 +46,8 @@ TEXT = {
         _TEXT_COMMON,
         model_type="phi3",
         num_key_value_heads=4,
+        pad_token_id=None,  # Phi3Config's default 32000 is outside the tiny vocabulary
+        eos_token_id=None,
         max_position_embeddings=128,
         original_max_position_embeddings=32,
         rope_parameters={
