@@ -97,14 +97,14 @@ class InternVL(nn.Module):
 
 
 def _dummy_inputs(config: InternVLConfig):
+    """One text token and one (masked-out) tile: enough to create every parameter."""
     size = config.image_size
-    return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1, size, size, 3), as_dtype(config.dtype))
+    return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1, size, size, 3), as_dtype(config.dtype)), jnp.zeros((1, 1), bool)
 
 
 def init_params(config: InternVLConfig, rng) -> dict:
     """Randomly initialised params (plain nested dicts, logical-axis boxes removed)."""
-    ids, pixels = _dummy_inputs(config)
-    return nn.unbox(InternVL(config).init(rng, ids, pixels)["params"])
+    return nn.unbox(InternVL(config).init(rng, *_dummy_inputs(config))["params"])
 
 
 def abstract_params(config: InternVLConfig, *, boxed: bool = False) -> dict:
@@ -112,8 +112,7 @@ def abstract_params(config: InternVLConfig, *, boxed: bool = False) -> dict:
 
     With ``boxed``, leaves stay ``nn.LogicallyPartitioned`` so their logical axis names can be read.
     """
-    ids, pixels = _dummy_inputs(config)
-    tree = jax.eval_shape(lambda: InternVL(config).init(jax.random.PRNGKey(0), ids, pixels))["params"]
+    tree = jax.eval_shape(lambda: InternVL(config).init(jax.random.PRNGKey(0), *_dummy_inputs(config)))["params"]
     return tree if boxed else nn.unbox(tree)
 
 

@@ -1,0 +1,67 @@
+"""InternViT and the projector against the transformers modules, incl. position embeddings on other grids."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert.load import load_pretrained
+from internvl_jax.vision import resize_position_embedding
+from reference import TOL_MODULE, max_diff, tiny_internvl
+
+
+@pytest.mark.parametrize("src,out", [((4, 4), (5, 3)), ((4, 4), (2, 7)), ((6, 6), (6, 6)), ((32, 32), (24, 40))])
+def test_position_embedding_resize_equals_torch_bicubic(src, out):
+    g = src[0]
+    pos = np.random.default_rng(0).standard_normal((g * g, 8)).astype(np.float32)
+    grid = torch.tensor(pos).reshape(1, g, g, 8).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=out, mode="bicubic", align_corners=False)
+    expected = expected.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    assert max_diff(resize_position_embedding(jnp.asarray(pos), *out), expected) <= TOL_MODULE
+
+
+@pytest.fixture(scope="module", params=["layernorm_bias", "rmsnorm_qknorm"])
+def loaded(request, tmp_path_factory):
+    ref = tiny_internvl("qwen2", request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    model, params = load_pretrained(str(path))
+    return ref, model, params
+
+
+@pytest.mark.parametrize("hw", [(56, 56), (70, 42), (28, 84)], ids=["native", "5x3", "2x6"])
+def test_vision_tower_on_any_patch_grid(loaded, hw):
+    ref, model, params = loaded
+    x = np.random.default_rng(1).standard_normal((2, *hw, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref.model.vision_tower(pixel_values=torch.tensor(x.transpose(0, 3, 1, 2))).last_hidden_state
+    got = model.apply({"params": params}, jnp.asarray(x), method=lambda m, t: m.vision(t))
+    assert max_diff(got, expected.numpy()) <= TOL_MODULE
+
+
+def test_image_features_after_projector(loaded):
+    ref, model, params = loaded
+    x = np.random.default_rng(2).standard_normal((3, 56, 56, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref.model.get_image_features(pixel_values=torch.tensor(x.transpose(0, 3, 1, 2))).pooler_output
+    got = model.apply({"params": params}, jnp.asarray(x), method=lambda m, t: m.encode_images(t))
+    assert max_diff(got, expected.numpy()) <= TOL_MODULE
+
+
+def test_drop_path_is_off_without_rng_and_stochastic_with_it():
+    from internvl_jax.model import InternVL, init_params
+    from internvl_jax.presets import get_preset
+
+    cfg = get_preset("tiny-qwen2")
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, drop_path_rate=0.5))
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    model = InternVL(cfg)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+    run = lambda **kw: model.apply({"params": params}, x, method=lambda m, t: m.vision(t), **kw)  # noqa: E731
+    np.testing.assert_array_equal(run(), run())
+    a = run(rngs={"dropout": jax.random.PRNGKey(1)})
+    b = run(rngs={"dropout": jax.random.PRNGKey(2)})
+    assert max_diff(a, run()) > 0 and max_diff(a, b) > 0
