@@ -1,0 +1,21 @@
+"""InternVL vision-language models in JAX/Flax."""
+
+from .config import InternVLConfig, TextConfig, VisionConfig, RopeConfig, ConfigError, load_config
+from .model import InternVL, ImageTokenMismatch, abstract_params, check_image_tokens, init_params, param_count
+from .presets import PRESETS, get_preset
+
+
+def __getattr__(name):
+    # resolved lazily: convert/ builds on this package, so importing it here would be circular
+    if name == "load_pretrained":
+        from convert.load import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'internvl_jax' has no attribute {name!r}")
+
+
+__all__ = [
+    "InternVL", "InternVLConfig", "TextConfig", "VisionConfig", "RopeConfig", "ConfigError", "ImageTokenMismatch",
+    "PRESETS", "abstract_params", "check_image_tokens", "get_preset", "init_params", "load_config",
+    "load_pretrained", "param_count",
+]

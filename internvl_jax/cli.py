@@ -1,0 +1,137 @@
+"""The ``internvl-jax`` command line: ``info`` and ``demo`` (more commands arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _config(name_or_path: str):
+    from .config import load_config
+    from .presets import get_preset
+
+    if os.path.isdir(name_or_path) or name_or_path.endswith(".json"):
+        return load_config(name_or_path)
+    return get_preset(name_or_path)
+
+
+def describe(config) -> list[str]:
+    """Human-readable architecture lines for a config."""
+    v, t = config.vision, config.text
+    rope = t.rope.type + (f" x{t.rope.factor}" if t.rope.factor else "") + f", theta {t.rope.theta:g}"
+    return [
+        f"vision: InternViT hidden {v.hidden_size}, {v.num_layers} layers, {v.num_heads} heads, MLP {v.intermediate_size}, "
+        f"{v.norm_type} eps {v.norm_eps:g}, qk-norm {'yes' if v.qk_norm else 'no'}, qkv bias {'yes' if v.qkv_bias else 'no'}, "
+        f"patch {v.patch_size}, image {config.image_size}",
+        f"projector: pixel shuffle {config.ps_version} (ratio {config.downsample_ratio}) -> "
+        f"LayerNorm {v.hidden_size * round(1 / config.downsample_ratio) ** 2} -> MLP -> {t.hidden_size}; "
+        f"{config.tokens_per_tile} tokens per tile",
+        f"language model: {t.family}, hidden {t.hidden_size}, {t.num_layers} layers, {t.num_heads} heads "
+        f"({t.num_kv_heads} KV, head dim {t.head_dim}), MLP {t.intermediate_size}, vocab {t.vocab_size}, "
+        f"rope {rope}, max positions {t.max_position_embeddings}, "
+        f"{'tied' if t.tie_word_embeddings else 'untied'} head",
+        f"template: {config.template}, tiles {config.min_dynamic_patch}..{config.max_dynamic_patch}"
+        f"{' + thumbnail' if config.use_thumbnail else ''}, IMG_CONTEXT id {config.image_token_id}",
+    ]
+
+
+def cmd_info(args) -> None:
+    import jax
+    import numpy as np
+
+    from .model import abstract_params
+
+    config = _config(args.model)
+    tree = abstract_params(config)
+    count = lambda sub: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(sub))  # noqa: E731
+    for line in describe(config):
+        print(line)
+    for part in ("vision", "projector", "language_model"):
+        print(f"{part} parameters: {count(tree[part]):,}")
+    print(f"parameters: {count(tree)}")
+
+
+def _demo_tiles(size: int):
+    """A generated 2:1 picture cut into two tiles plus a thumbnail (uint8 [3, size, size, 3])."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (4 * size, 2 * size), (30, 60, 160))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((size // 2, size // 4, 3 * size // 2, 5 * size // 4), fill=(250, 200, 40))
+    draw.rectangle((5 * size // 2, size, 7 * size // 2, 2 * size), fill=(40, 160, 60))
+    wide = np.asarray(img.resize((2 * size, size), Image.BICUBIC))
+    thumb = np.asarray(img.resize((size, size), Image.BICUBIC))
+    return np.stack([wide[:, :size], wide[:, size:], thumb])
+
+
+def cmd_demo(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from .model import InternVL, check_image_tokens, init_params, param_count
+    from .presets import get_preset
+    from .processing import normalize
+
+    config = get_preset(args.preset)
+    print(f"model: {args.preset} ({param_count(config):,} parameters, random weights, seed {args.seed})")
+    for line in describe(config):
+        print("  " + line)
+    params = init_params(config, jax.random.PRNGKey(args.seed))
+    tiles = _demo_tiles(config.image_size)
+    bucket = 4  # tile slots per row: 3 real tiles + 1 padding slot
+    pixels = np.zeros((1, bucket, *tiles.shape[1:]), np.float32)
+    pixels[0, : len(tiles)] = normalize(tiles)
+    tile_mask = np.arange(bucket)[None] < len(tiles)
+    n_img = len(tiles) * config.tokens_per_tile
+    rng = np.random.default_rng(args.seed)
+    text = lambda n: rng.integers(0, config.image_token_id - 1, n)  # noqa: E731
+    ids = np.concatenate([text(5), np.full(n_img, config.image_token_id), text(args.text_tokens)])[None].astype(np.int32)
+    print(f"input: generated {tiles.shape[2] * 2}x{tiles.shape[1]} image -> 2 tiles + thumbnail "
+          f"(bucket of {bucket} slots), {ids.shape[1]} tokens ({n_img} IMG_CONTEXT)")
+    model = InternVL(config)
+    forward = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m))
+    t0 = time.perf_counter()
+    forward.lower(params, ids, pixels, tile_mask).compile()
+    compile_s = time.perf_counter() - t0
+    check_image_tokens(ids, tile_mask, config.image_token_id, config.tokens_per_tile)
+    t0 = time.perf_counter()
+    logits = forward(params, ids, pixels, tile_mask).block_until_ready()
+    run_s = time.perf_counter() - t0
+    last = np.asarray(logits[0, -1])
+    top = np.argsort(-last)[:5]
+    print(f"compiled in {compile_s:.2f} s, forward in {run_s * 1e3:.1f} ms on {jax.devices()[0].platform}")
+    print(f"logits: shape {tuple(logits.shape)} {logits.dtype}, finite: {bool(jnp.isfinite(logits).all())}")
+    print("next-token top-5: " + ", ".join(f"{int(t)} ({float(jax.nn.softmax(last)[t]):.3f})" for t in top))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="internvl-jax", description="InternVL vision-language models in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print a model's architecture and exact parameter count (allocates nothing)")
+    info.add_argument("model", help="a preset name (e.g. InternVL2_5-8B) or a checkpoint folder with config.json")
+    info.set_defaults(func=cmd_info)
+    demo = sub.add_parser("demo", help="build a tiny random model and run it on a generated image (no downloads)")
+    demo.add_argument("--preset", default="tiny-qwen2", help="model preset (default: tiny-qwen2)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed for weights and text (default: 0)")
+    demo.add_argument("--text-tokens", type=int, default=16, help="text tokens after the image (default: 16)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (KeyError, ValueError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"internvl-jax {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The command line, run as users run it (subprocess)."""
+
+import json
+import subprocess
+import sys
+
+from internvl_jax.config import to_hf_dict
+from internvl_jax.model import param_count
+from internvl_jax.presets import get_preset
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "internvl_jax.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_prints_the_exact_parameter_count_of_a_preset():
+    out = run("info", "InternVL2_5-8B")
+    assert out.returncode == 0, out.stderr
+    assert f"parameters: {param_count(get_preset('InternVL2_5-8B'))}" in out.stdout.splitlines()
+    assert "language model: internlm2" in out.stdout
+
+
+def test_info_reads_a_checkpoint_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_dict(get_preset("InternVL3-1B"))))
+    out = run("info", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert f"parameters: {param_count(get_preset('InternVL3-1B'))}" in out.stdout
+
+
+def test_demo_runs_the_tiny_model_on_a_generated_image():
+    out = run("demo")
+    assert out.returncode == 0, out.stderr
+    assert "2 tiles + thumbnail" in out.stdout and "finite: True" in out.stdout
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    for args in (("info", "InternVL9-1B"), ("info", str(tmp_path))):
+        out = run(*args)
+        assert out.returncode == 2
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "no config.json" in run("info", str(tmp_path)).stderr
