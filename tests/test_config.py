@@ -99,3 +99,17 @@ def test_preset_parameter_count_equals_transformers(name):
     """Every preset's LLM family exists in transformers (InternLM2 as the Llama it converts to)."""
     config = get_preset(name)
     assert param_count(config) == _transformers_count(config)
+
+
+def test_internlm2_llm_config_defaults_bias_to_true():
+    """InternLM2Config defaults `bias` to True when the key is missing (released configs set it false)."""
+    d = json.loads(json.dumps(ORIGINAL_3_1B))
+    d["llm_config"] = {
+        "architectures": ["InternLM2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 300,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 1e6,
+    }
+    c = config_from_dict(d)
+    assert (c.text.family, c.text.qkv_bias, c.text.o_bias, c.text.rope.type) == ("internlm2", True, True, "dynamic")
+    d["llm_config"]["bias"] = False
+    assert not config_from_dict(d).text.qkv_bias
