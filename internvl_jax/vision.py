@@ -127,7 +127,8 @@ class VisionLayer(nn.Module):
         ls_init = nn.initializers.constant(c.layer_scale_init)
         ls1 = self.param("ls1", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
         ls2 = self.param("ls2", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
-        y = x + self._drop_path(ls1.astype(self.dtype) * VisionAttention(c, name="attn", **kw)(Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x)), rate)
+        h = VisionAttention(c, name="attn", **kw)(Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x))
+        y = x + self._drop_path(ls1.astype(self.dtype) * h, rate)
         h = Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm2", **kw)(y)
         h = Dense((c.intermediate_size,), ("vit_embed",), ("vit_mlp",), True, name="fc1", **kw)(h)
         h = Dense((c.hidden_size,), ("vit_mlp",), ("vit_embed",), True, name="fc2", **kw)(jax.nn.gelu(h, approximate=False))
@@ -144,7 +145,11 @@ class VisionLayer(nn.Module):
 
 
 class InternViT(nn.Module):
-    """pixels [N, H, W, 3] (normalised) -> hidden states [N, 1 + patches, C] after ``layers_used`` layers."""
+    """pixels [N, H, W, 3] (normalised) -> hidden states [N, 1 + patches, C] after ``layers_used`` layers.
+
+    All layers are scanned; with ``layers_used`` below the depth (select_layer != -1, e.g. InternVL 1.0 style
+    feature taps) the later layers' results are discarded, so the scan keeps one static program.
+    """
 
     cfg: VisionConfig
     layers_used: int | None = None  # None = all (select_layer = -1)
