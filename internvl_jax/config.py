@@ -135,7 +135,8 @@ class InternVLConfig:
     # runtime
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots (see internvl_jax.layers.remat_policy)
+    remat: str = "none"  # none | full | dots | dots_no_batch (internvl_jax.layers.REMAT_POLICIES)
+    attention_impl: str = "auto"  # auto | batched | per_kv_head (internvl_jax.layers.resolve_attention_impl)
 
     def __post_init__(self):
         if self.ps_version not in ("v1", "v2"):

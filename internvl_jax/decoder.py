@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import TextConfig
-from .layers import Dense, Norm, attention, causal_segment_mask, constrain, param_with_axes, scan_layers
+from .layers import (
+    Dense, Norm, attention, causal_segment_mask, constrain, param_with_axes, resolve_attention_impl, scan_layers,
+)
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -29,6 +31,7 @@ class Attention(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    impl: str = "batched"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask):
@@ -42,7 +45,7 @@ class Attention(nn.Module):
             k = Norm("rms_norm", c.norm_eps, "head_dim", name="k_norm", **kw)(k)
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        out = attention(q, k, v, mask, scale=c.head_dim**-0.5)
+        out = attention(q, k, v, mask, scale=c.head_dim**-0.5, impl=self.impl)
         return Dense((c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias, name="o_proj", **kw)(out)
 
 
@@ -65,13 +68,14 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention_impl: str = "batched"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = Norm("rms_norm", c.norm_eps, "embed", name="input_norm", **kw)(x)
-        x = x + Attention(c, name="attn", **kw)(h, cos, sin, mask)
+        x = x + Attention(c, name="attn", impl=self.attention_impl, **kw)(h, cos, sin, mask)
         h = Norm("rms_norm", c.norm_eps, "embed", name="post_attn_norm", **kw)(x)
         x = x + MLP(c, name="mlp", **kw)(h)
         return constrain(x, ("batch", "length", "embed")), None
@@ -97,6 +101,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
+    attention_impl: str = "auto"  # see layers.resolve_attention_impl
 
     def setup(self):
         c = self.cfg
@@ -108,7 +113,7 @@ class Decoder(nn.Module):
             self.param_dtype,
         )
         stack = scan_layers(DecoderLayer, length=c.num_layers, remat=self.remat, in_axes=(nn.broadcast,) * 3)
-        self.layers = stack(c, name="layers", **kw)
+        self.layers = stack(c, name="layers", attention_impl=resolve_attention_impl(self.attention_impl), **kw)
         self.norm = Norm("rms_norm", c.norm_eps, "embed", **kw)
         if not c.tie_word_embeddings:
             self.lm_head = Dense((c.vocab_size,), ("embed",), ("vocab",), out_dtype=jnp.float32, name="lm_head", **kw)

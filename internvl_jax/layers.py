@@ -104,30 +104,55 @@ class Norm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def attention(q, k, v, mask, *, scale: float):
+ATTENTION_IMPLS = ("auto", "batched", "per_kv_head")
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """``auto`` -> ``per_kv_head`` on the CPU backend (small score blocks stay in cache, 3x faster there),
+    ``batched`` elsewhere. Name the impl explicitly when compiling ahead of time for another platform."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        return "per_kv_head" if jax.default_backend() == "cpu" else "batched"
+    return impl
+
+
+def attention(q, k, v, mask, *, scale: float, impl: str = "batched"):
     """Softmax attention with grouped KV heads, float32 scores and softmax.
 
     q: [B, L, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h uses KV head h // (H/K));
-    mask: bool, broadcastable to [B, 1, 1, L, S] (True = attend) or None. Returns [B, L, H, D] in q's dtype.
+    mask: bool [B, 1, L, S] (True = attend) or None. Returns [B, L, H, D] in q's dtype.
+    ``impl``: ``batched`` computes all KV heads at once; ``per_kv_head`` loops over them (``lax.map``).
     """
     b, l, h, d = q.shape
     kv = k.shape[2]
-    qg = q.reshape(b, l, kv, h // kv, d)
-    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        # a finite minimum keeps fully masked (padding) rows NaN-free
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(b, l, h, d)
+    qt = q.reshape(b, l, kv, h // kv, d).transpose(2, 0, 3, 1, 4)  # [K, B, G, L, D]
+    kt, vt = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # [K, B, S, D]
+
+    def one_kv_head(args):
+        qh, kh, vh = args
+        scores = jnp.einsum("bgld,bsd->bgls", qh, kh, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            # a finite minimum keeps fully masked (padding) rows NaN-free
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
+        return jnp.einsum("bgls,bsd->bgld", probs, vh)
+
+    if impl == "per_kv_head":
+        out = jax.lax.map(one_kv_head, (qt, kt, vt))
+    elif impl == "batched":
+        out = jax.vmap(one_kv_head)((qt, kt, vt))
+    else:
+        raise ValueError(f"unknown attention impl {impl!r}")
+    return out.transpose(1, 3, 0, 2, 4).reshape(b, l, h, d)
 
 
 def causal_segment_mask(segment_ids):
-    """[B, L] int segment ids (0 = padding) -> bool [B, 1, 1, L, L]: causal within each segment only."""
+    """[B, L] int segment ids (0 = padding) -> bool [B, 1, L, L]: causal within each segment only."""
     l = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((l, l), dtype=bool))
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    return (causal[None] & same)[:, None, None]
+    return (causal[None] & same)[:, None]
 
 
 REMAT_POLICIES = {

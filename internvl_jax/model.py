@@ -66,9 +66,10 @@ class InternVL(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=as_dtype(c.dtype), param_dtype=as_dtype(c.param_dtype))
-        self.vision = InternViT(c.vision, layers_used=c.vision_layers_used, remat=c.remat, **kw)
+        stack = dict(remat=c.remat, attention_impl=c.attention_impl)
+        self.vision = InternViT(c.vision, layers_used=c.vision_layers_used, **stack, **kw)
         self.projector = Projector(c.text.hidden_size, **kw)
-        self.language_model = Decoder(c.text, remat=c.remat, **kw)
+        self.language_model = Decoder(c.text, **stack, **kw)
 
     def encode_images(self, tiles):
         """tiles [N, H, W, 3] -> [N, tokens_per_tile, E] LLM-space features."""

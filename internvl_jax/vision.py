@@ -14,7 +14,7 @@ import numpy as np
 import flax.linen as nn
 
 from .config import VisionConfig
-from .layers import Dense, Norm, attention, constrain, param_with_axes, scan_layers
+from .layers import Dense, Norm, attention, constrain, param_with_axes, resolve_attention_impl, scan_layers
 
 _CUBIC_A = -0.75  # torch's bicubic kernel constant
 
@@ -97,6 +97,7 @@ class VisionAttention(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    impl: str = "batched"
 
     @nn.compact
     def __call__(self, x):
@@ -109,7 +110,7 @@ class VisionAttention(nn.Module):
                 t.reshape(*t.shape[:2], -1)
             ).reshape(t.shape)
             q, k = full(q, "q_norm"), full(k, "k_norm")
-        out = attention(q, k, v, None, scale=c.head_dim**-0.5)
+        out = attention(q, k, v, None, scale=c.head_dim**-0.5, impl=self.impl)
         return Dense((c.hidden_size,), ("vit_heads", "head_dim"), ("vit_embed",), True, name="proj", **kw)(out)
 
 
@@ -117,6 +118,7 @@ class VisionLayer(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    attention_impl: str = "batched"
 
     @nn.compact
     def __call__(self, x, layer_xs):
@@ -127,7 +129,7 @@ class VisionLayer(nn.Module):
         ls_init = nn.initializers.constant(c.layer_scale_init)
         ls1 = self.param("ls1", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
         ls2 = self.param("ls2", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
-        h = VisionAttention(c, name="attn", **kw)(Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x))
+        h = VisionAttention(c, name="attn", impl=self.attention_impl, **kw)(Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x))
         y = x + self._drop_path(ls1.astype(self.dtype) * h, rate)
         h = Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm2", **kw)(y)
         h = Dense((c.intermediate_size,), ("vit_embed",), ("vit_mlp",), True, name="fc1", **kw)(h)
@@ -156,6 +158,7 @@ class InternViT(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
+    attention_impl: str = "auto"  # see layers.resolve_attention_impl
 
     @nn.compact
     def __call__(self, pixels):
@@ -166,5 +169,6 @@ class InternViT(nn.Module):
         rates = jnp.linspace(0.0, c.drop_path_rate, c.num_layers, dtype=jnp.float32)
         active = jnp.arange(c.num_layers) < used
         stack = scan_layers(VisionLayer, length=c.num_layers, remat=self.remat, in_axes=(0,))
-        x, _ = stack(c, name="layers", **kw)(x, (rates, active))
+        impl = resolve_attention_impl(self.attention_impl)
+        x, _ = stack(c, name="layers", attention_impl=impl, **kw)(x, (rates, active))
         return x
