@@ -1,0 +1,41 @@
+"""Image loading for every mode users send."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from internvl_jax.processing.images import load_image
+
+RGB = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "LA"])
+def test_modes_become_rgb_like_pil_convert(tmp_path, mode):
+    src = Image.fromarray(RGB).convert(mode)
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    src.save(path)
+    got = load_image(path)
+    assert got.mode == "RGB" and got.size == (30, 20)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    a = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "x.png")
+    got = np.asarray(load_image(tmp_path / "x.png"))
+    np.testing.assert_array_equal(got[..., 0], np.round(a * 255.0 / 65535.0).astype(np.uint8))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    Image.fromarray(RGB).save(tmp_path / "x.jpg", exif=exif, quality=95)
+    assert load_image(tmp_path / "x.jpg").size == (20, 30)
+
+
+def test_unreadable_files_are_clear_errors(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(OSError, match="cannot read image .*bad.jpg"):
+        load_image(tmp_path / "bad.jpg")
+    with pytest.raises(FileNotFoundError, match="not found: .*missing.png"):
+        load_image(tmp_path / "missing.png")
