@@ -1,136 +1,237 @@
-"""Key-map tables: checkpoint tensor names -> paths in our params tree, with a named transform.
+"""Key-map tables: checkpoint tensor names <-> paths in our params tree, with a named transform.
 
-A layout is (prefix aliases, rules). Prefix aliases first bring every key of the layout to a canonical form
-(``vision.``, ``projector.``, ``llm.``, ``lm_head.``), so that the on-disk and in-memory spellings of one layout
-share one table. A rule's regex may capture ``layer`` (the index on the stacked ``layers`` axis) and ``part``
-(q/k/v of a fused target, or the name spliced into the target path).
+A layout is (prefix aliases, rules). Prefix aliases bring every key of the layout to a canonical form
+(``vision.``, ``projector.``, ``llm.``, ``lm_head.``) so that the on-disk and in-memory spellings of one layout
+share one table; the first alias of each canonical prefix is the spelling written on export.
 
-Transforms take the torch tensor to our slice of shape ``shape``:
-``same`` (reshape only), ``linear`` (torch [out, in] -> [in..., out...]), ``conv`` ([C, 3, p, p] -> [p, p, 3, C]).
+A rule's ``source`` is a template over canonical keys: ``{layer}`` is the index on our stacked ``layers`` axis
+and ``{part}`` one of ``parts``. A part either names a separate target (``{part}`` in ``target``), an index along
+``part_axis`` of one fused target (the transformers ViT's q/k/v in our fused qkv), or, with ``rows``, the rows of
+one fused source that feed separate targets (Phi-3 ``qkv_proj``/``gate_up_proj``, InternLM2's grouped ``wqkv``).
+``families`` limits a rule to some LLM families (None: all).
+
+Transforms take a torch tensor to our array of shape ``shape`` (``load``) and back (``save``):
+``same`` (identity), ``flat`` (torch 1-D <-> our multi-dim, e.g. a bias [H*D] <-> [H, D]),
+``linear`` (torch [out, in] <-> our [in, *out]), ``linear2`` (torch [out, H*D] <-> our [H, D, out]),
+``conv`` (torch [C, 3, p, p] <-> our [p, p, 3, C]).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
 
 from internvl_jax.config import TextConfig
 
-PARTS = {"q": 0, "k": 1, "v": 2}
+
+@dataclass(frozen=True)
+class Transform:
+    load: Callable[[np.ndarray, tuple], np.ndarray]
+    save: Callable[[np.ndarray], np.ndarray]
 
 
-def _linear(t: np.ndarray, shape) -> np.ndarray:
-    return t.T.reshape(shape)
-
-
-TRANSFORMS: dict[str, Callable[[np.ndarray, tuple], np.ndarray]] = {
-    "same": lambda t, shape: t.reshape(shape),
-    "linear": _linear,
-    "conv": lambda t, shape: t.transpose(2, 3, 1, 0).reshape(shape),
+TRANSFORMS = {
+    "same": Transform(lambda t, shape: t.reshape(shape), lambda a: a),
+    "flat": Transform(lambda t, shape: t.reshape(shape), lambda a: a.reshape(-1)),
+    "linear": Transform(lambda t, shape: t.T.reshape(shape), lambda a: a.reshape(a.shape[0], -1).T),
+    "linear2": Transform(lambda t, shape: t.T.reshape(shape), lambda a: a.reshape(a.shape[0] * a.shape[1], -1).T),
+    "conv": Transform(lambda t, shape: t.transpose(2, 3, 1, 0).reshape(shape), lambda a: a.transpose(3, 2, 0, 1)),
 }
+
+RowsFn = Callable[[TextConfig, str], object]
 
 
 @dataclass(frozen=True)
 class Rule:
-    pattern: str  # regex over the canonical key
-    target: str  # "/"-joined param path; may contain {part}
+    source: str
+    target: str
     transform: str = "same"
-    part_axis: int | None = None  # fused target: PARTS[part] indexes this axis of the per-layer slice
-    rows: Callable[[TextConfig], object] | None = None  # take these rows of the source tensor first
+    parts: tuple[str, ...] = ()
+    part_axis: int | None = None
+    rows: RowsFn | None = None
+    families: tuple[str, ...] | None = None
+
+    @cached_property
+    def pattern(self) -> re.Pattern:
+        regex = re.escape(self.source).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        regex = regex.replace(r"\{part\}", "(?P<part>" + "|".join(map(re.escape, self.parts)) + ")")
+        return re.compile(regex)
+
+    def applies_to(self, family: str) -> bool:
+        return self.families is None or family in self.families
 
 
 @dataclass(frozen=True)
 class Layout:
     name: str
-    prefixes: tuple[tuple[str, str], ...]
+    prefixes: tuple[tuple[str, str], ...]  # (on-disk prefix, canonical prefix), first = written on export
     rules: tuple[Rule, ...]
 
+    def canonical(self, key: str) -> str:
+        for src, dst in self.prefixes:
+            if key.startswith(src):
+                return dst + key[len(src) :]
+        return key
 
-_L = r"(?P<layer>\d+)"
-_VIT = r"vision\.encoder\.layer\." + _L
-_LLM = r"llm\.layers\." + _L
-
-
-def _phi3_qkv_rows(part: str) -> Callable[[TextConfig], slice]:
-    def rows(c: TextConfig) -> slice:
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[part]
-
-    return rows
-
-
-def _half(first: bool) -> Callable[[TextConfig], slice]:
-    return lambda c: slice(0, c.intermediate_size) if first else slice(c.intermediate_size, 2 * c.intermediate_size)
+    def on_disk(self, key: str) -> str:
+        for src, dst in self.prefixes:
+            if key.startswith(dst):
+                return src + key[len(dst) :]
+        return key
 
 
-_DECODER_RULES = (
-    Rule(r"llm\.embed_tokens\.weight", "language_model/embed_tokens"),
-    Rule(_LLM + r"\.self_attn\.(?P<part>q|k|v|o)_proj\.weight", "language_model/layers/attn/{part}_proj/kernel", "linear"),
-    Rule(_LLM + r"\.self_attn\.(?P<part>q|k|v|o)_proj\.bias", "language_model/layers/attn/{part}_proj/bias"),
-    Rule(_LLM + r"\.self_attn\.(?P<part>q|k)_norm\.weight", "language_model/layers/attn/{part}_norm/scale"),
-    *(
-        Rule(_LLM + r"\.self_attn\.qkv_proj\.weight", f"language_model/layers/attn/{p}_proj/kernel", "linear", rows=_phi3_qkv_rows(p))
-        for p in "qkv"
-    ),
-    Rule(_LLM + r"\.mlp\.(?P<part>gate|up|down)_proj\.weight", "language_model/layers/mlp/{part}_proj/kernel", "linear"),
-    Rule(_LLM + r"\.mlp\.(?P<part>gate|up|down)_proj\.bias", "language_model/layers/mlp/{part}_proj/bias"),
-    Rule(_LLM + r"\.mlp\.gate_up_proj\.weight", "language_model/layers/mlp/gate_proj/kernel", "linear", rows=_half(True)),
-    Rule(_LLM + r"\.mlp\.gate_up_proj\.weight", "language_model/layers/mlp/up_proj/kernel", "linear", rows=_half(False)),
-    Rule(_LLM + r"\.input_layernorm\.weight", "language_model/layers/input_norm/scale"),
-    Rule(_LLM + r"\.post_attention_layernorm\.weight", "language_model/layers/post_attn_norm/scale"),
-    Rule(r"llm\.norm\.weight", "language_model/norm/scale"),
-    Rule(r"lm_head\.weight", "language_model/lm_head/kernel", "linear"),
+# --- fused sources: which rows feed which part -------------------------------------------------------------
+
+
+def phi3_qkv_rows(c: TextConfig, part: str) -> slice:
+    """Phi-3 ``qkv_proj``: q = the first heads*D rows, then k, then v (kv_heads*D rows each)."""
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[part]
+
+
+def gate_up_rows(c: TextConfig, part: str) -> slice:
+    """Phi-3 ``gate_up_proj``: gate is the first half of the rows, up the second."""
+    n = c.intermediate_size
+    return slice(0, n) if part == "gate" else slice(n, 2 * n)
+
+
+def internlm2_wqkv_rows(c: TextConfig, part: str) -> np.ndarray:
+    """InternLM2 ``wqkv`` rows grouped per KV head: for KV head h, its g = heads/kv query heads, then its key
+    head, then its value head (head_dim rows each). Query head h*g + j is block h*(g+2) + j."""
+    g, d = c.num_heads // c.num_kv_heads, c.head_dim
+    if part == "q":
+        blocks = [h * (g + 2) + j for h in range(c.num_kv_heads) for j in range(g)]
+    else:
+        blocks = [h * (g + 2) + g + (part == "v") for h in range(c.num_kv_heads)]
+    return (np.asarray(blocks)[:, None] * d + np.arange(d)[None]).reshape(-1)
+
+
+# --- shared rule groups --------------------------------------------------------------------------------------
+
+_LLM = "llm.layers.{layer}."
+_DEC = "language_model/layers/"
+
+
+def _decoder(plain: tuple[str, ...]) -> tuple[Rule, ...]:
+    """The Llama-style decoder names; ``plain`` are the families stored with separate q/k/v and gate/up
+    (Phi-3 always fuses them)."""
+    named = plain + ("phi3",)
+    return (
+        Rule("llm.embed_tokens.weight", "language_model/embed_tokens", families=named),
+        Rule(_LLM + "self_attn.{part}_proj.weight", _DEC + "attn/{part}_proj/kernel", "linear", ("q", "k", "v"), families=plain),
+        Rule(_LLM + "self_attn.{part}_proj.bias", _DEC + "attn/{part}_proj/bias", "flat", ("q", "k", "v"), families=plain),
+        Rule(_LLM + "self_attn.qkv_proj.weight", _DEC + "attn/{part}_proj/kernel", "linear", ("q", "k", "v"), rows=phi3_qkv_rows, families=("phi3",)),
+        Rule(_LLM + "self_attn.o_proj.weight", _DEC + "attn/o_proj/kernel", "linear2", families=named),
+        Rule(_LLM + "self_attn.o_proj.bias", _DEC + "attn/o_proj/bias", families=plain),
+        Rule(_LLM + "self_attn.{part}_norm.weight", _DEC + "attn/{part}_norm/scale", parts=("q", "k"), families=("qwen3",)),
+        Rule(_LLM + "mlp.{part}_proj.weight", _DEC + "mlp/{part}_proj/kernel", "linear", ("gate", "up", "down"), families=plain),
+        Rule(_LLM + "mlp.{part}_proj.bias", _DEC + "mlp/{part}_proj/bias", parts=("gate", "up", "down"), families=("llama",)),
+        Rule(_LLM + "mlp.gate_up_proj.weight", _DEC + "mlp/{part}_proj/kernel", "linear", ("gate", "up"), rows=gate_up_rows, families=("phi3",)),
+        Rule(_LLM + "mlp.down_proj.weight", _DEC + "mlp/down_proj/kernel", "linear", families=("phi3",)),
+        Rule(_LLM + "input_layernorm.weight", _DEC + "input_norm/scale", families=named),
+        Rule(_LLM + "post_attention_layernorm.weight", _DEC + "post_attn_norm/scale", families=named),
+        Rule("llm.norm.weight", "language_model/norm/scale"),
+        Rule("lm_head.weight", "language_model/lm_head/kernel", "linear", families=named),
+    )
+
+
+# InternLM2's own names (original layout only; the transformers converter renames them to Llama's)
+_INTERNLM2_DECODER = (
+    Rule("llm.tok_embeddings.weight", "language_model/embed_tokens", families=("internlm2",)),
+    Rule(_LLM + "attention.wqkv.weight", _DEC + "attn/{part}_proj/kernel", "linear", ("q", "k", "v"), rows=internlm2_wqkv_rows, families=("internlm2",)),
+    Rule(_LLM + "attention.wqkv.bias", _DEC + "attn/{part}_proj/bias", "flat", ("q", "k", "v"), rows=internlm2_wqkv_rows, families=("internlm2",)),
+    Rule(_LLM + "attention.wo.weight", _DEC + "attn/o_proj/kernel", "linear2", families=("internlm2",)),
+    Rule(_LLM + "attention.wo.bias", _DEC + "attn/o_proj/bias", families=("internlm2",)),
+    Rule(_LLM + "feed_forward.w1.weight", _DEC + "mlp/gate_proj/kernel", "linear", families=("internlm2",)),
+    Rule(_LLM + "feed_forward.w3.weight", _DEC + "mlp/up_proj/kernel", "linear", families=("internlm2",)),
+    Rule(_LLM + "feed_forward.w2.weight", _DEC + "mlp/down_proj/kernel", "linear", families=("internlm2",)),
+    Rule(_LLM + "attention_norm.weight", _DEC + "input_norm/scale", families=("internlm2",)),
+    Rule(_LLM + "ffn_norm.weight", _DEC + "post_attn_norm/scale", families=("internlm2",)),
+    Rule("output.weight", "language_model/lm_head/kernel", "linear", families=("internlm2",)),
 )
 
-# transformers-native InternVLForConditionalGeneration (both the on-disk and the in-memory prefixes), and bare
-# transformers causal LMs (Qwen2/Qwen3/Llama/Phi3ForCausalLM) whose decoder lives under "model.".
+_PROJECTOR = lambda norm, fc1, fc2: (  # noqa: E731
+    Rule(f"projector.{norm}.weight", "projector/norm/scale"),
+    Rule(f"projector.{norm}.bias", "projector/norm/bias"),
+    Rule(f"projector.{fc1}.weight", "projector/fc1/kernel", "linear"),
+    Rule(f"projector.{fc1}.bias", "projector/fc1/bias"),
+    Rule(f"projector.{fc2}.weight", "projector/fc2/kernel", "linear"),
+    Rule(f"projector.{fc2}.bias", "projector/fc2/bias"),
+)
+
+_VIT = "vision/layers/"
+
+# transformers-native InternVLForConditionalGeneration (on-disk and in-memory prefixes), and bare transformers
+# causal LMs (Qwen2/Qwen3/Llama/Phi3ForCausalLM) whose decoder lives under "model.". InternLM2 arrives as Llama.
 HF = Layout(
-    name="transformers",
+    name="hf",
     prefixes=(
-        ("model.vision_tower.", "vision."),
-        ("vision_tower.", "vision."),
-        ("model.multi_modal_projector.", "projector."),
+        ("vision_tower.", "vision."),  # what save_pretrained writes
         ("multi_modal_projector.", "projector."),
-        ("model.language_model.", "llm."),
         ("language_model.model.", "llm."),
         ("language_model.lm_head.", "lm_head."),
-        ("model.", "llm."),
+        ("model.vision_tower.", "vision."),  # the in-memory module names
+        ("model.multi_modal_projector.", "projector."),
+        ("model.language_model.", "llm."),
         ("lm_head.", "lm_head."),
+        ("model.", "llm."),  # a bare causal LM
     ),
     rules=(
-        Rule(r"vision\.embeddings\.cls_token", "vision/embeddings/cls_token"),
-        Rule(r"vision\.embeddings\.position_embeddings", "vision/embeddings/pos_embed"),
-        Rule(r"vision\.embeddings\.patch_embeddings\.projection\.weight", "vision/embeddings/patch_kernel", "conv"),
-        Rule(r"vision\.embeddings\.patch_embeddings\.projection\.bias", "vision/embeddings/patch_bias"),
-        Rule(_VIT + r"\.attention\.(?P<part>q|k|v)_proj\.weight", "vision/layers/attn/qkv/kernel", "linear", part_axis=1),
-        Rule(_VIT + r"\.attention\.(?P<part>q|k|v)_proj\.bias", "vision/layers/attn/qkv/bias", part_axis=0),
-        Rule(_VIT + r"\.attention\.(?P<part>q|k)_norm\.weight", "vision/layers/attn/{part}_norm/scale"),
-        Rule(_VIT + r"\.attention\.projection_layer\.weight", "vision/layers/attn/proj/kernel", "linear"),
-        Rule(_VIT + r"\.attention\.projection_layer\.bias", "vision/layers/attn/proj/bias"),
-        Rule(_VIT + r"\.mlp\.(?P<part>fc1|fc2)\.weight", "vision/layers/{part}/kernel", "linear"),
-        Rule(_VIT + r"\.mlp\.(?P<part>fc1|fc2)\.bias", "vision/layers/{part}/bias"),
-        Rule(_VIT + r"\.layernorm_before\.weight", "vision/layers/norm1/scale"),
-        Rule(_VIT + r"\.layernorm_before\.bias", "vision/layers/norm1/bias"),
-        Rule(_VIT + r"\.layernorm_after\.weight", "vision/layers/norm2/scale"),
-        Rule(_VIT + r"\.layernorm_after\.bias", "vision/layers/norm2/bias"),
-        Rule(_VIT + r"\.lambda_1", "vision/layers/ls1"),
-        Rule(_VIT + r"\.lambda_2", "vision/layers/ls2"),
-        Rule(r"projector\.layer_norm\.weight", "projector/norm/scale"),
-        Rule(r"projector\.layer_norm\.bias", "projector/norm/bias"),
-        Rule(r"projector\.linear_1\.weight", "projector/fc1/kernel", "linear"),
-        Rule(r"projector\.linear_1\.bias", "projector/fc1/bias"),
-        Rule(r"projector\.linear_2\.weight", "projector/fc2/kernel", "linear"),
-        Rule(r"projector\.linear_2\.bias", "projector/fc2/bias"),
-        *_DECODER_RULES,
+        Rule("vision.embeddings.cls_token", "vision/embeddings/cls_token"),
+        Rule("vision.embeddings.position_embeddings", "vision/embeddings/pos_embed"),
+        Rule("vision.embeddings.patch_embeddings.projection.weight", "vision/embeddings/patch_kernel", "conv"),
+        Rule("vision.embeddings.patch_embeddings.projection.bias", "vision/embeddings/patch_bias"),
+        Rule("vision.encoder.layer.{layer}.attention.{part}_proj.weight", _VIT + "attn/qkv/kernel", "linear", ("q", "k", "v"), part_axis=1),
+        Rule("vision.encoder.layer.{layer}.attention.{part}_proj.bias", _VIT + "attn/qkv/bias", "flat", ("q", "k", "v"), part_axis=0),
+        Rule("vision.encoder.layer.{layer}.attention.{part}_norm.weight", _VIT + "attn/{part}_norm/scale", parts=("q", "k")),
+        Rule("vision.encoder.layer.{layer}.attention.projection_layer.weight", _VIT + "attn/proj/kernel", "linear2"),
+        Rule("vision.encoder.layer.{layer}.attention.projection_layer.bias", _VIT + "attn/proj/bias"),
+        Rule("vision.encoder.layer.{layer}.mlp.{part}.weight", _VIT + "{part}/kernel", "linear", ("fc1", "fc2")),
+        Rule("vision.encoder.layer.{layer}.mlp.{part}.bias", _VIT + "{part}/bias", parts=("fc1", "fc2")),
+        Rule("vision.encoder.layer.{layer}.layernorm_before.weight", _VIT + "norm1/scale"),
+        Rule("vision.encoder.layer.{layer}.layernorm_before.bias", _VIT + "norm1/bias"),
+        Rule("vision.encoder.layer.{layer}.layernorm_after.weight", _VIT + "norm2/scale"),
+        Rule("vision.encoder.layer.{layer}.layernorm_after.bias", _VIT + "norm2/bias"),
+        Rule("vision.encoder.layer.{layer}.lambda_1", _VIT + "ls1"),
+        Rule("vision.encoder.layer.{layer}.lambda_2", _VIT + "ls2"),
+        *_PROJECTOR("layer_norm", "linear_1", "linear_2"),
+        *_decoder(("qwen2", "qwen3", "llama", "internlm2")),  # InternLM2 is stored as Llama here
     ),
 )
 
+# original OpenGVLab InternVLChatModel (custom code; the ViT's fused qkv, mlp1, InternLM2's own names)
+ORIGINAL = Layout(
+    name="original",
+    prefixes=(
+        ("vision_model.", "vision."),
+        ("mlp1.", "projector."),
+        ("language_model.model.", "llm."),
+        ("language_model.lm_head.", "lm_head."),
+        ("language_model.output.", "output."),
+    ),
+    rules=(
+        Rule("vision.embeddings.class_embedding", "vision/embeddings/cls_token"),
+        Rule("vision.embeddings.position_embedding", "vision/embeddings/pos_embed"),
+        Rule("vision.embeddings.patch_embedding.weight", "vision/embeddings/patch_kernel", "conv"),
+        Rule("vision.embeddings.patch_embedding.bias", "vision/embeddings/patch_bias"),
+        Rule("vision.encoder.layers.{layer}.attn.qkv.weight", _VIT + "attn/qkv/kernel", "linear"),
+        Rule("vision.encoder.layers.{layer}.attn.qkv.bias", _VIT + "attn/qkv/bias", "flat"),
+        Rule("vision.encoder.layers.{layer}.attn.{part}_norm.weight", _VIT + "attn/{part}_norm/scale", parts=("q", "k")),
+        Rule("vision.encoder.layers.{layer}.attn.proj.weight", _VIT + "attn/proj/kernel", "linear2"),
+        Rule("vision.encoder.layers.{layer}.attn.proj.bias", _VIT + "attn/proj/bias"),
+        Rule("vision.encoder.layers.{layer}.mlp.{part}.weight", _VIT + "{part}/kernel", "linear", ("fc1", "fc2")),
+        Rule("vision.encoder.layers.{layer}.mlp.{part}.bias", _VIT + "{part}/bias", parts=("fc1", "fc2")),
+        Rule("vision.encoder.layers.{layer}.{part}.weight", _VIT + "{part}/scale", parts=("norm1", "norm2")),
+        Rule("vision.encoder.layers.{layer}.{part}.bias", _VIT + "{part}/bias", parts=("norm1", "norm2")),
+        Rule("vision.encoder.layers.{layer}.{part}", _VIT + "{part}", parts=("ls1", "ls2")),
+        *_PROJECTOR("0", "1", "3"),
+        *_decoder(("qwen2", "qwen3", "llama")),
+        *_INTERNLM2_DECODER,
+    ),
+)
 
-def canonical_key(layout: Layout, key: str) -> str:
-    """Apply the first matching prefix alias of ``layout`` (aliases are tried in order)."""
-    for src, dst in layout.prefixes:
-        if key.startswith(src):
-            return dst + key[len(src) :]
-    return key
+LAYOUTS = {"hf": HF, "original": ORIGINAL}

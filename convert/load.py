@@ -1,10 +1,10 @@
-"""``load_pretrained``: a checkpoint folder -> (module, params), through a key-map table."""
+"""Checkpoint tensors <-> our params, through a layout's key-map table (``convert.keymaps``)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -12,18 +12,27 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
-from internvl_jax.config import TextConfig, load_config, text_config_from_dict
+from internvl_jax.config import InternVLConfig, TextConfig, load_config, text_config_from_dict
 from internvl_jax.decoder import Decoder
 from internvl_jax.layers import as_dtype, dtype_name
 from internvl_jax.model import InternVL, abstract_params
 
-from .keymaps import HF, PARTS, TRANSFORMS, Layout, canonical_key
+from .keymaps import HF, LAYOUTS, TRANSFORMS, Layout, Rule
 from .safetensors_io import CheckpointError, SafetensorsReader
 
 
-def _match(layout: Layout, key: str):
-    """All (rule, match) pairs of ``layout`` for one canonical key (a fused source feeds several rules)."""
-    return [(r, m) for r in layout.rules if (m := re.fullmatch(r.pattern, key))]
+def _parts(rule: Rule, match) -> list:
+    """The parts one source tensor feeds: the matched one, all of a fused source's, or none."""
+    if "{part}" in rule.source:
+        return [match["part"]]
+    return list(rule.parts) or [None]
+
+
+def _index(rule: Rule, layer, part) -> tuple:
+    index = () if layer is None else (int(layer),)
+    if rule.part_axis is not None:
+        index += (slice(None),) * rule.part_axis + (rule.parts.index(part),)
+    return index
 
 
 def load_params(reader: SafetensorsReader, layout: Layout, text: TextConfig, shapes: dict, dtype) -> dict:
@@ -33,35 +42,30 @@ def load_params(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
     or missing tensors and on shapes that do not fit the config. Returns a nested dict of numpy arrays.
     """
     dtype = np.dtype(as_dtype(dtype))
+    rules = [r for r in layout.rules if r.applies_to(text.family)]
     buffers = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
     filled = dict.fromkeys(shapes, 0)
     unexpected = []
     for key in reader.keys():
-        canon = canonical_key(layout, key)
-        if canon == "lm_head.weight" and text.tie_word_embeddings:
+        canon = layout.canonical(key)
+        matches = [(r, m) for r in rules if (m := r.pattern.fullmatch(canon))]
+        if not matches and canon in ("lm_head.weight", "output.weight") and text.tie_word_embeddings:
             continue  # a tied head is the embedding table
-        matches = _match(layout, canon)
-        if not matches:
+        targets = [(r, m, p, r.target.format(part=p)) for r, m in matches for p in _parts(r, m)]
+        if not targets or any(path not in buffers for *_, path in targets):
             unexpected.append(key)
             continue
         tensor = reader.get(key)
-        for rule, m in matches:
-            groups = m.groupdict()
-            path = rule.target.format(part=groups.get("part"))
-            if path not in buffers:
-                unexpected.append(key)
-                continue
-            index = (int(groups["layer"]),) if "layer" in groups else ()
-            if rule.part_axis is not None:
-                index += (slice(None),) * rule.part_axis + (PARTS[groups["part"]],)
+        for rule, m, part, path in targets:
+            index = _index(rule, m.groupdict().get("layer"), part)
             dest = buffers[path][index]
-            src = tensor[rule.rows(text)] if rule.rows else tensor
+            src = tensor[rule.rows(text, part)] if rule.rows else tensor
             if src.size != dest.size:
                 raise CheckpointError(
                     f"tensor {key} has shape {list(tensor.shape)}, which does not fit {path} "
                     f"(expected {list(dest.shape)} from the config)"
                 )
-            buffers[path][index] = TRANSFORMS[rule.transform](np.asarray(src).astype(dtype), dest.shape)
+            buffers[path][index] = TRANSFORMS[rule.transform].load(np.asarray(src).astype(dtype), dest.shape)
             filled[path] += dest.size
     if unexpected:
         raise CheckpointError(f"unexpected tensors in the checkpoint: {', '.join(sorted(set(unexpected))[:10])}")
@@ -69,6 +73,35 @@ def load_params(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
     if missing:
         raise CheckpointError(f"tensors missing from the checkpoint for: {', '.join(sorted(missing)[:10])}")
     return traverse_util.unflatten_dict(buffers, sep="/")
+
+
+def export_tensors(params: dict, config: InternVLConfig, layout: Layout) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint key, tensor) pairs of ``layout`` for our params, one tensor at a time, in table order."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    depth = {"vision": config.vision.num_layers, "language_model": config.text.num_layers}
+    for rule in (r for r in layout.rules if r.applies_to(config.text.family)):
+        layers = range(depth[rule.target.split("/")[0]]) if "{layer}" in rule.source else [None]
+        for layer in layers:
+            if "{part}" in rule.source:
+                groups = [(rule.source.format(layer=layer, part=p), [p]) for p in rule.parts]
+            else:
+                groups = [(rule.source.format(layer=layer, part=None), list(rule.parts) or [None])]
+            for key, parts in groups:
+                if any(rule.target.format(part=p) not in flat for p in parts):
+                    continue  # the model has no such parameter (a bias it lacks, a tied head)
+                pieces = [
+                    TRANSFORMS[rule.transform].save(np.asarray(flat[rule.target.format(part=p)][_index(rule, layer, p)]))
+                    for p in parts
+                ]
+                if rule.rows:
+                    rows = [rule.rows(config.text, p) for p in parts]
+                    total = sum(len(range(r.stop)[r]) if isinstance(r, slice) else len(r) for r in rows)
+                    tensor = np.empty((total, *pieces[0].shape[1:]), pieces[0].dtype)
+                    for r, piece in zip(rows, pieces):
+                        tensor[r] = piece
+                else:
+                    (tensor,) = pieces
+                yield layout.on_disk(key), np.ascontiguousarray(tensor)
 
 
 def _shapes(tree) -> dict:
@@ -79,8 +112,14 @@ def _to_device(params):
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
+def checkpoint_layout(path: str) -> Layout:
+    """The layout of a checkpoint folder, from its own config.json."""
+    with open(os.path.join(path, "config.json")) as f:
+        return LAYOUTS["original" if "llm_config" in json.load(f) else "hf"]
+
+
 def load_pretrained(path: str, dtype=jnp.float32) -> tuple[InternVL, dict]:
-    """Load a transformers-native InternVL safetensors folder (single file or sharded with an index).
+    """Load an InternVL safetensors folder in either layout (single file or sharded with an index).
 
     ``dtype`` is both the params' and the compute dtype. Returns ``(model, params)``; call
     ``model.apply({"params": params}, input_ids=..., pixel_values=..., tile_mask=...)``.
@@ -88,7 +127,7 @@ def load_pretrained(path: str, dtype=jnp.float32) -> tuple[InternVL, dict]:
     name = dtype_name(as_dtype(dtype))
     config = load_config(path, dtype=name, param_dtype=name)
     with SafetensorsReader(path) as reader:
-        params = load_params(reader, HF, config.text, _shapes(abstract_params(config)), name)
+        params = load_params(reader, checkpoint_layout(path), config.text, _shapes(abstract_params(config)), name)
     return InternVL(config), _to_device(params)
 
 

@@ -73,3 +73,43 @@ class SafetensorsReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_safetensors(folder: str, tensors, *, max_shard_bytes: int = 4 << 30) -> list[str]:
+    """Write (key, numpy array) pairs as safetensors shards of at most ``max_shard_bytes`` (one tensor may exceed
+    it), plus ``model.safetensors.index.json`` when there are several. Holds at most one shard in memory.
+    Returns the shard file names. ``folder`` must exist (callers write into a temporary folder and rename it).
+    """
+    from safetensors.numpy import save_file
+
+    shards: list[dict] = []
+    current: dict = {}
+    size = 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(current, os.path.join(folder, name), metadata={"format": "pt"})
+            shards.append({"name": name, "keys": list(current)})
+            current, size = {}, 0
+
+    for key, array in tensors:
+        if current and size + array.nbytes > max_shard_bytes:
+            flush()
+        current[key] = array
+        size += array.nbytes
+    flush()
+    if len(shards) == 1:
+        os.replace(os.path.join(folder, shards[0]["name"]), os.path.join(folder, "model.safetensors"))
+        return ["model.safetensors"]
+    names = []
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(folder, shard["name"]), os.path.join(folder, final))
+        weight_map.update(dict.fromkeys(shard["keys"], final))
+        names.append(final)
+    with open(os.path.join(folder, INDEX), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    return names

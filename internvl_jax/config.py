@@ -396,3 +396,58 @@ def to_hf_dict(c: InternVLConfig) -> dict:
         "image_seq_length": c.tokens_per_tile,
         "tie_word_embeddings": c.text.tie_word_embeddings,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the original (OpenGVLab InternVLChatConfig) config.json
+# ----------------------------------------------------------------------------------------------
+
+ARCH_BY_FAMILY = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                  "internlm2": "InternLM2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
+def to_original_dict(c: InternVLConfig) -> dict:
+    """The original ``InternVLChatConfig`` dict for ``c`` (llm_config in the LLM's own remote-code form)."""
+    v, t = c.vision, c.text
+    llm = text_config_to_hf_dict(t)
+    llm.pop("rope_parameters")
+    rope = _rope_to_dict(t.rope)
+    llm["rope_theta"] = rope.pop("rope_theta")
+    if t.rope.type != "default":
+        llm["rope_scaling"] = {"type": rope["rope_type"], **rope}
+    llm.update(architectures=[ARCH_BY_FAMILY[t.family]], model_type=t.family)
+    if t.family == "internlm2":  # its config spells both biases `bias`
+        llm.pop("attention_bias", None)
+        llm.pop("mlp_bias", None)
+        llm["bias"] = t.qkv_bias
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "norm_type": v.norm_type,
+            "layer_norm_eps": v.norm_eps,
+            "qk_normalization": v.qk_norm,
+            "qkv_bias": v.qkv_bias,
+            "initializer_factor": v.layer_scale_init,
+            "drop_path_rate": v.drop_path_rate,
+            "hidden_act": "gelu",
+        },
+        "llm_config": llm,
+        "downsample_ratio": c.downsample_ratio,
+        "ps_version": c.ps_version,
+        "select_layer": c.select_layer,
+        "template": c.template,
+        "force_image_size": c.image_size,
+        "min_dynamic_patch": c.min_dynamic_patch,
+        "max_dynamic_patch": c.max_dynamic_patch,
+        "use_thumbnail": c.use_thumbnail,
+        "img_context_token_id": c.image_token_id,
+    }

@@ -90,13 +90,14 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch
     return model.eval()
 
 
-def tiny_internvl(text: str, vision: str = "layernorm_bias", *, tie: bool = False, seed: int = 0, **extra):
+def tiny_internvl(text: str, vision: str = "layernorm_bias", *, tie: bool = False, seed: int = 0, text_overrides=None,
+                  **extra):
     """A perturbed random ``InternVLForConditionalGeneration``."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = InternVLConfig(
-        text_config=TEXT[text],
+        text_config=dict(TEXT[text], **(text_overrides or {})),
         vision_config=vision_config(vision),
         image_token_id=IMAGE_TOKEN_ID,
         tie_word_embeddings=tie,
