@@ -1,0 +1,198 @@
+"""PIL-exact bicubic resize, tiling and normalisation on the device (jitted, bucketed shapes).
+
+PIL resizes an 8-bit image in two separable passes (order: :func:`vertical_first`), each output pixel a weighted
+sum of a window of inputs (bicubic a = -0.5, the window widened by the downscale factor: antialiasing), weights
+normalised to sum 1 and rounded to 22-bit fixed point, the result rounded and clipped to uint8 after each pass.
+:func:`pil_bicubic_matrix` builds those weights exactly (host side, numpy). On the device each pass is banded:
+every band of 32 outputs reads one contiguous input window, a small matmul, so the work stays proportional to
+the image rather than to image x output. The result equals PIL up to rare off-by-one float rounding.
+
+Shapes are bucketed (image sides to powers of two, grid rows and columns to 1, 2, 3, 4, 6, 8, 12, ...; band windows
+follow from those),
+so any image reuses a small, bounded set of compiled programs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+
+import PIL
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .pixels import IMAGENET_MEAN, IMAGENET_STD
+from .tiling import TilePlan
+
+_PRECISION_BITS = 22  # PIL's fixed point for 8-bit resampling: 32 - 8 - 2
+_A = -0.5  # PIL's bicubic kernel constant
+_SUPPORT = 2.0
+_PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    near = ((_A + 2.0) * x - (_A + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * _A
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@lru_cache(maxsize=256)
+def pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] float64 weights of PIL's ``Image.resize(..., BICUBIC)`` along one axis.
+
+    Output i is centred at (i + 0.5) * in/out; its window is [int(centre - support + 0.5), int(centre + support
+    + 0.5)) clipped to the image, support = 2 * max(in/out, 1); weights bicubic((x - centre + 0.5) / max(in/out, 1))
+    normalised to sum 1, then rounded to PIL's 22-bit fixed point (half away from zero).
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = _SUPPORT * filterscale
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), in_size)
+        w = _bicubic((np.arange(lo, hi) - centre + 0.5) / filterscale)
+        total = w.sum()
+        if total != 0.0:
+            w = w / total
+        fixed = np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
+        m[i, lo:hi] = fixed / (1 << _PRECISION_BITS)
+    return m
+
+
+def vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    """Pass order of the installed Pillow: since 13.0 the vertical pass runs first when the height shrinks by
+    more than twice as many pixels as the width; earlier releases always run the horizontal pass first."""
+    if _PILLOW_MAJOR < 13:
+        return False
+    return (in_h - out_h) > 0 and (in_h - out_h) > 2 * (in_w - out_w)
+
+
+def bucket_side(n: int, minimum: int = 256) -> int:
+    """Round an image side up to a power of two, at least ``minimum`` (at most 2x padding)."""
+    return max(minimum, _pow2(n))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+_GRID_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _grid_bucket(n: int) -> int:
+    """Tile rows / columns padded to 1, 2, 3, 4, 6, 8, 12, ... (few programs, little wasted work)."""
+    return next((b for b in _GRID_BUCKETS if b >= n), _pow2(n))
+
+
+_BLOCK = 32  # outputs per band: each band of outputs reads one contiguous window of inputs
+
+
+def _band_spans(m: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) of the input columns each band of ``_BLOCK`` output rows of ``m`` reads."""
+    spans = []
+    for b in range(m.shape[0] // _BLOCK):
+        cols = np.flatnonzero(np.any(m[b * _BLOCK : (b + 1) * _BLOCK] != 0, axis=0))
+        spans.append((int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1))
+    return spans
+
+
+def band_window(in_bucket: int, out_size: int) -> int:
+    """Input window of a band, for any image side up to ``in_bucket`` resized to ``out_size``: the widest band
+    ((B - 1) * scale + 2 * support + 1 inputs), rounded up to a power of two and capped at the bucket."""
+    scale = in_bucket / out_size
+    span = (_BLOCK - 1) * scale + 4 * max(scale, 1.0) + 2
+    return min(_pow2(int(np.ceil(span))), in_bucket)
+
+
+def axis_bands(m: np.ndarray, n: int, tile: int, in_bucket: int):
+    """The bands of the ``n`` tiles along one axis of a [n*tile, in] resampling matrix.
+
+    Returns (starts int32 [n, nb], weights float32 [n, nb, _BLOCK, window]) with the bucket's window
+    (:func:`band_window`); inputs past the real image get zero weight.
+    """
+    window = band_window(in_bucket, m.shape[0])
+    padded = np.zeros((m.shape[0], in_bucket))
+    padded[:, : m.shape[1]] = m
+    starts = np.array(
+        [[min(lo, in_bucket - window) for lo, _ in _band_spans(padded[i * tile : (i + 1) * tile])] for i in range(n)],
+        np.int32,
+    )
+    weights = np.stack([
+        np.stack([padded[i * tile + b * _BLOCK : i * tile + (b + 1) * _BLOCK, s : s + window] for b, s in enumerate(row)])
+        for i, row in enumerate(starts)
+    ])
+    return starts, weights.astype(np.float32)
+
+
+def _band_pass(x, starts, weights, axis: int):
+    """Resample channel-first ``x`` [3, H, W] along ``axis`` (1 = rows, 2 = columns) with banded weights
+    (starts [nb], weights [nb, B, win]); each band is one plain matmul over a contiguous window."""
+    hp = jax.lax.Precision.HIGHEST
+    win = weights.shape[-1]
+    bands = []
+    for b in range(weights.shape[0]):
+        window = jax.lax.dynamic_slice_in_dim(x, starts[b], win, axis=axis)
+        if axis == 2:
+            bands.append(jnp.einsum("chw,ow->cho", window, weights[b], precision=hp))
+        else:
+            bands.append(jnp.einsum("chw,oh->cow", window, weights[b], precision=hp))
+    out = jnp.concatenate(bands, axis=axis)
+    return jnp.clip(jnp.floor(out + 0.5), 0.0, 255.0)  # PIL rounds to uint8 after each pass
+
+
+@partial(jax.jit, static_argnames="vertical_first")
+def render_grid(image, v_starts, v_weights, h_starts, h_weights, *, vertical_first: bool):
+    """One PIL resize of a padded uint8 image [Hb, Wb, 3], cut into tiles, ImageNet-normalised.
+
+    v_*: the R row bands ([R, nb], [R, nb, B, Wv]), h_*: the C column bands. Returns float32 [R*C, t, t, 3]
+    (tile (r, c) at r*C + c), t = nb * B.
+    """
+    x = jnp.moveaxis(image.astype(jnp.float32), -1, 0)  # [3, Hb, Wb]: passes contract contiguous axes
+    rows = lambda y: jax.vmap(lambda s, w: _band_pass(y, s, w, 1))(v_starts, v_weights)  # noqa: E731
+    cols = lambda y: jax.vmap(lambda s, w: _band_pass(y, s, w, 2))(h_starts, h_weights)  # noqa: E731
+    if vertical_first:
+        tiles = jax.vmap(cols)(rows(x))  # [R, C, 3, t, t]
+    else:
+        tiles = jax.vmap(rows, out_axes=1)(cols(x))
+    tiles = jnp.moveaxis(tiles.reshape(-1, *tiles.shape[2:]), 1, -1)  # [R*C, t, t, 3]
+    return (tiles / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _pad_first_axis(a: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([a, np.repeat(a[:1], n - len(a), axis=0)]) if n > len(a) else a
+
+
+def _grid(image: np.ndarray, out_w: int, out_h: int, cols: int, rows: int, tile: int):
+    """Resize the whole image to (out_w, out_h) as PIL would; its cols x rows tiles, row-major, on the device.
+
+    Rows and columns are padded to grid buckets, image sides to :func:`bucket_side`, so shapes stay bucketed.
+    """
+    h, w = image.shape[:2]
+    hb, wb = bucket_side(h), bucket_side(w)
+    padded = np.zeros((hb, wb, 3), np.uint8)
+    padded[:h, :w] = image
+    r, c = _grid_bucket(rows), _grid_bucket(cols)
+    v_starts, v_weights = axis_bands(pil_bicubic_matrix(h, out_h), rows, tile, hb)
+    h_starts, h_weights = axis_bands(pil_bicubic_matrix(w, out_w), cols, tile, wb)
+    out = render_grid(
+        padded,
+        _pad_first_axis(v_starts, r), _pad_first_axis(v_weights, r),
+        _pad_first_axis(h_starts, c), _pad_first_axis(h_weights, c),
+        vertical_first=vertical_first(w, h, out_w, out_h),
+    )
+    return out[np.array([i * c + j for i in range(rows) for j in range(cols)])]
+
+
+def image_tiles(image: np.ndarray, plan: TilePlan, tile: int = 448):
+    """uint8 RGB [H, W, 3] -> float32 [plan.num_tiles, tile, tile, 3] normalised tiles (row-major, thumbnail last),
+    pixel-equal to PIL's resize + crop up to rare off-by-one rounding."""
+    if tile % _BLOCK:
+        raise ValueError(f"tile size {tile} must be a multiple of {_BLOCK}")
+    tiles = _grid(image, tile * plan.cols, tile * plan.rows, plan.cols, plan.rows, tile)
+    if plan.thumbnail:
+        tiles = jnp.concatenate([tiles, _grid(image, tile, tile, 1, 1, tile)])
+    return tiles
