@@ -11,11 +11,15 @@ def __getattr__(name):
         from convert.load import load_pretrained
 
         return load_pretrained
+    if name == "Processor":  # imported on use: it brings the tokenizer and video decoders
+        from .processing import Processor
+
+        return Processor
     raise AttributeError(f"module 'internvl_jax' has no attribute {name!r}")
 
 
 __all__ = [
     "InternVL", "InternVLConfig", "TextConfig", "VisionConfig", "RopeConfig", "ConfigError", "ImageTokenMismatch",
     "PRESETS", "abstract_params", "check_image_tokens", "get_preset", "init_params", "load_config",
-    "load_pretrained", "param_count",
+    "load_pretrained", "param_count", "Processor",
 ]

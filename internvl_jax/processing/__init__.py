@@ -3,6 +3,8 @@
 from .images import load_image, to_rgb
 from .pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
 from .positions import v2pe_positions
+from .processor import Processor, tile_bucket
+from .resample import image_tiles
 from .templates import (
     IGNORE_INDEX, TEMPLATES, Template, expand_image_tokens, get_template, image_prompt, render, render_hf, sft_labels,
 )

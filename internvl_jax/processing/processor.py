@@ -1,0 +1,119 @@
+"""``Processor``: chat messages, images and videos -> the model's arrays, as the original ``chat()`` builds them."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax.config import InternVLConfig, load_config
+
+from .images import load_image
+from .positions import v2pe_positions
+from .resample import image_tiles
+from .templates import Template, expand_image_tokens, get_template, image_prompt, render, render_hf
+from .tiling import plan_tiles
+from .tokenizer import Tokenizer
+from .video import load_video
+
+TILE_BUCKETS = (1, 2, 4, 8, 13, 16, 24, 32, 48, 64)  # tile slots per row: 13 = 12 tiles + thumbnail
+
+
+def tile_bucket(n: int) -> int:
+    """The number of tile slots a row with ``n`` tiles is padded to."""
+    return next((b for b in TILE_BUCKETS if b >= n), n)
+
+
+@dataclass
+class Processor:
+    """Tokenizer, template and tiling settings of one checkpoint.
+
+    ``template`` None means the transformers-native prompt format (no default system prompt).
+    """
+
+    tokenizer: Tokenizer
+    config: InternVLConfig
+    template: Template | None
+    system_message: str | None = None
+    max_length: int | None = None
+    v2pe_stride: float | None = None  # set to use V2PE positions (e.g. 64); None: plain integer positions
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides) -> "Processor":
+        """Read the template, tiling settings, image size and tokenizer from a checkpoint folder (either layout)."""
+        config = load_config(path)
+        with open(os.path.join(path, "config.json")) as f:
+            raw = json.load(f)
+        tokenizer = Tokenizer.from_pretrained(path)
+        if config.image_token_id != tokenizer.img_context_id:  # the tokenizer is the authority on ids
+            config = config.replace(image_token_id=tokenizer.img_context_id)
+        template = get_template(raw["template"]) if raw.get("template") else None
+        kwargs = dict(
+            tokenizer=tokenizer,
+            config=config,
+            template=template,
+            system_message=raw.get("system_message"),  # null -> the template's default (see templates.render)
+            max_length=config.text.max_position_embeddings,
+        )
+        return cls(**{**kwargs, **overrides})
+
+    def prompt(self, question: str, *, num_images: int = 0, video_frames: int = 0, history=()) -> str:
+        """The prompt text (placeholders not yet expanded): history = [(question, answer), ...]."""
+        if (num_images or video_frames) and not history:
+            question = image_prompt(question, num_images, video_frames=video_frames)
+        messages = []
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": question})
+        if self.template is None:
+            return render_hf(messages)
+        return render(self.template, messages, system_message=self.system_message)
+
+    def __call__(self, text: str, images=(), videos=(), *, history=(), max_tiles: int | None = None,
+                 num_segments: int = 8) -> dict:
+        """One conversation turn -> numpy arrays with a batch axis of 1.
+
+        text: the question (``<image>`` placeholders optional: without them images go in front, as ``chat()``
+        does); images: paths or PIL images; videos: paths (``num_segments`` frames each, one tile per frame);
+        history: earlier (question, answer) pairs. Returns ``input_ids`` int32 [1, L], and with images
+        ``pixel_values`` float32 [1, T, S, S, 3] with ``tile_mask`` bool [1, T] (T = a tile bucket), plus
+        ``positions`` float32 [1, L] when the processor uses V2PE.
+        """
+        c = self.config
+        images = [load_image(i) for i in images]
+        max_tiles = max_tiles or c.max_dynamic_patch
+        per_image = max(1, max_tiles // len(images)) if len(images) > 1 else max_tiles
+        tiles = []
+        for im in images:
+            plan = plan_tiles(im.width, im.height, min_tiles=c.min_dynamic_patch, max_tiles=per_image,
+                              tile_size=c.image_size, use_thumbnail=c.use_thumbnail)
+            tiles.append(image_tiles(np.asarray(im), plan, c.image_size))
+        frames = 0
+        for path in videos:
+            video, _ = load_video(path, num_segments=num_segments)
+            one = plan_tiles(video.shape[2], video.shape[1], dynamic=False, use_thumbnail=False)
+            tiles += [image_tiles(f, one, c.image_size) for f in video]
+            frames += len(video)
+        prompt = self.prompt(text, num_images=len(images), video_frames=frames, history=history)
+        prompt = expand_image_tokens(prompt, [len(t) for t in tiles], c.tokens_per_tile)
+        ids = np.asarray(self.tokenizer.encode(prompt), np.int32)[None]
+        if self.max_length is not None and ids.shape[1] > self.max_length:
+            raise ValueError(
+                f"the prompt is {ids.shape[1]} tokens, {ids.shape[1] - self.max_length} more than the model's "
+                f"maximum of {self.max_length}; use fewer tiles (max_tiles) or a shorter text"
+            )
+        out = {"input_ids": ids}
+        if tiles:
+            stacked = jnp.concatenate(tiles)
+            n = stacked.shape[0]
+            t = tile_bucket(n)
+            pixels = np.zeros((1, t, *stacked.shape[1:]), np.float32)
+            pixels[0, :n] = np.asarray(stacked)
+            out["pixel_values"], out["tile_mask"] = pixels, (np.arange(t) < n)[None]
+        if self.v2pe_stride is not None:
+            out["positions"] = v2pe_positions(ids[0], c.image_token_id, self.v2pe_stride,
+                                              tokens_per_tile=c.tokens_per_tile)[None]
+        return out
