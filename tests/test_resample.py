@@ -24,4 +24,4 @@ def test_rows_sum_to_one_and_buckets_are_bounded():
         np.testing.assert_allclose(pil_bicubic_matrix(src, dst).sum(axis=1), 1.0, atol=1e-6)
     sides = {bucket_side(n) for n in range(1, 5000)}
     assert len(sides) <= 20 and all(bucket_side(n) >= n for n in range(1, 5000))
-    assert all(bucket_side(n) <= max(64, 1.5 * n) for n in range(1, 5000))
+    assert all(bucket_side(n) <= max(256, 2 * n) for n in range(1, 5000))
