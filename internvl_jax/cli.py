@@ -53,8 +53,8 @@ def cmd_info(args) -> None:
     print(f"parameters: {count(tree)}")
 
 
-def _demo_tiles(size: int):
-    """A generated 2:1 picture cut into two tiles plus a thumbnail (uint8 [3, size, size, 3])."""
+def _demo_image(size: int):
+    """A generated 2:1 picture (uint8 [2*size, 4*size, 3]): sky, a sun and a green block."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -62,9 +62,7 @@ def _demo_tiles(size: int):
     draw = ImageDraw.Draw(img)
     draw.ellipse((size // 2, size // 4, 3 * size // 2, 5 * size // 4), fill=(250, 200, 40))
     draw.rectangle((5 * size // 2, size, 7 * size // 2, 2 * size), fill=(40, 160, 60))
-    wide = np.asarray(img.resize((2 * size, size), Image.BICUBIC))
-    thumb = np.asarray(img.resize((size, size), Image.BICUBIC))
-    return np.stack([wide[:, :size], wide[:, size:], thumb])
+    return np.asarray(img)
 
 
 def cmd_demo(args) -> None:
@@ -74,23 +72,25 @@ def cmd_demo(args) -> None:
 
     from .model import InternVL, check_image_tokens, init_params, param_count
     from .presets import get_preset
-    from .processing import normalize
+    from .processing import image_tiles, plan_tiles, tile_bucket
 
     config = get_preset(args.preset)
     print(f"model: {args.preset} ({param_count(config):,} parameters, random weights, seed {args.seed})")
     for line in describe(config):
         print("  " + line)
     params = init_params(config, jax.random.PRNGKey(args.seed))
-    tiles = _demo_tiles(config.image_size)
-    bucket = 4  # tile slots per row: 3 real tiles + 1 padding slot
+    image = _demo_image(config.image_size)
+    plan = plan_tiles(image.shape[1], image.shape[0], max_tiles=4, tile_size=config.image_size)
+    tiles = image_tiles(image, plan, config.image_size)
+    bucket = tile_bucket(len(tiles))
     pixels = np.zeros((1, bucket, *tiles.shape[1:]), np.float32)
-    pixels[0, : len(tiles)] = normalize(tiles)
+    pixels[0, : len(tiles)] = np.asarray(tiles)
     tile_mask = np.arange(bucket)[None] < len(tiles)
     n_img = len(tiles) * config.tokens_per_tile
     rng = np.random.default_rng(args.seed)
     text = lambda n: rng.integers(0, config.image_token_id - 1, n)  # noqa: E731
     ids = np.concatenate([text(5), np.full(n_img, config.image_token_id), text(args.text_tokens)])[None].astype(np.int32)
-    print(f"input: generated {tiles.shape[2] * 2}x{tiles.shape[1]} image -> 2 tiles + thumbnail "
+    print(f"input: generated {image.shape[1]}x{image.shape[0]} image -> {plan.cols}x{plan.rows} tiles + thumbnail "
           f"(bucket of {bucket} slots), {ids.shape[1]} tokens ({n_img} IMG_CONTEXT)")
     model = InternVL(config)
     forward = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m))

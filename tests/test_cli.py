@@ -30,7 +30,7 @@ def test_info_reads_a_checkpoint_folder(tmp_path):
 def test_demo_runs_the_tiny_model_on_a_generated_image():
     out = run("demo")
     assert out.returncode == 0, out.stderr
-    assert "2 tiles + thumbnail" in out.stdout and "finite: True" in out.stdout
+    assert "2x1 tiles + thumbnail" in out.stdout and "finite: True" in out.stdout
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):

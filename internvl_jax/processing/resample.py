@@ -4,7 +4,7 @@ PIL resizes an 8-bit image in two separable passes (order: :func:`vertical_first
 sum of a window of inputs (bicubic a = -0.5, the window widened by the downscale factor: antialiasing), weights
 normalised to sum 1 and rounded to 22-bit fixed point, the result rounded and clipped to uint8 after each pass.
 :func:`pil_bicubic_matrix` builds those weights exactly (host side, numpy). On the device each pass is banded:
-every band of 32 outputs reads one contiguous input window, a small matmul, so the work stays proportional to
+every band of (up to) 32 outputs reads one contiguous input window, a small matmul, so the work stays proportional to
 the image rather than to image x output. The result equals PIL up to rare off-by-one float rounding.
 
 Shapes are bucketed (image sides to powers of two, grid rows and columns to 1, 2, 3, 4, 6, 8, 12, ...; band windows
@@ -88,41 +88,47 @@ def _grid_bucket(n: int) -> int:
     return next((b for b in _GRID_BUCKETS if b >= n), _pow2(n))
 
 
-_BLOCK = 32  # outputs per band: each band of outputs reads one contiguous window of inputs
+_MAX_BLOCK = 32  # outputs per band: each band of outputs reads one contiguous window of inputs
 
 
-def _band_spans(m: np.ndarray) -> list[tuple[int, int]]:
-    """[lo, hi) of the input columns each band of ``_BLOCK`` output rows of ``m`` reads."""
+def band_size(tile: int) -> int:
+    """Outputs per band: the largest divisor of the tile size up to 32 (32 for 448)."""
+    return max(d for d in range(1, _MAX_BLOCK + 1) if tile % d == 0)
+
+
+def _band_spans(m: np.ndarray, block: int) -> list[tuple[int, int]]:
+    """[lo, hi) of the input columns each band of ``block`` output rows of ``m`` reads."""
     spans = []
-    for b in range(m.shape[0] // _BLOCK):
-        cols = np.flatnonzero(np.any(m[b * _BLOCK : (b + 1) * _BLOCK] != 0, axis=0))
+    for b in range(m.shape[0] // block):
+        cols = np.flatnonzero(np.any(m[b * block : (b + 1) * block] != 0, axis=0))
         spans.append((int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1))
     return spans
 
 
-def band_window(in_bucket: int, out_size: int) -> int:
+def band_window(in_bucket: int, out_size: int, block: int) -> int:
     """Input window of a band, for any image side up to ``in_bucket`` resized to ``out_size``: the widest band
-    ((B - 1) * scale + 2 * support + 1 inputs), rounded up to a power of two and capped at the bucket."""
+    ((block - 1) * scale + 2 * support + 1 inputs), rounded up to a power of two and capped at the bucket."""
     scale = in_bucket / out_size
-    span = (_BLOCK - 1) * scale + 4 * max(scale, 1.0) + 2
+    span = (block - 1) * scale + 4 * max(scale, 1.0) + 2
     return min(_pow2(int(np.ceil(span))), in_bucket)
 
 
 def axis_bands(m: np.ndarray, n: int, tile: int, in_bucket: int):
     """The bands of the ``n`` tiles along one axis of a [n*tile, in] resampling matrix.
 
-    Returns (starts int32 [n, nb], weights float32 [n, nb, _BLOCK, window]) with the bucket's window
+    Returns (starts int32 [n, nb], weights float32 [n, nb, block, window]) with the bucket's window
     (:func:`band_window`); inputs past the real image get zero weight.
     """
-    window = band_window(in_bucket, m.shape[0])
+    block = band_size(tile)
+    window = band_window(in_bucket, m.shape[0], block)
     padded = np.zeros((m.shape[0], in_bucket))
     padded[:, : m.shape[1]] = m
     starts = np.array(
-        [[min(lo, in_bucket - window) for lo, _ in _band_spans(padded[i * tile : (i + 1) * tile])] for i in range(n)],
+        [[min(lo, in_bucket - window) for lo, _ in _band_spans(padded[i * tile : (i + 1) * tile], block)] for i in range(n)],
         np.int32,
     )
     weights = np.stack([
-        np.stack([padded[i * tile + b * _BLOCK : i * tile + (b + 1) * _BLOCK, s : s + window] for b, s in enumerate(row)])
+        np.stack([padded[i * tile + b * block : i * tile + (b + 1) * block, s : s + window] for b, s in enumerate(row)])
         for i, row in enumerate(starts)
     ])
     return starts, weights.astype(np.float32)
@@ -190,8 +196,6 @@ def _grid(image: np.ndarray, out_w: int, out_h: int, cols: int, rows: int, tile:
 def image_tiles(image: np.ndarray, plan: TilePlan, tile: int = 448):
     """uint8 RGB [H, W, 3] -> float32 [plan.num_tiles, tile, tile, 3] normalised tiles (row-major, thumbnail last),
     pixel-equal to PIL's resize + crop up to rare off-by-one rounding."""
-    if tile % _BLOCK:
-        raise ValueError(f"tile size {tile} must be a multiple of {_BLOCK}")
     tiles = _grid(image, tile * plan.cols, tile * plan.rows, plan.cols, plan.rows, tile)
     if plan.thumbnail:
         tiles = jnp.concatenate([tiles, _grid(image, tile, tile, 1, 1, tile)])
