@@ -49,17 +49,18 @@ def pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = _SUPPORT * filterscale
+    centre = (np.arange(out_size) + 0.5) * scale
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # C's (int) truncates toward zero
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), in_size)
+    x = lo[:, None] + np.arange(int(np.max(hi - lo)))[None]  # [out, widest window]
+    inside = x < hi[:, None]
+    w = np.where(inside, _bicubic((x - centre[:, None] + 0.5) / filterscale), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.divide(w, total, out=w, where=total != 0.0)
+    fixed = np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
     m = np.zeros((out_size, in_size), np.float64)
-    for i in range(out_size):
-        centre = (i + 0.5) * scale
-        lo = max(int(centre - support + 0.5), 0)
-        hi = min(int(centre + support + 0.5), in_size)
-        w = _bicubic((np.arange(lo, hi) - centre + 0.5) / filterscale)
-        total = w.sum()
-        if total != 0.0:
-            w = w / total
-        fixed = np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
-        m[i, lo:hi] = fixed / (1 << _PRECISION_BITS)
+    rows = np.broadcast_to(np.arange(out_size)[:, None], x.shape)
+    m[rows[inside], x[inside]] = fixed[inside] / (1 << _PRECISION_BITS)
     return m
 
 
@@ -71,9 +72,10 @@ def vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
     return (in_h - out_h) > 0 and (in_h - out_h) > 2 * (in_w - out_w)
 
 
-def bucket_side(n: int, minimum: int = 256) -> int:
-    """Round an image side up to a power of two, at least ``minimum`` (at most 2x padding)."""
-    return max(minimum, _pow2(n))
+def bucket_side(n: int) -> int:
+    """Round an image side up to a multiple of 256 (of 512 beyond 2048): little padding, few buckets."""
+    step = 256 if n <= 2048 else 512
+    return max(step, -(-n // step) * step)
 
 
 def _pow2(n: int) -> int:
@@ -107,10 +109,10 @@ def _band_spans(m: np.ndarray, block: int) -> list[tuple[int, int]]:
 
 def band_window(in_bucket: int, out_size: int, block: int) -> int:
     """Input window of a band, for any image side up to ``in_bucket`` resized to ``out_size``: the widest band
-    ((block - 1) * scale + 2 * support + 1 inputs), rounded up to a power of two and capped at the bucket."""
+    ((block - 1) * scale + 2 * support + 1 inputs), rounded up to a multiple of 8 and capped at the bucket."""
     scale = in_bucket / out_size
     span = (block - 1) * scale + 4 * max(scale, 1.0) + 2
-    return min(_pow2(int(np.ceil(span))), in_bucket)
+    return min(-(-int(np.ceil(span)) // 8) * 8, in_bucket)
 
 
 def axis_bands(m: np.ndarray, n: int, tile: int, in_bucket: int):
@@ -150,21 +152,30 @@ def _band_pass(x, starts, weights, axis: int):
     return jnp.clip(jnp.floor(out + 0.5), 0.0, 255.0)  # PIL rounds to uint8 after each pass
 
 
-@partial(jax.jit, static_argnames="vertical_first")
-def render_grid(image, v_starts, v_weights, h_starts, h_weights, *, vertical_first: bool):
-    """One PIL resize of a padded uint8 image [Hb, Wb, 3], cut into tiles, ImageNet-normalised.
-
-    v_*: the R row bands ([R, nb], [R, nb, B, Wv]), h_*: the C column bands. Returns float32 [R*C, t, t, 3]
-    (tile (r, c) at r*C + c), t = nb * B.
-    """
-    x = jnp.moveaxis(image.astype(jnp.float32), -1, 0)  # [3, Hb, Wb]: passes contract contiguous axes
+def _resize_tiles(x, v_starts, v_weights, h_starts, h_weights, vertical_first: bool):
+    """One PIL resize of channel-first x [3, Hb, Wb] into R x C tiles: [R, C, 3, t, t] (uint8 values as floats)."""
     rows = lambda y: jax.vmap(lambda s, w: _band_pass(y, s, w, 1))(v_starts, v_weights)  # noqa: E731
     cols = lambda y: jax.vmap(lambda s, w: _band_pass(y, s, w, 2))(h_starts, h_weights)  # noqa: E731
     if vertical_first:
-        tiles = jax.vmap(cols)(rows(x))  # [R, C, 3, t, t]
-    else:
-        tiles = jax.vmap(rows, out_axes=1)(cols(x))
-    tiles = jnp.moveaxis(tiles.reshape(-1, *tiles.shape[2:]), 1, -1)  # [R*C, t, t, 3]
+        return jax.vmap(cols)(rows(x))
+    return jax.vmap(rows, out_axes=1)(cols(x))
+
+
+@partial(jax.jit, static_argnames=("grid", "orders"))
+def render_image(image, grid_bands, thumb_bands, *, grid: tuple[int, int], orders: tuple[bool, bool]):
+    """All tiles of one image in one program: the grid resize cut into tiles, then the thumbnail resize.
+
+    image uint8 [Hb, Wb, 3] (zero padded); grid_bands / thumb_bands: (v_starts, v_weights, h_starts, h_weights)
+    of :func:`axis_bands` (thumb_bands None without a thumbnail); grid: the real (rows, cols) inside the bucketed
+    bands; orders: vertical-first flags of the two resizes. Returns float32 [rows*cols (+1), t, t, 3], normalised.
+    """
+    x = jnp.moveaxis(image.astype(jnp.float32), -1, 0)  # [3, Hb, Wb]: passes contract contiguous axes
+    rows, cols = grid
+    tiles = _resize_tiles(x, *grid_bands, orders[0])[:rows, :cols]
+    tiles = tiles.reshape(-1, *tiles.shape[2:])
+    if thumb_bands is not None:
+        tiles = jnp.concatenate([tiles, _resize_tiles(x, *thumb_bands, orders[1])[0]])
+    tiles = jnp.moveaxis(tiles, 1, -1)  # [n, t, t, 3]
     return (tiles / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
@@ -172,31 +183,32 @@ def _pad_first_axis(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[:1], n - len(a), axis=0)]) if n > len(a) else a
 
 
-def _grid(image: np.ndarray, out_w: int, out_h: int, cols: int, rows: int, tile: int):
-    """Resize the whole image to (out_w, out_h) as PIL would; its cols x rows tiles, row-major, on the device.
-
-    Rows and columns are padded to grid buckets, image sides to :func:`bucket_side`, so shapes stay bucketed.
-    """
-    h, w = image.shape[:2]
+def _bands(h: int, w: int, out_h: int, out_w: int, rows: int, cols: int, tile: int):
+    """Banded weights of one resize of an (h, w) image to (out_h, out_w), rows and columns padded to buckets."""
     hb, wb = bucket_side(h), bucket_side(w)
-    padded = np.zeros((hb, wb, 3), np.uint8)
-    padded[:h, :w] = image
-    r, c = _grid_bucket(rows), _grid_bucket(cols)
     v_starts, v_weights = axis_bands(pil_bicubic_matrix(h, out_h), rows, tile, hb)
     h_starts, h_weights = axis_bands(pil_bicubic_matrix(w, out_w), cols, tile, wb)
-    out = render_grid(
-        padded,
-        _pad_first_axis(v_starts, r), _pad_first_axis(v_weights, r),
-        _pad_first_axis(h_starts, c), _pad_first_axis(h_weights, c),
-        vertical_first=vertical_first(w, h, out_w, out_h),
-    )
-    return out[np.array([i * c + j for i in range(rows) for j in range(cols)])]
+    r, c = _grid_bucket(rows), _grid_bucket(cols)
+    return (_pad_first_axis(v_starts, r), _pad_first_axis(v_weights, r),
+            _pad_first_axis(h_starts, c), _pad_first_axis(h_weights, c))
+
+
+def _orders(h: int, w: int, plan: TilePlan, tile: int) -> tuple[bool, bool]:
+    return vertical_first(w, h, tile * plan.cols, tile * plan.rows), vertical_first(w, h, tile, tile)
+
+
+def bucket_key(height: int, width: int, plan: TilePlan, tile: int = 448) -> tuple:
+    """What selects the compiled program for an image: side buckets, the grid, the thumbnail, the pass orders."""
+    return (bucket_side(height), bucket_side(width), plan.rows, plan.cols, plan.thumbnail, _orders(height, width, plan, tile), tile)
 
 
 def image_tiles(image: np.ndarray, plan: TilePlan, tile: int = 448):
     """uint8 RGB [H, W, 3] -> float32 [plan.num_tiles, tile, tile, 3] normalised tiles (row-major, thumbnail last),
     pixel-equal to PIL's resize + crop up to rare off-by-one rounding."""
-    tiles = _grid(image, tile * plan.cols, tile * plan.rows, plan.cols, plan.rows, tile)
-    if plan.thumbnail:
-        tiles = jnp.concatenate([tiles, _grid(image, tile, tile, 1, 1, tile)])
-    return tiles
+    h, w = image.shape[:2]
+    padded = np.zeros((bucket_side(h), bucket_side(w), 3), np.uint8)
+    padded[:h, :w] = image
+    out_h, out_w = tile * plan.rows, tile * plan.cols
+    grid_bands = _bands(h, w, out_h, out_w, plan.rows, plan.cols, tile)
+    thumb_bands = _bands(h, w, tile, tile, 1, 1, tile) if plan.thumbnail else None
+    return render_image(padded, grid_bands, thumb_bands, grid=(plan.rows, plan.cols), orders=_orders(h, w, plan, tile))
