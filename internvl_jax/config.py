@@ -132,6 +132,7 @@ class InternVLConfig:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     use_thumbnail: bool = True
+    v2pe_stride: float | None = None  # V2PE: position stride per tile (64 in the V2PE evaluation); None: off
     # runtime
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -271,6 +272,8 @@ def config_from_dict(d: dict, **runtime) -> InternVLConfig:
         # <= 3.0 forces an untied head; 3.5 configs carry the flag in llm_config
         text = text_config_from_dict(llm, tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)))
         img_ctx = d.get("img_context_token_id")
+        rope_kind = (llm.get("rope_scaling") or {}).get("type") or (llm.get("rope_scaling") or {}).get("rope_type")
+        v2pe = str(d.get("rope_pos_id_version", "")).startswith("v2pe") or rope_kind == "v2pe"
         return InternVLConfig(
             vision=vision,
             text=text,
@@ -283,6 +286,7 @@ def config_from_dict(d: dict, **runtime) -> InternVLConfig:
             min_dynamic_patch=int(d.get("min_dynamic_patch", 1)),
             max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
             use_thumbnail=bool(d.get("use_thumbnail", True)),
+            v2pe_stride=float(d.get("rope_pos_id_stride") or 64) if v2pe else None,
             **runtime,
         )
     layer = d.get("vision_feature_layer", -1)

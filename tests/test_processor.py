@@ -69,6 +69,16 @@ def test_history_and_v2pe_positions(folder):
     assert pos[-1] < out["input_ids"].shape[1] - 1  # image tokens advanced by 1/4
 
 
+def test_v2pe_follows_the_checkpoint_config(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["rope_scaling"] = {"type": "v2pe", "factor": 1.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = Processor.from_pretrained(str(folder))("hi", images=[Image.new("RGB", (448, 448))])
+    ids, pos = out["input_ids"][0], out["positions"][0]
+    first = int(np.argmax(ids == Processor.from_pretrained(str(folder)).tokenizer.img_context_id))
+    np.testing.assert_allclose(pos[first : first + 2] - pos[first - 1], [0.25, 0.5])  # stride 64 / 256 tokens
+
+
 def test_clear_errors(folder):
     proc = Processor.from_pretrained(str(folder))
     with pytest.raises(ValueError, match="1 <image> placeholders but 2 images"):

@@ -39,7 +39,7 @@ class Processor:
     template: Template | None
     system_message: str | None = None
     max_length: int | None = None
-    v2pe_stride: float | None = None  # set to use V2PE positions (e.g. 64); None: plain integer positions
+    v2pe_stride: float | None = None  # V2PE position stride per tile; None: plain integer positions
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "Processor":
@@ -57,6 +57,7 @@ class Processor:
             template=template,
             system_message=raw.get("system_message"),  # null -> the template's default (see templates.render)
             max_length=config.text.max_position_embeddings,
+            v2pe_stride=config.v2pe_stride,  # set when the checkpoint's config asks for V2PE
         )
         return cls(**{**kwargs, **overrides})
 
