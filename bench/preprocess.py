@@ -37,14 +37,13 @@ trace.
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import statistics
 import time
 from collections import defaultdict
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 TILE = 448
 # distinct 4:3 sizes (w, 3w/4): every one plans to a 4x3 grid + thumbnail
@@ -65,22 +64,6 @@ def parse_args():
     return p.parse_args()
 
 
-def photo(w: int, h: int, seed: int) -> np.ndarray:
-    """A photo-like picture: gradients, shapes, texture, blur, then JPEG compression (as tests/test_pixels.py)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([128 + 100 * np.sin(xx / (20 + 7 * c) + c) * np.cos(yy / (15 + 5 * c)) for c in range(3)], -1)
-    im = Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    for _ in range(6):
-        x0, y0 = rng.integers(0, w), rng.integers(0, h)
-        draw.ellipse((x0, y0, x0 + w // 4, y0 + h // 4), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    im = im.filter(ImageFilter.GaussianBlur(1.2))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=85)
-    return np.asarray(Image.open(buf).convert("RGB"))
-
-
 def main():
     args = parse_args()
 
@@ -90,10 +73,11 @@ def main():
     from internvl_jax.processing.pixels import IMAGENET_MEAN, IMAGENET_STD
     from internvl_jax.processing.resample import image_tiles, render_image
     from internvl_jax.processing.tiling import plan_tiles
+    from internvl_jax.samples import photo_like
 
     sizes = [SIZES[i % len(SIZES)] for i in range(args.images)]
     t0 = time.perf_counter()
-    images = [photo(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    images = [photo_like(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     plans = [plan_tiles(w, h, max_tiles=12, use_thumbnail=True) for w, h in sizes]
     assert all((p.cols, p.rows, p.num_tiles) == (4, 3, 13) for p in plans), [(p.cols, p.rows) for p in plans]
     n_tiles = sum(p.num_tiles for p in plans)

@@ -53,18 +53,6 @@ def cmd_info(args) -> None:
     print(f"parameters: {count(tree)}")
 
 
-def _demo_image(size: int):
-    """A generated 2:1 picture (uint8 [2*size, 4*size, 3]): sky, a sun and a green block."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (4 * size, 2 * size), (30, 60, 160))
-    draw = ImageDraw.Draw(img)
-    draw.ellipse((size // 2, size // 4, 3 * size // 2, 5 * size // 4), fill=(250, 200, 40))
-    draw.rectangle((5 * size // 2, size, 7 * size // 2, 2 * size), fill=(40, 160, 60))
-    return np.asarray(img)
-
-
 def cmd_demo(args) -> None:
     import jax
     import jax.numpy as jnp
@@ -73,13 +61,14 @@ def cmd_demo(args) -> None:
     from .model import InternVL, check_image_tokens, init_params, param_count
     from .presets import get_preset
     from .processing import image_tiles, plan_tiles, tile_bucket
+    from .samples import photo_like
 
     config = get_preset(args.preset)
     print(f"model: {args.preset} ({param_count(config):,} parameters, random weights, seed {args.seed})")
     for line in describe(config):
         print("  " + line)
     params = init_params(config, jax.random.PRNGKey(args.seed))
-    image = _demo_image(config.image_size)
+    image = photo_like(4 * config.image_size, 2 * config.image_size, seed=args.seed)
     plan = plan_tiles(image.shape[1], image.shape[0], max_tiles=4, tile_size=config.image_size)
     tiles = image_tiles(image, plan, config.image_size)
     bucket = tile_bucket(len(tiles))
