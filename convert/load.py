@@ -126,6 +126,10 @@ def load_pretrained(path: str, dtype=jnp.float32) -> tuple[InternVL, dict]:
     """
     name = dtype_name(as_dtype(dtype))
     config = load_config(path, dtype=name, param_dtype=name)
+    if config.image_token_id < 0:  # original configs leave it to the tokenizer, as chat() does
+        from internvl_jax.processing.tokenizer import Tokenizer
+
+        config = config.replace(image_token_id=Tokenizer.from_pretrained(path).img_context_id)
     with SafetensorsReader(path) as reader:
         params = load_params(reader, checkpoint_layout(path), config.text, _shapes(abstract_params(config)), name)
     return InternVL(config), _to_device(params)

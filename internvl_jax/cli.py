@@ -1,4 +1,4 @@
-"""The ``internvl-jax`` command line: ``info`` and ``demo`` (more commands arrive with their issues)."""
+"""The ``internvl-jax`` command line: ``info``, ``export`` and ``demo`` (more commands arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -97,12 +97,32 @@ def cmd_demo(args) -> None:
     print("next-token top-5: " + ", ".join(f"{int(t)} ({float(jax.nn.softmax(last)[t]):.3f})" for t in top))
 
 
+def cmd_export(args) -> None:
+    from convert.export import export_checkpoint
+    from convert.load import load_pretrained
+
+    model, params = load_pretrained(args.src, dtype=args.dtype)
+    export_checkpoint(params, model.config, args.dst, layout=args.layout, overwrite=args.overwrite, progress=True)
+    print(f"wrote {args.dst} ({args.layout} layout, {args.dtype})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="internvl-jax", description="InternVL vision-language models in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a model's architecture and exact parameter count (allocates nothing)")
     info.add_argument("model", help="a preset name (e.g. InternVL2_5-8B) or a checkpoint folder with config.json")
     info.set_defaults(func=cmd_info)
+    export = sub.add_parser(
+        "export", help="write a checkpoint as safetensors + config.json in either layout (PyTorch loads it)"
+    )
+    export.add_argument("src", help="a checkpoint folder (original or transformers-native safetensors layout)")
+    export.add_argument("dst", help="the folder to write (written under a temporary name, renamed when complete)")
+    export.add_argument("--layout", choices=["hf", "original"], default="hf",
+                        help="hf: transformers InternVLForConditionalGeneration; original: OpenGVLab custom code")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                        help="tensor dtype of the output (default: bfloat16)")
+    export.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    export.set_defaults(func=cmd_export)
     demo = sub.add_parser("demo", help="build a tiny random model and run it on a generated image (no downloads)")
     demo.add_argument("--preset", default="tiny-qwen2", help="model preset (default: tiny-qwen2)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and text (default: 0)")

@@ -39,3 +39,21 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         assert out.returncode == 2
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "no config.json" in run("info", str(tmp_path)).stderr
+
+
+def test_export_converts_between_layouts(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from reference import tiny_internvl
+
+    ref = tiny_internvl("qwen2")
+    ref.save_pretrained(tmp_path / "src")
+    out = run("export", str(tmp_path / "src"), str(tmp_path / "orig"), "--layout", "original", "--dtype", "float32")
+    assert out.returncode == 0, out.stderr
+    back = run("export", str(tmp_path / "orig"), str(tmp_path / "hf"), "--layout", "hf", "--dtype", "float32")
+    assert back.returncode == 0, back.stderr
+    src, hf = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(src) == sorted(hf) and all(torch.equal(src[k], hf[k]) for k in src)
+    again = run("export", str(tmp_path / "orig"), str(tmp_path / "hf"))
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
