@@ -80,9 +80,11 @@ class InternVL(nn.Module):
         h = pixel_shuffle(h.reshape(n, gh, gw, width), c.downsample_ratio, c.ps_version)
         return self.projector(h.reshape(n, -1, h.shape[-1]))
 
-    def __call__(self, input_ids, pixel_values=None, tile_mask=None, positions=None, segment_ids=None):
+    def __call__(self, input_ids, pixel_values=None, tile_mask=None, positions=None, segment_ids=None, cache=None,
+                 cache_index=None):
         """input_ids int [B, L]; pixel_values [B, T, H, W, 3]; tile_mask bool [B, T] (default: all valid);
-        positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed samples differ)."""
+        positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed samples differ).
+        With a KV ``cache`` (generation), returns (logits, cache); see :class:`~internvl_jax.decoder.Decoder`."""
         c = self.config
         if pixel_values is not None and tile_mask is None:
             tile_mask = jnp.ones(pixel_values.shape[:2], bool)
@@ -94,7 +96,9 @@ class InternVL(nn.Module):
             feats = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
             feats = feats.reshape(b, t, *feats.shape[1:])
             x = merge_image_features(x, input_ids == c.image_token_id, feats, tile_mask)
-        return self.language_model(embeddings=x, positions=positions, segment_ids=segment_ids)
+        return self.language_model(
+            embeddings=x, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index
+        )
 
 
 def _dummy_inputs(config: InternVLConfig):
