@@ -3,6 +3,7 @@
 from .config import InternVLConfig, TextConfig, VisionConfig, RopeConfig, ConfigError, load_config
 from .model import InternVL, ImageTokenMismatch, abstract_params, check_image_tokens, init_params, param_count
 from .presets import PRESETS, get_preset
+from .generate import generate, generate_stream
 
 
 def __getattr__(name):
@@ -21,5 +22,5 @@ def __getattr__(name):
 __all__ = [
     "InternVL", "InternVLConfig", "TextConfig", "VisionConfig", "RopeConfig", "ConfigError", "ImageTokenMismatch",
     "PRESETS", "abstract_params", "check_image_tokens", "get_preset", "init_params", "load_config",
-    "load_pretrained", "param_count", "Processor",
+    "load_pretrained", "param_count", "Processor", "generate", "generate_stream",
 ]

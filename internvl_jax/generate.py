@@ -49,41 +49,79 @@ def sample_logits(logits, rng, *, do_sample: bool, temperature: float, top_k: in
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
-def _generate(model, params, ids, lengths, positions, pixel_values, tile_mask, cache, eos, pad, rng, *,
-              max_new_tokens: int, sampling: tuple):
+def _sampling(do_sample, temperature, top_k, top_p) -> tuple:
+    return bool(do_sample), float(temperature), int(top_k), float(top_p)
+
+
+def _pick(logits, rng, sampling):
     do_sample, temperature, top_k, top_p = sampling
-    b = ids.shape[0]
-    pick = partial(sample_logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    return sample_logits(logits, rng, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@partial(jax.jit, static_argnames=("model", "sampling"))
+def _prefill(model, params, ids, lengths, positions, pixel_values, tile_mask, cache, rng, *, sampling):
+    """Run the prompt into the cache; returns (first new token [B], its position [B], cache, rng)."""
     logits, cache = model.apply(
         {"params": params}, ids, pixel_values, tile_mask, positions=positions, cache=cache,
-        cache_index=jnp.zeros((b,), jnp.int32),
+        cache_index=jnp.zeros((ids.shape[0],), jnp.int32),
     )
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     rng, key = jax.random.split(rng)
-    token = pick(last, key)
     next_pos = jnp.take_along_axis(positions, (lengths - 1)[:, None], axis=1)[:, 0] + 1
-    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
-    done = jnp.isin(token, eos)
+    return _pick(last, key, sampling), next_pos, cache, rng
+
+
+def _step(model, params, lengths, step, token, pos, cache, rng, sampling):
+    """Feed the ``step``-th generated token (slot lengths + step - 1); returns the next token and the new state."""
+    logits, cache = model.apply(
+        {"params": params}, token[:, None], positions=pos[:, None], cache=cache, cache_index=lengths + step - 1
+    )
+    rng, key = jax.random.split(rng)
+    return _pick(logits[:, 0], key, sampling), pos + 1, cache, rng
+
+
+_decode_step = jax.jit(_step, static_argnames=("model", "sampling"))
+
+
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
+def _decode_loop(model, params, lengths, token, pos, cache, rng, eos, pad, *, max_new_tokens, sampling):
+    """The whole decode on the device (``lax.while_loop``), stopping once every row produced an eos token."""
+    out = jnp.full((token.shape[0], max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
 
     def cond(state):
-        step, _, _, _, _, done, _ = state
+        step, *_, done = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, token, pos, cache, out, done, rng = state
-        logits, cache = model.apply(
-            {"params": params}, token[:, None], positions=pos[:, None].astype(positions.dtype), cache=cache,
-            cache_index=lengths + step - 1,
-        )
-        rng, key = jax.random.split(rng)
-        new = pick(logits[:, 0], key)
+        step, token, pos, cache, rng, out, done = state
+        new, pos, cache, rng = _step(model, params, lengths, step, token, pos, cache, rng, sampling)
         new = jnp.where(done, pad, new)
-        out = out.at[:, step].set(new)
-        return step + 1, new, pos + 1, cache, out, done | jnp.isin(new, eos), rng
+        return step + 1, new, pos, cache, rng, out.at[:, step].set(new), done | jnp.isin(new, eos)
 
-    state = (jnp.int32(1), token, next_pos, cache, out, done, rng)
-    return jax.lax.while_loop(cond, body, state)[4]
+    state = (jnp.int32(1), token, pos, cache, rng, out, jnp.isin(token, eos))
+    return jax.lax.while_loop(cond, body, state)[5]
+
+
+def _prepare(model, input_ids, attention_mask, positions, tile_mask, max_new_tokens, pad_token_id):
+    """Host side: real tokens to the front of each row, bucketed prompt length, a fresh cache."""
+    config = model.config
+    ids = np.asarray(input_ids, np.int32)
+    b, p = ids.shape
+    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    if (lengths == 0).any():
+        raise ValueError(f"row {int(np.argmin(lengths))} of the prompt has no tokens")
+    order = np.argsort(~mask, axis=1, kind="stable")
+    ids = np.take_along_axis(ids, order, axis=1)
+    positions = np.broadcast_to(np.arange(p), (b, p)) if positions is None else np.take_along_axis(
+        np.asarray(positions), order, axis=1)
+    real = np.arange(p)[None] < lengths[:, None]
+    check_image_tokens(np.where(real, ids, -1), tile_mask, config.image_token_id, config.tokens_per_tile)
+    p_bucket = _bucket(p)
+    ids = np.pad(ids, ((0, 0), (0, p_bucket - p)), constant_values=pad_token_id)
+    positions = np.pad(positions, ((0, 0), (0, p_bucket - p)), mode="edge")
+    cache = init_cache(config, b, _bucket(p_bucket + max_new_tokens))
+    return jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(positions), cache
 
 
 def generate(
@@ -111,29 +149,33 @@ def generate(
     pixel_values / tile_mask as for the model; positions [B, P] (V2PE floats) continue at the last prompt
     position + 1. Greedy unless ``do_sample`` (then temperature, top_k, top_p, seed).
     """
-    config = model.config
-    ids = np.asarray(input_ids, np.int32)
-    b, p = ids.shape
-    mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    lengths = mask.sum(axis=1).astype(np.int32)
-    if (lengths == 0).any():
-        raise ValueError(f"row {int(np.argmin(lengths))} of the prompt has no tokens")
-    # real tokens to the front of each row (stable), padding after them
-    order = np.argsort(~mask, axis=1, kind="stable")
-    ids = np.take_along_axis(ids, order, axis=1)
-    if positions is None:
-        positions = np.broadcast_to(np.arange(p), (b, p))
-    else:
-        positions = np.take_along_axis(np.asarray(positions), order, axis=1)
-    check_image_tokens(np.where(np.arange(p)[None] < lengths[:, None], ids, -1), tile_mask, config.image_token_id,
-                       config.tokens_per_tile)
-    p_bucket = _bucket(p)
-    ids = np.pad(ids, ((0, 0), (0, p_bucket - p)), constant_values=pad_token_id)
-    positions = np.pad(positions, ((0, 0), (0, p_bucket - p)), mode="edge")
-    cache = init_cache(config, b, _bucket(p_bucket + max_new_tokens))
+    sampling = _sampling(do_sample, temperature, top_k, top_p)
+    ids, lengths, positions, cache = _prepare(model, input_ids, attention_mask, positions, tile_mask, max_new_tokens,
+                                              pad_token_id)
+    token, pos, cache, rng = _prefill(model, params, ids, lengths, positions, pixel_values, tile_mask, cache,
+                                      jax.random.PRNGKey(seed), sampling=sampling)
     eos = jnp.asarray(np.atleast_1d(-1 if eos_token_id is None else eos_token_id), jnp.int32)
-    return np.asarray(_generate(
-        model, params, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(positions), pixel_values, tile_mask, cache,
-        eos, jnp.int32(pad_token_id), jax.random.PRNGKey(seed),
-        max_new_tokens=max_new_tokens, sampling=(bool(do_sample), float(temperature), int(top_k), float(top_p)),
-    ))
+    return np.asarray(_decode_loop(model, params, lengths, token, pos, cache, rng, eos, jnp.int32(pad_token_id),
+                                   max_new_tokens=max_new_tokens, sampling=sampling))
+
+
+def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, pixel_values=None, tile_mask=None,
+                    positions=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id=None):
+    """Like :func:`generate`, but yields each step's tokens (int32 [B]) as soon as they exist; rows that ended keep
+    yielding their eos token. Stops when every row produced an eos token or after ``max_new_tokens`` steps."""
+    sampling = _sampling(do_sample, temperature, top_k, top_p)
+    ids, lengths, positions, cache = _prepare(model, input_ids, attention_mask, positions, tile_mask, max_new_tokens, 0)
+    token, pos, cache, rng = _prefill(model, params, ids, lengths, positions, pixel_values, tile_mask, cache,
+                                      jax.random.PRNGKey(seed), sampling=sampling)
+    eos = np.atleast_1d(-1 if eos_token_id is None else eos_token_id)
+    done = np.zeros(ids.shape[0], bool)
+    for step in range(1, max_new_tokens + 1):
+        host = np.asarray(token)
+        host = np.where(done, eos[0], host)
+        yield host
+        done |= np.isin(host, eos)
+        if done.all() or step == max_new_tokens:
+            return
+        token, pos, cache, rng = _decode_step(model, params, lengths, jnp.int32(step), token, pos, cache, rng,
+                                              sampling=sampling)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from convert.load import load_pretrained
-from internvl_jax.generate import generate, init_cache, sample_logits
+from internvl_jax.generate import generate, generate_stream, init_cache, sample_logits
 from reference import TOL_LOGITS, image_batch, max_diff, tiny_internvl
 
 NEW = 32
@@ -94,3 +94,11 @@ def test_eos_stops_rows_and_pads(loaded):
     first = int(np.argmax(free[0] == eos))
     np.testing.assert_array_equal(stopped[0, : first + 1], free[0, : first + 1])
     assert (stopped[0, first + 1:] == -7).all()
+
+
+def test_streaming_yields_the_same_tokens(loaded):
+    _, model, params = loaded
+    ids = np.random.default_rng(4).integers(1, 250, (2, 9))
+    whole = generate(model, params, input_ids=ids, max_new_tokens=8)
+    streamed = np.stack(list(generate_stream(model, params, input_ids=ids, max_new_tokens=8)), axis=1)
+    np.testing.assert_array_equal(streamed, whole)
