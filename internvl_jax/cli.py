@@ -1,4 +1,4 @@
-"""The ``internvl-jax`` command line: ``info``, ``export`` and ``demo`` (more commands arrive with their issues)."""
+"""The ``internvl-jax`` command line: ``info``, ``export``, ``chat`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -106,6 +106,46 @@ def cmd_export(args) -> None:
     print(f"wrote {args.dst} ({args.layout} layout, {args.dtype})")
 
 
+def cmd_chat(args) -> None:
+    import os
+
+    from convert.load import load_pretrained
+
+    from .chat import chat
+    from .processing.images import load_image
+    from .processing.processor import Processor
+
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint folder {args.checkpoint} does not exist")
+    images = [load_image(path) for path in args.image]  # unreadable files fail before the model loads
+    model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
+    processor = Processor.from_pretrained(args.checkpoint)
+    processor.config = processor.config.replace(max_dynamic_patch=args.max_tiles)
+    generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+    def answer(question, history):
+        media = {} if history else {"images": images, "videos": args.video}
+        reply, history = chat(model, params, processor, question, history=history, generation_config=generation,
+                              return_history=True, on_text=lambda piece: print(piece, end="", flush=True), **media)
+        print()
+        return history
+
+    if args.question:
+        answer(args.question, [])
+        return
+    history = []
+    print("interactive chat; an empty line or Ctrl-D ends it")
+    while True:
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        history = answer(question, history)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="internvl-jax", description="InternVL vision-language models in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tensor dtype of the output (default: bfloat16)")
     export.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     export.set_defaults(func=cmd_export)
+    chat = sub.add_parser("chat", help="ask a checkpoint about images or a video (streams the answer)")
+    chat.add_argument("checkpoint", help="a checkpoint folder with its tokenizer (either layout)")
+    chat.add_argument("question", nargs="?", help="the question; without it, an interactive session keeps history")
+    chat.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    chat.add_argument("--video", action="append", default=[], help="a video file (8 frames, one tile each)")
+    chat.add_argument("--max-tiles", type=int, default=12, help="tiles per image budget (default: 12)")
+    chat.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="params and compute dtype")
+    chat.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit (default: 1024)")
+    chat.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    chat.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    chat.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    chat.set_defaults(func=cmd_chat)
     demo = sub.add_parser("demo", help="build a tiny random model and run it on a generated image (no downloads)")
     demo.add_argument("--preset", default="tiny-qwen2", help="model preset (default: tiny-qwen2)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and text (default: 0)")
@@ -132,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot place a positional after options ("chat CKPT --image F 'question'"): take it from the rest
+    if args.command == "chat" and args.question is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.question, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except (KeyError, ValueError, OSError) as e:

@@ -1,0 +1,97 @@
+"""``chat`` and ``batch_chat`` with the original ``InternVLChatModel`` semantics.
+
+History is a list of (question, answer) pairs; ``<image>`` placeholders are put in front of the first question
+when it has none; generation stops at the template's separator token (``<|im_end|>``, ``<|end|>``; NOT the
+config's eos id); the answer is the new tokens decoded without special tokens, cut at the separator.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .generate import generate, generate_stream
+from .processing.processor import Processor, tile_bucket
+
+HF_STOP = "<|im_end|>"  # the transformers-native chat template ends turns with it
+
+
+def _stop(processor: Processor) -> tuple[str, int]:
+    text = processor.template.stop_token if processor.template is not None else HF_STOP
+    return text, processor.tokenizer.token_to_id(text)
+
+
+def _answer(processor: Processor, tokens, stop_text: str, stop_id: int) -> str:
+    tokens = list(tokens)
+    if stop_id in tokens:
+        tokens = tokens[: tokens.index(stop_id)]
+    return processor.tokenizer.decode(tokens, skip_special_tokens=True).split(stop_text)[0].strip()
+
+
+def _gen_kwargs(config: dict | None) -> dict:
+    config = dict(config or {})
+    config.setdefault("max_new_tokens", 1024)  # the original README's default
+    return config
+
+
+def chat(model, params, processor: Processor, question: str, *, images=(), videos=(), history=None,
+         generation_config: dict | None = None, return_history: bool = False,
+         on_text: Callable[[str], None] | None = None):
+    """One turn: the answer (and the updated history with ``return_history``).
+
+    generation_config: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``.
+    on_text: called with each new piece of the answer as it is generated (streaming).
+    """
+    history = list(history or [])
+    batch = processor(question, images=images, videos=videos, history=history)
+    stop_text, stop_id = _stop(processor)
+    inputs = dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
+                  tile_mask=batch.get("tile_mask"), positions=batch.get("positions"), eos_token_id=stop_id)
+    if on_text is None:
+        tokens = generate(model, params, **inputs, pad_token_id=stop_id, **_gen_kwargs(generation_config))[0]
+        answer = _answer(processor, tokens, stop_text, stop_id)
+    else:
+        tokens, shown = [], ""
+        for step in generate_stream(model, params, **inputs, **_gen_kwargs(generation_config)):
+            tokens.append(int(step[0]))
+            text = _answer(processor, tokens, stop_text, stop_id)
+            if text.startswith(shown) and len(text) > len(shown):
+                on_text(text[len(shown):])
+                shown = text
+        answer = _answer(processor, tokens, stop_text, stop_id)
+    history.append((question, answer))
+    return (answer, history) if return_history else answer
+
+
+def batch_chat(model, params, processor: Processor, questions: list[str], *, images=None,
+               generation_config: dict | None = None) -> list[str]:
+    """Several independent questions (no history), each with its own images, answered in one batch
+    (left padding, as the original). images: one list of images per question, or None."""
+    images = images or [[] for _ in questions]
+    if len(images) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
+    samples = [processor(q, images=im) for q, im in zip(questions, images)]
+    length = max(s["input_ids"].shape[1] for s in samples)
+    tiles = max((s["tile_mask"].sum() for s in samples if "tile_mask" in s), default=0)
+    ids = np.zeros((len(samples), length), np.int32)
+    mask = np.zeros_like(ids)
+    positions = np.zeros((len(samples), length), np.float32) if processor.v2pe_stride is not None else None
+    pixels = tile_mask = None
+    if tiles:
+        t = tile_bucket(int(tiles))
+        size = processor.config.image_size
+        pixels = np.zeros((len(samples), t, size, size, 3), np.float32)
+        tile_mask = np.zeros((len(samples), t), bool)
+    for b, s in enumerate(samples):
+        n = s["input_ids"].shape[1]
+        ids[b, length - n:], mask[b, length - n:] = s["input_ids"][0], 1
+        if positions is not None:
+            positions[b, length - n:] = s["positions"][0]
+        if "tile_mask" in s:
+            k = int(s["tile_mask"].sum())
+            pixels[b, :k], tile_mask[b, :k] = s["pixel_values"][0, :k], True
+    stop_text, stop_id = _stop(processor)
+    out = generate(model, params, input_ids=ids, attention_mask=mask, pixel_values=pixels, tile_mask=tile_mask,
+                   positions=positions, eos_token_id=stop_id, pad_token_id=stop_id, **_gen_kwargs(generation_config))
+    return [_answer(processor, row, stop_text, stop_id) for row in out]
