@@ -23,8 +23,12 @@ def _bucket(n: int, minimum: int = 64) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")  # logical axes of each cache array
+
+
 def init_cache(config: InternVLConfig, batch: int, length: int):
-    """Zeroed (k, v), each [layers, batch, length, kv_heads, head_dim] in the compute dtype."""
+    """Zeroed (k, v), each [layers, batch, length, kv_heads, head_dim] (logical axes ``CACHE_AXES``) in the
+    compute dtype."""
     t = config.text
     shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
     zeros = jnp.zeros(shape, as_dtype(config.dtype))

@@ -3,7 +3,8 @@ rule tables here map them onto mesh axes.
 
 Parameters: ``vocab``, ``embed``, ``mlp``, ``heads``, ``kv_heads``, ``head_dim``, ``layers`` (the scanned axis),
 ``vit_embed``, ``vit_mlp``, ``vit_heads``, ``vit_shuffled`` (the projector's 4C input), ``proj_hidden``.
-Activations: ``batch``, ``length``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ``vit_embed``.
+Activations: ``batch``, ``length``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ``vit_embed``; the KV cache
+``layers``, ``batch``, ``cache_length``, ``kv_heads``, ``head_dim``.
 """
 
 PARAM_AXES = (

@@ -70,8 +70,11 @@ def run(*args):
 
 
 def test_cli_chat_answers_and_reports_bad_input(checkpoint, tmp_path):
-    out = run("chat", str(checkpoint), "--image", str(checkpoint / "sky.png"), "--max-new-tokens", "5",
-              "--dtype", "float32", "describe")
+    converted = tmp_path / "original"
+    assert run("export", str(checkpoint), str(converted), "--layout", "original").returncode == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (converted / name).write_bytes((checkpoint / name).read_bytes())
+    out = run("chat", str(converted), "--image", str(checkpoint / "sky.png"), "--max-new-tokens", "5", "describe")
     assert out.returncode == 0, out.stderr
     interactive = subprocess.run([sys.executable, "-m", "internvl_jax.cli", "chat", str(checkpoint), "--max-new-tokens",
                                   "3", "--dtype", "float32"], input="hello\nmore\n\n", capture_output=True, text=True,

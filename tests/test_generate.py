@@ -9,6 +9,7 @@ import torch
 
 from convert.load import load_pretrained
 from internvl_jax.generate import generate, generate_stream, init_cache, sample_logits
+from internvl_jax.processing.positions import v2pe_positions
 from reference import TOL_LOGITS, image_batch, max_diff, tiny_internvl
 
 NEW = 32
@@ -49,18 +50,23 @@ def test_greedy_batch_of_different_lengths_equals_transformers(loaded):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_kv_cache_logits_equal_full_recomputation(loaded):
+@pytest.mark.parametrize("v2pe", [False, True], ids=["integer", "v2pe"])
+def test_kv_cache_logits_equal_full_recomputation(loaded, v2pe):
     _, model, params = loaded
     ids, _, pixels, mask = image_batch([[2, 3], [1]], length=40, max_tiles=6)
-    full = model.apply({"params": params}, jnp.asarray(ids), pixels, mask)
+    positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.float32), (2, 40))
+    if v2pe:  # image tokens advance by 1/4, text by 1
+        positions = jnp.asarray(np.stack([v2pe_positions(row, model.config.image_token_id, 1, tokens_per_tile=4)
+                                          for row in ids]))
+    full = model.apply({"params": params}, jnp.asarray(ids), pixels, mask, positions=positions)
     split = 30  # prefill 30 tokens, then feed the rest one at a time through the cache
     cache = init_cache(model.config, 2, 64)
-    logits, cache = model.apply({"params": params}, jnp.asarray(ids[:, :split]), pixels, mask, cache=cache,
-                                cache_index=jnp.zeros(2, jnp.int32))
+    logits, cache = model.apply({"params": params}, jnp.asarray(ids[:, :split]), pixels, mask,
+                                positions=positions[:, :split], cache=cache, cache_index=jnp.zeros(2, jnp.int32))
     steps = [logits]
     for i in range(split, ids.shape[1]):
-        step, cache = model.apply({"params": params}, jnp.asarray(ids[:, i:i + 1]), cache=cache,
-                                  cache_index=jnp.full((2,), i, jnp.int32))
+        step, cache = model.apply({"params": params}, jnp.asarray(ids[:, i:i + 1]), positions=positions[:, i:i + 1],
+                                  cache=cache, cache_index=jnp.full((2,), i, jnp.int32))
         steps.append(step)
     assert max_diff(jnp.concatenate(steps, axis=1), full) <= TOL_LOGITS
 
