@@ -1,0 +1,332 @@
+"""Generation benchmark: internvl-jax ``generate`` vs transformers ``generate`` on an InternVL2.5-1B-shaped model.
+
+    python bench/generate.py                                   # float32 + bfloat16, batch 1 and 8, 128 new tokens
+    python bench/generate.py --dtypes float32 --batches 1 --repeats 5
+    python bench/generate.py --skip-transformers               # ours only (and the bandwidth probe)
+
+Both sides get the same random weights: a ``transformers.InternVLForConditionalGeneration`` is built from the
+preset's transformers-native config, saved with ``save_pretrained`` to a temporary folder, and loaded into ours
+with ``convert.load.load_pretrained`` in each ``--dtypes`` entry. Every row of the batch is one prompt of one
+448x448 tile: 8 text tokens, 256 IMG_CONTEXT tokens, 56 text tokens (320 tokens; ``--text-tokens`` changes the
+64 text tokens). Decoding is greedy and runs exactly ``--new-tokens`` tokens on both sides (no end-of-sequence id;
+transformers gets ``min_new_tokens = max_new_tokens``).
+
+Runners: ours in each dtype; transformers in float32 (the reference of every goal) and, when bfloat16 is among
+the dtypes and ``--transformers-bf16`` is given, transformers in bfloat16 too (off by default: torch's bfloat16
+decode on a CPU is several times slower than its float32 one, so it costs minutes per round). Each runner is timed with 1 and
+with N new tokens, so that
+
+    prefill latency   = median time of generate(max_new_tokens=1)       (ViT + prefill + first token)
+    decode tokens/s   = (N - 1) x batch / (median t_N - median t_1)
+
+One warm-up call of each (ours with 1 and N tokens, which compiles both programs; transformers with 1 and 2), then ``--repeats`` rounds that interleave every runner, since a shared
+CPU changes speed from one minute to the next.
+
+Memory bandwidth: a jitted ``jnp.sum`` over a float32 array far bigger than the caches (``--probe-gb``, default 2),
+median of a few calls, measured next to every round. Each decode step has to read every LLM weight once (decoder
+layers, final norm, LM head, one embedding row per sequence; the ViT and projector run in the prefill only), so
+weight bytes / step time is compared with that bandwidth. The KV cache each step reads is reported beside it.
+
+Goals (each printed as met / NOT met):
+  * float32, batch 1: ours reads weights at >= 90% of the measured bandwidth, and decodes no slower than transformers
+  * bfloat16, batch 1: ours decodes >= 1.7x transformers' float32 tokens/s
+  * batch 8: ours >= 1.2x transformers' tokens/s at batch 8 (same dtype)
+
+Device: JAX runs on its default device; torch on the CPU with ``torch.set_num_threads(os.cpu_count())``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="InternVL2_5-1B", help="model shapes (internvl_jax.presets)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes of ours (float32, bfloat16)")
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (N)")
+    p.add_argument("--text-tokens", type=int, default=64, help="ordinary text tokens of each prompt besides the image tokens")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up of each runner)")
+    p.add_argument("--skip-transformers", action="store_true", help="time ours only (goals against transformers are skipped)")
+    p.add_argument("--transformers-bf16", action="store_true", help="also time transformers in bfloat16 (slow on CPU)")
+    p.add_argument("--probe-gb", type=float, default=2.0, help="size of the float32 array of the bandwidth probe, GB")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    bad = [d for d in args.dtypes if d not in ("float32", "bfloat16")]
+    if bad:
+        p.error(f"unknown dtype(s) {bad}; use float32 and/or bfloat16")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (decode time is t_N - t_1)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes per decode step
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_bytes_per_step(params, batch: int) -> int:
+    """Bytes of weights one decode step reads: every language-model parameter except the embedding table, of
+    which only ``batch`` rows are gathered (a tied head reads the whole table as the LM head)."""
+    import jax
+
+    lm = params["language_model"]
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(lm))
+    table = lm["embed_tokens"]
+    rows = batch * table.shape[1] * table.dtype.itemsize
+    return total if "lm_head" not in lm else total - table.size * table.dtype.itemsize + rows
+
+
+def cache_bytes_per_step(config, batch: int, slots: int) -> int:
+    """Bytes of the KV cache (k and v, all layers) ``slots`` cache positions of ``batch`` rows span."""
+    import jax.numpy as jnp
+
+    t = config.text
+    return 2 * t.num_layers * batch * slots * t.num_kv_heads * t.head_dim * jnp.dtype(config.dtype).itemsize
+
+
+# ----------------------------------------------------------------------------------------------
+# Bandwidth probe
+# ----------------------------------------------------------------------------------------------
+
+
+class BandwidthProbe:
+    """Read bandwidth right now, GB/s: median of ``tries`` jitted sums over a float32 array of ``gb`` GB.
+
+    The array is allocated for each probe and freed after it, so that it does not hold memory during the runs.
+    """
+
+    def __init__(self, gb: float, tries: int = 3):
+        import jax
+        import jax.numpy as jnp
+
+        self.n, self.tries = int(gb * 1e9) // 4, tries
+        self.sum = jax.jit(jnp.sum)
+        self.make = jax.jit(lambda: jnp.ones((self.n,), jnp.float32))
+        self.readings: list[float] = []
+
+    def __call__(self) -> float:
+        x = self.make()
+        self.sum(x).block_until_ready()  # compiles once; touches the pages
+        times = []
+        for _ in range(self.tries):
+            t0 = time.perf_counter()
+            self.sum(x).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        del x
+        gbs = self.n * 4 / statistics.median(times) / 1e9
+        self.readings.append(gbs)
+        return gbs
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_batch(config, batch: int, text_tokens: int, seed: int):
+    """ids int32 [B, L] (8 text tokens, one tile of IMG_CONTEXT tokens, the rest text) and float32 pixels
+    [B, 1, H, W, 3] (normalised values)."""
+    rng = np.random.default_rng(seed)
+    img = config.tokens_per_tile
+    ids = rng.integers(1, 150000, (batch, img + text_tokens)).astype(np.int32)
+    ids[ids == config.image_token_id] = 1
+    start = min(8, text_tokens)
+    ids[:, start : start + img] = config.image_token_id
+    size = config.image_size
+    pixels = rng.standard_normal((batch, 1, size, size, 3)).astype(np.float32)
+    return ids, pixels
+
+
+def ours_runner(model, params, ids, pixels, jdtype):
+    """call(n) -> int [B, n] tokens, with ``internvl_jax.generate.generate``."""
+    import jax.numpy as jnp
+
+    from internvl_jax.generate import generate
+
+    pix, mask = jnp.asarray(pixels, jdtype), jnp.ones(pixels.shape[:2], bool)
+    return lambda n: generate(model, params, input_ids=ids, pixel_values=pix, tile_mask=mask, max_new_tokens=n)
+
+
+def transformers_runner(ref, ids, pixels, tdtype):
+    """call(n) -> int [B, n] tokens, with transformers' ``generate`` (greedy, exactly n tokens)."""
+    import torch
+
+    t_ids = torch.tensor(ids, dtype=torch.long)
+    t_mask = torch.ones_like(t_ids)
+    t_pix = torch.tensor(pixels.reshape(-1, *pixels.shape[2:]).transpose(0, 3, 1, 2)).to(tdtype)  # [B*T, 3, H, W]
+
+    def call(n):
+        with torch.no_grad():
+            out = ref.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[:, t_ids.shape[1]:].numpy()
+
+    return call
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from convert.load import load_pretrained
+    from internvl_jax.config import to_hf_dict
+    from internvl_jax.generate import _bucket
+    from internvl_jax.presets import get_preset
+
+    cores = os.cpu_count()
+    torch.set_num_threads(cores)
+    jdtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    n_new = args.new_tokens
+    print(f"jax {jax.__version__} on {jax.devices()[0]} | torch {torch.__version__} ({torch.get_num_threads()} threads) "
+          f"| transformers {transformers.__version__} | {cores} cores")
+
+    # --- identical random weights on both sides -----------------------------------------------
+    t0 = time.perf_counter()
+    preset = get_preset(args.preset)
+    torch.manual_seed(args.seed)
+    ref = transformers.InternVLForConditionalGeneration(transformers.InternVLConfig(**to_hf_dict(preset))).float().eval()
+    ours = {}  # dtype -> (model, params)
+    with tempfile.TemporaryDirectory() as folder:
+        ref.save_pretrained(folder)
+        for name in args.dtypes:
+            ours[name] = load_pretrained(folder, dtype=jdtypes[name])
+    refs = {}  # dtype -> transformers model
+    if not args.skip_transformers:
+        refs["float32"] = ref
+        if "bfloat16" in args.dtypes and args.transformers_bf16:
+            refs["bfloat16"] = copy.deepcopy(ref).to(torch.bfloat16)
+    else:
+        del ref
+    cfg = next(iter(ours.values()))[0].config
+    print(f"model: {args.preset} shapes, built + saved + loaded ({', '.join(ours)}) in {time.perf_counter() - t0:.1f} s")
+    print(f"prompt: {cfg.tokens_per_tile} IMG_CONTEXT (one {cfg.image_size}x{cfg.image_size} tile) + {args.text_tokens} "
+          f"text tokens per row; {n_new} new tokens, greedy; {args.repeats} timed rounds")
+
+    probe = BandwidthProbe(args.probe_gb)
+    results = {}  # (runner name, batch) -> dict
+
+    for batch in args.batches:
+        ids, pixels = prompt_batch(cfg, batch, args.text_tokens, args.seed)
+        runners = {f"ours {d}": ours_runner(m, p, ids, pixels, jdtypes[d]) for d, (m, p) in ours.items()}
+        runners.update({f"transformers {d}": transformers_runner(r, ids, pixels, getattr(torch, d))
+                        for d, r in refs.items()})
+        print(f"\n=== batch {batch} ===")
+        times = {name: {1: [], n_new: []} for name in runners}
+        tokens = {}
+        for name, call in runners.items():  # warm-up (ours compiles both programs here)
+            n_warm = n_new if name.startswith("ours") else 2
+            w1, _ = timed(lambda: call(1))
+            wn, _ = timed(lambda: call(n_warm))
+            print(f"warm-up {name}: {w1:.1f} s (1 token), {wn:.1f} s ({n_warm} tokens)")
+        probes = []
+        for r in range(args.repeats):
+            probes.append(probe())
+            for name, call in runners.items():
+                for n in (1, n_new):
+                    dt, out = timed(lambda: call(n))
+                    times[name][n].append(dt)
+                    if n == n_new:
+                        tokens[name] = out
+                    assert out.shape == (batch, n), (name, out.shape)
+            line = ", ".join(f"{name} {times[name][1][-1]:.2f}/{times[name][n_new][-1]:.2f} s" for name in runners)
+            print(f"round {r + 1}: bandwidth {probes[-1]:.1f} GB/s | t_1/t_{n_new}: {line}")
+        bandwidth = statistics.median(probes)
+
+        slots = _bucket(_bucket(ids.shape[1]) + n_new)  # ours' cache length
+        for name in runners:
+            t1, tn = statistics.median(times[name][1]), statistics.median(times[name][n_new])
+            step = (tn - t1) / (n_new - 1)
+            res = dict(prefill=t1, total=tn, step=step, tok_s=batch / step, bandwidth=bandwidth)
+            if name.startswith("ours"):
+                params = ours[name.split()[1]][1]
+                res["weight_bytes"] = weight_bytes_per_step(params, batch)
+                res["cache_bytes"] = cache_bytes_per_step(ours[name.split()[1]][0].config, batch, slots)
+            else:
+                d = name.split()[1]
+                res["weight_bytes"] = weight_bytes_per_step(ours[d][1], batch) if d in ours else None
+            results[name, batch] = res
+
+        print(f"bandwidth (median of the probes): {bandwidth:.1f} GB/s")
+        for name in runners:
+            res = results[name, batch]
+            frac = ""
+            if res["weight_bytes"]:
+                rate = res["weight_bytes"] / res["step"] / 1e9
+                res["bw_frac"] = rate / bandwidth
+                frac = f" | weights {res['weight_bytes'] / 1e9:.2f} GB/step -> {rate:.1f} GB/s = {res['bw_frac']:.0%} of bandwidth"
+                if "cache_bytes" in res:
+                    frac += f" (+ KV cache {res['cache_bytes'] / 1e6:.0f} MB/step, {slots} slots)"
+            print(f"{name:>22}: prefill {res['prefill'] * 1e3:7.0f} ms | decode {res['tok_s']:6.1f} tokens/s "
+                  f"({res['step'] * 1e3:.1f} ms/step){frac}")
+        for d in ours:
+            if f"transformers {d}" in tokens:
+                a, b = tokens[f"ours {d}"], tokens[f"transformers {d}"]
+                first = [int(np.argmax(x != y)) if (x != y).any() else len(x) for x, y in zip(a, b)]
+                print(f"tokens ours vs transformers ({d}): {np.mean(a == b):.1%} equal; first difference per row "
+                      f"at {first} (of {n_new})")
+
+    # --- goals ---------------------------------------------------------------------------------------
+    print("\n=== goals ===")
+    print(f"bandwidth probe readings: {', '.join(f'{x:.1f}' for x in probe.readings)} GB/s")
+
+    def goal(text, met):
+        print(f"goal: {text}: {'met' if met else 'NOT met'}")
+
+    def get(name, batch):
+        return results.get((name, batch))
+
+    o, t = get("ours float32", 1), get("transformers float32", 1)
+    if o:
+        detail = f"ours {o['bw_frac']:.0%} of {o['bandwidth']:.1f} GB/s, {o['tok_s']:.1f} tokens/s"
+        if t:
+            detail += f" vs transformers {t['tok_s']:.1f} tokens/s ({t.get('bw_frac', float('nan')):.0%} of bandwidth)"
+        goal(f"float32 batch 1 >= 90% of bandwidth and not slower than transformers ({detail})",
+             o["bw_frac"] >= 0.9 and (t is None or o["tok_s"] >= t["tok_s"]))
+    o = get("ours bfloat16", 1)
+    if o and t:
+        goal(f"bfloat16 batch 1 >= 1.7x transformers float32 (ours {o['tok_s']:.1f} tokens/s = "
+             f"{o['tok_s'] / t['tok_s']:.2f}x of {t['tok_s']:.1f}; ours {o['bw_frac']:.0%} of bandwidth)",
+             o["tok_s"] >= 1.7 * t["tok_s"])
+        tb = get("transformers bfloat16", 1)
+        if tb:
+            print(f"      (transformers bfloat16 batch 1: {tb['tok_s']:.1f} tokens/s; ours is {o['tok_s'] / tb['tok_s']:.2f}x)")
+    for batch in args.batches:
+        if batch == 1:
+            continue
+        for d in ours:
+            o, t = get(f"ours {d}", batch), get(f"transformers {d}", batch)
+            if o and t:
+                goal(f"{d} batch {batch} >= 1.2x transformers {d} (ours {o['tok_s']:.1f} vs {t['tok_s']:.1f} tokens/s "
+                     f"= {o['tok_s'] / t['tok_s']:.2f}x)", o["tok_s"] >= 1.2 * t["tok_s"])
+        o, t = get("ours bfloat16", batch), get("transformers float32", batch)
+        if o and t:
+            print(f"      (bfloat16 batch {batch} vs transformers float32: {o['tok_s'] / t['tok_s']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
