@@ -3,13 +3,12 @@
 import itertools
 import wave
 
+import av
 import numpy as np
 import pytest
 
-av = pytest.importorskip("av")
-
-from internvl_jax.processing import video  # noqa: E402
-from internvl_jax.processing.video import (  # noqa: E402
+from internvl_jax.processing import video
+from internvl_jax.processing.video import (
     frame_indices,
     load_video,
     training_frame_indices,
