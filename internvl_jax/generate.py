@@ -31,8 +31,8 @@ def init_cache(config: InternVLConfig, batch: int, length: int):
     compute dtype."""
     t = config.text
     shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
-    zeros = jnp.zeros(shape, as_dtype(config.dtype))
-    return zeros, zeros
+    dtype = as_dtype(config.dtype)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)  # two buffers, so either can be donated
 
 
 def sample_logits(logits, rng, *, do_sample: bool, temperature: float, top_k: int, top_p: float):
