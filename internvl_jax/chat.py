@@ -36,15 +36,16 @@ def _gen_kwargs(config: dict | None) -> dict:
 
 
 def chat(model, params, processor: Processor, question: str, *, images=(), videos=(), history=None,
-         generation_config: dict | None = None, return_history: bool = False,
+         generation_config: dict | None = None, return_history: bool = False, max_tiles: int | None = None,
          on_text: Callable[[str], None] | None = None):
     """One turn: the answer (and the updated history with ``return_history``).
 
     generation_config: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``.
-    on_text: called with each new piece of the answer as it is generated (streaming).
+    max_tiles: tile budget per image (default: the checkpoint's). on_text: called with each new piece of the
+    answer as it is generated (streaming).
     """
     history = list(history or [])
-    batch = processor(question, images=images, videos=videos, history=history)
+    batch = processor(question, images=images, videos=videos, history=history, max_tiles=max_tiles)
     stop_text, stop_id = _stop(processor)
     inputs = dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                   tile_mask=batch.get("tile_mask"), positions=batch.get("positions"), eos_token_id=stop_id)

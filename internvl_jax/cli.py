@@ -120,14 +120,14 @@ def cmd_chat(args) -> None:
     images = [load_image(path) for path in args.image]  # unreadable files fail before the model loads
     model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
     processor = Processor.from_pretrained(args.checkpoint)
-    processor.config = processor.config.replace(max_dynamic_patch=args.max_tiles)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def answer(question, history):
         media = {} if history else {"images": images, "videos": args.video}
         reply, history = chat(model, params, processor, question, history=history, generation_config=generation,
-                              return_history=True, on_text=lambda piece: print(piece, end="", flush=True), **media)
+                              return_history=True, max_tiles=args.max_tiles,
+                              on_text=lambda piece: print(piece, end="", flush=True), **media)
         print()
         return history
 
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="?", help="the question; without it, an interactive session keeps history")
     chat.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     chat.add_argument("--video", action="append", default=[], help="a video file (8 frames, one tile each)")
-    chat.add_argument("--max-tiles", type=int, default=12, help="tiles per image budget (default: 12)")
+    chat.add_argument("--max-tiles", type=int, default=None, help="tiles per image budget (default: the checkpoint's)")
     chat.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="params and compute dtype")
     chat.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit (default: 1024)")
     chat.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

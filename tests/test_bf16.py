@@ -1,5 +1,6 @@
 """bfloat16 compute: our error against the float32 reference is at most twice PyTorch's bfloat16 error."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def test_bf16_error_within_twice_pytorch_bf16(tmp_path, text):
         exact = ref(input_ids=tids, pixel_values=torch_pixels).logits.numpy()
         torch_bf16 = ref.to(torch.bfloat16)(input_ids=tids, pixel_values=torch_pixels.bfloat16()).logits.float().numpy()
     model, params = load_pretrained(str(tmp_path), dtype=jnp.bfloat16)
-    assert all(p.dtype == jnp.bfloat16 for p in __import__("jax").tree_util.tree_leaves(params))
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(params))
     ours = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels, jnp.bfloat16), mask)
     assert ours.dtype == jnp.float32
     ours_err, torch_err = max_diff(ours, exact), max_diff(torch_bf16, exact)
