@@ -5,7 +5,18 @@ Parameters: ``vocab``, ``embed``, ``mlp``, ``heads``, ``kv_heads``, ``head_dim``
 ``vit_embed``, ``vit_mlp``, ``vit_heads``, ``vit_shuffled`` (the projector's 4C input), ``proj_hidden``.
 Activations: ``batch``, ``length``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ``vit_embed``; the KV cache
 ``layers``, ``batch``, ``cache_length``, ``kv_heads``, ``head_dim``.
+
+Entry points: :func:`make_mesh`, the rule presets ``RULES`` (``dp``, ``fsdp``, ``fsdp_tp``), :func:`shardings`
+(NamedSharding per array of a boxed tree), :func:`init_sharded`, :func:`shard_batch`, :func:`activate` (the
+context the model is traced in so its activation constraints apply).
 """
+
+from .mesh import make_mesh, mesh_shape
+from .place import (
+    ShardingError, activate, batch_spec, init_sharded, logical_axes, partition_specs, place, shard_batch, shardings,
+    working_meshes,
+)
+from .rules import MESH_AXES, RULES, get_rules
 
 PARAM_AXES = (
     "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers",
