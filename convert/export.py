@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 
@@ -13,7 +11,8 @@ from internvl_jax.config import InternVLConfig, to_hf_dict, to_original_dict
 
 from .keymaps import LAYOUTS
 from .load import export_tensors
-from .safetensors_io import CheckpointError, write_safetensors
+from .safetensors_io import write_safetensors
+from .staging import byte_bar, staged_folder
 
 CONFIG_WRITERS = {"hf": to_hf_dict, "original": to_original_dict}
 
@@ -28,31 +27,17 @@ def export_checkpoint(params: dict, config: InternVLConfig, dst: str, *, layout:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"destination {dst} already exists (pass overwrite to replace it)")
-    params = jax.device_get(params)
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        tensors = export_tensors(params, config, LAYOUTS[layout])
-        if progress:
-            tensors = _with_progress(tensors, sum(a.nbytes for a in jax.tree_util.tree_leaves(params)))
-        write_safetensors(tmp, tensors, max_shard_bytes=max_shard_bytes)
+    with staged_folder(dst, overwrite=overwrite, prefix="export") as tmp:
+        params = jax.device_get(params)
+        total = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
+        with byte_bar(total, "export", progress) as bar:
+            write_safetensors(tmp, _counted(export_tensors(params, config, LAYOUTS[layout]), bar),
+                              max_shard_bytes=max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(CONFIG_WRITERS[layout](config), f, indent=2)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def _with_progress(tensors, total_bytes: int):
-    from tqdm import tqdm
-
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="export") as bar:
-        for key, array in tensors:
-            yield key, array
-            bar.update(array.nbytes)
+def _counted(tensors, bar):
+    for key, array in tensors:
+        yield key, array
+        bar.update(array.nbytes)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,44 +37,96 @@ def _index(rule: Rule, layer, part) -> tuple:
     return index
 
 
-def load_params(reader: SafetensorsReader, layout: Layout, text: TextConfig, shapes: dict, dtype) -> dict:
-    """Fill every parameter in ``shapes`` ("/"-joined path -> shape) from ``reader``, one tensor at a time.
+def _region(shape: tuple, index: tuple) -> tuple:
+    """The shape of ``array[index]`` for an array of ``shape`` (nothing is allocated)."""
+    return np.broadcast_to(np.zeros((), np.int8), shape)[index].shape
 
-    Each tensor is cast to ``dtype`` on its own. Raises :class:`CheckpointError` naming the keys on unexpected
-    or missing tensors and on shapes that do not fit the config. Returns a nested dict of numpy arrays.
+
+@dataclass
+class Group:
+    """The tensors of one key-map rule: the target ``paths`` they fill, and ``writes()``, which reads the source
+    tensors one at a time and yields ``(path, index, array)`` (``array`` goes to ``target[index]``)."""
+
+    paths: list[str]
+    writes: Callable[[], Iterator[tuple[str, tuple, np.ndarray]]]
+
+
+def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, shapes: dict, dtype) -> list[Group]:
+    """Match every checkpoint tensor to the params in ``shapes`` ("/"-joined path -> shape), rule by rule.
+
+    Only the headers are read here: unexpected tensors, tensors whose shape does not fit the config and params
+    that the tensors do not cover raise :class:`CheckpointError` (naming the keys) before any data moves. Each
+    written array is cast to ``dtype`` on its own.
     """
     dtype = np.dtype(as_dtype(dtype))
     rules = [r for r in layout.rules if r.applies_to(text.family)]
-    buffers = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
-    filled = dict.fromkeys(shapes, 0)
+    by_rule: dict[int, list] = {}
     unexpected = []
     for key in reader.keys():
         canon = layout.canonical(key)
-        matches = [(r, m) for r in rules if (m := r.pattern.fullmatch(canon))]
+        matches = [(i, m) for i, r in enumerate(rules) if (m := r.pattern.fullmatch(canon))]
         if not matches and canon in ("lm_head.weight", "output.weight") and text.tie_word_embeddings:
             continue  # a tied head is the embedding table
-        targets = [(r, m, p, r.target.format(part=p)) for r, m in matches for p in _parts(r, m)]
-        if not targets or any(path not in buffers for *_, path in targets):
+        if not matches or any(rules[i].target.format(part=p) not in shapes for i, m in matches for p in _parts(rules[i], m)):
             unexpected.append(key)
             continue
-        tensor = reader.get(key)
-        for rule, m, part, path in targets:
-            index = _index(rule, m.groupdict().get("layer"), part)
-            dest = buffers[path][index]
-            src = tensor[rule.rows(text, part)] if rule.rows else tensor
-            if src.size != dest.size:
-                raise CheckpointError(
-                    f"tensor {key} has shape {list(tensor.shape)}, which does not fit {path} "
-                    f"(expected {list(dest.shape)} from the config)"
-                )
-            buffers[path][index] = TRANSFORMS[rule.transform].load(np.asarray(src).astype(dtype), dest.shape)
-            filled[path] += dest.size
+        for i, m in matches:
+            by_rule.setdefault(i, []).append((key, m))
     if unexpected:
         raise CheckpointError(f"unexpected tensors in the checkpoint: {', '.join(sorted(set(unexpected))[:10])}")
-    missing = [p for p, n in filled.items() if n != buffers[p].size]
+    # every element of every param must be fed exactly once, by tensors of the right size: checked on the
+    # headers, before any data moves
+    fed = dict.fromkeys(shapes, 0)
+    for i, keys in by_rule.items():
+        rule = rules[i]
+        for key, m in keys:
+            shape = reader.shape(key)
+            for part in _parts(rule, m):
+                path = rule.target.format(part=part)
+                dest = _region(shapes[path], _index(rule, m.groupdict().get("layer"), part))
+                rows = len(np.arange(shape[0])[rule.rows(text, part)]) if rule.rows else (shape[0] if shape else 1)
+                if rows * math.prod(shape[1:]) != math.prod(dest):
+                    raise CheckpointError(f"tensor {key} has shape {list(shape)}, which does not fit {path} "
+                                          f"(expected {list(dest)} from the config)")
+                fed[path] += math.prod(dest)
+    missing = sorted(p for p, n in fed.items() if n != math.prod(shapes[p]))
     if missing:
-        raise CheckpointError(f"tensors missing from the checkpoint for: {', '.join(sorted(missing)[:10])}")
-    return traverse_util.unflatten_dict(buffers, sep="/")
+        raise CheckpointError(f"tensors missing from the checkpoint for: {', '.join(missing[:10])}")
+
+    def group(rule: Rule, keys: list) -> Group:
+        paths = sorted({rule.target.format(part=p) for _, m in keys for p in _parts(rule, m)})
+
+        def writes():
+            for key, m in keys:
+                tensor = reader.get(key)
+                for part in _parts(rule, m):
+                    path = rule.target.format(part=part)
+                    index = _index(rule, m.groupdict().get("layer"), part)
+                    src = tensor[rule.rows(text, part)] if rule.rows else tensor
+                    yield path, index, TRANSFORMS[rule.transform].load(src.astype(dtype), _region(shapes[path], index))
+
+        return Group(paths, writes)
+
+    return [group(rules[i], keys) for i, keys in sorted(by_rule.items())]
+
+
+def load_params(reader: SafetensorsReader, layout: Layout, text: TextConfig, shapes: dict, dtype,
+                place: Callable[[str, np.ndarray], object]) -> dict:
+    """Fill every parameter in ``shapes`` ("/"-joined path -> shape) from ``reader``, one rule at a time.
+
+    Each finished parameter goes through ``place(path, host_array)`` (e.g. onto its devices) and its host buffer
+    is released, so the host holds at most the parameters of one rule at once. Raises :class:`CheckpointError`
+    naming the keys on unexpected or missing tensors and on shapes that do not fit the config. Returns the nested
+    dict of placed arrays.
+    """
+    out = {}
+    for group in plan_groups(reader, layout, text, shapes, dtype):
+        buffers = {p: np.empty(shapes[p], np.dtype(as_dtype(dtype))) for p in group.paths}
+        for path, index, array in group.writes():
+            buffers[path][index] = array
+        for path in group.paths:
+            out[path] = place(path, buffers.pop(path))
+    return traverse_util.unflatten_dict(out, sep="/")
 
 
 def export_tensors(params: dict, config: InternVLConfig, layout: Layout) -> Iterator[tuple[str, np.ndarray]]:
@@ -108,20 +162,27 @@ def _shapes(tree) -> dict:
     return {p: s.shape for p, s in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
-def _to_device(params):
-    return jax.tree_util.tree_map(jnp.asarray, params)
-
-
 def checkpoint_layout(path: str) -> Layout:
     """The layout of a checkpoint folder, from its own config.json."""
     with open(os.path.join(path, "config.json")) as f:
         return LAYOUTS["original" if "llm_config" in json.load(f) else "hf"]
 
 
-def load_pretrained(path: str, dtype=jnp.float32) -> tuple[InternVL, dict]:
-    """Load an InternVL safetensors folder in either layout (single file or sharded with an index).
+PARAMS_DIR = "params"  # the orbax checkpoint inside a folder written by ``internvl-jax convert``
 
-    ``dtype`` is both the params' and the compute dtype. Returns ``(model, params)``; call
+
+def _device_put(path: str, array: np.ndarray):
+    return jnp.asarray(array)
+
+
+def load_pretrained(path: str, dtype=jnp.float32, mesh=None, rules="fsdp") -> tuple[InternVL, dict]:
+    """Load an InternVL checkpoint folder: safetensors in either layout (single file or sharded with an index), or
+    the orbax folder that ``internvl-jax convert`` writes.
+
+    ``dtype`` is both the params' and the compute dtype. With a ``mesh``, every tensor goes straight into the
+    sharding that ``rules`` (a preset of :mod:`sharding.rules` or a rule table) gives it, and each device receives
+    only its slice; the host holds at most one key-map rule's tensors at a time (safetensors) or nothing (orbax,
+    read by each device). Returns ``(model, params)``; call
     ``model.apply({"params": params}, input_ids=..., pixel_values=..., tile_mask=...)``.
     """
     name = dtype_name(as_dtype(dtype))
@@ -130,9 +191,26 @@ def load_pretrained(path: str, dtype=jnp.float32) -> tuple[InternVL, dict]:
         from internvl_jax.processing.tokenizer import Tokenizer
 
         config = config.replace(image_token_id=Tokenizer.from_pretrained(path).img_context_id)
+    boxed = abstract_params(config, boxed=True)
+    shardings = None
+    if mesh is not None:
+        import sharding
+
+        shardings = sharding.shardings(boxed, mesh, rules)
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        from .orbax_io import restore
+
+        return InternVL(config), restore(os.path.join(path, PARAMS_DIR), nn.unbox(boxed), shardings)
+    place = _device_put
+    if shardings is not None:
+        flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
+
+        def place(p, array):  # each addressable device copies its own slice of the host tensor
+            return jax.make_array_from_callback(array.shape, flat_shardings[p], lambda index: array[index])
+
     with SafetensorsReader(path) as reader:
-        params = load_params(reader, checkpoint_layout(path), config.text, _shapes(abstract_params(config)), name)
-    return InternVL(config), _to_device(params)
+        params = load_params(reader, checkpoint_layout(path), config.text, _shapes(nn.unbox(boxed)), name, place)
+    return InternVL(config), params
 
 
 def load_language_model(path: str, dtype=jnp.float32) -> tuple[Decoder, dict]:
@@ -143,5 +221,5 @@ def load_language_model(path: str, dtype=jnp.float32) -> tuple[Decoder, dict]:
     decoder = Decoder(text, dtype=d, param_dtype=d)
     tree = jax.eval_shape(lambda: decoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     with SafetensorsReader(path) as reader:
-        params = load_params(reader, HF, text, _shapes({"language_model": nn.unbox(tree)}), d)
-    return decoder, _to_device(params["language_model"])
+        params = load_params(reader, HF, text, _shapes({"language_model": nn.unbox(tree)}), d, _device_put)
+    return decoder, params["language_model"]

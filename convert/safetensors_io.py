@@ -1,34 +1,69 @@
 """Reading safetensors checkpoints: one file or shards listed by ``model.safetensors.index.json``.
 
-Tensors are memory-mapped and read one at a time, so the host never holds the whole checkpoint.
+The reader parses each shard's header itself and reads one tensor at a time with positional reads into a fresh
+buffer: no memory map, so the process's resident memory stays at the tensors it holds, whatever the
+checkpoint's size (a mapped file's touched pages would count towards it). Headers are validated against the
+file size, so a truncated or corrupt shard is an error that names it before anything is read.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
-from contextlib import ExitStack
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read (the message names the file or tensor)."""
 
 
+def read_header(path: str) -> tuple[dict, int]:
+    """The tensor table of a safetensors file ({name: {"dtype", "shape", "data_offsets"}}) and the byte offset of
+    its data section. Raises :class:`CheckpointError` for a corrupt or truncated file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"cannot read {path}: truncated safetensors file ({size} bytes, no header)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors header "
+                                  f"(header of {n} bytes in a file of {size})")
+        try:
+            table = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
+    table.pop("__metadata__", None)
+    data = size - 8 - n
+    for name, info in table.items():
+        begin, end = info.get("data_offsets", (0, -1))
+        if info.get("dtype") not in DTYPES:
+            raise CheckpointError(f"cannot read {path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        expected = math.prod(info["shape"]) * np.dtype(DTYPES[info["dtype"]]).itemsize
+        if end - begin != expected or end > data:
+            raise CheckpointError(f"cannot read {path}: tensor {name} needs bytes {begin}..{end} of a "
+                                  f"{data}-byte data section (corrupt or truncated file)")
+    return table, 8 + n
+
+
 class SafetensorsReader:
-    """Maps tensor names to their shard; ``get(name)`` returns a numpy array (bf16 via ml_dtypes)."""
+    """Maps tensor names to their shard; ``get(name)`` reads one tensor into a numpy array (bf16 via ml_dtypes)."""
 
     def __init__(self, folder: str):
         if not os.path.isdir(folder):
             raise CheckpointError(f"checkpoint folder {folder} does not exist")
         self.folder = folder
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
         index = os.path.join(folder, INDEX)
         if os.path.exists(index):
             with open(index) as f:
@@ -36,37 +71,51 @@ class SafetensorsReader:
             missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(folder, s))})
             if missing:
                 raise CheckpointError(f"{INDEX} names missing shard(s): {', '.join(missing)}")
-            self._shard_of = dict(weight_map)
+            shards = sorted(set(weight_map.values()))
         else:
-            files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-            if not files:
+            shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+            if not shards:
                 raise CheckpointError(f"no *.safetensors files in {folder}")
-            self._shard_of = {}
-            for path in files:
-                for key in self._open(os.path.basename(path)).keys():
-                    self._shard_of[key] = os.path.basename(path)
-
-    def _open(self, shard: str):
-        if shard not in self._handles:
-            path = os.path.join(self.folder, shard)
-            try:
-                self._handles[shard] = self._stack.enter_context(safe_open(path, framework="numpy"))
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file ({e})") from None
-        return self._handles[shard]
+        self._entries: dict[str, tuple[str, dict, int]] = {}
+        for shard in shards:
+            table, start = read_header(os.path.join(folder, shard))
+            for name, info in table.items():
+                self._entries[name] = (shard, info, start)
+        if os.path.exists(index):
+            absent = sorted(k for k, s in weight_map.items() if self._entries.get(k, (s,))[0] != s)
+            if absent:
+                raise CheckpointError(f"{INDEX} lists tensors that its shards do not hold: {', '.join(absent[:10])}")
 
     def keys(self) -> list[str]:
-        return list(self._shard_of)
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(DTYPES[self._entries[name][1]["dtype"]])
+
+    def nbytes(self, name: str) -> int:
+        _, info, _ = self._entries[name]
+        return info["data_offsets"][1] - info["data_offsets"][0]
 
     def get(self, name: str) -> np.ndarray:
-        handle = self._open(self._shard_of[name])
-        try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self._shard_of[name]}: {e}") from None
+        shard, info, start = self._entries[name]
+        out = np.empty(info["shape"], DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        with open(os.path.join(self.folder, shard), "rb", buffering=0) as f:
+            f.seek(start + begin)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            done = 0
+            while done < end - begin:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"cannot read tensor {name} from {shard}: file ends early")
+                done += n
+        return out
 
     def close(self):
-        self._stack.close()
+        """Nothing stays open between reads; kept so the reader works as a context manager."""
 
     def __enter__(self):
         return self

@@ -1,4 +1,4 @@
-"""The ``internvl-jax`` command line: ``info``, ``export``, ``chat`` and ``demo``."""
+"""The ``internvl-jax`` command line: ``info``, ``convert``, ``export``, ``chat`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,13 @@ def cmd_demo(args) -> None:
     print("next-token top-5: " + ", ".join(f"{int(t)} ({float(jax.nn.softmax(last)[t]):.3f})" for t in top))
 
 
+def cmd_convert(args) -> None:
+    from convert.to_orbax import convert_checkpoint
+
+    dtype = convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=True)
+    print(f"wrote {args.dst} (orbax params in {dtype}, config and tokenizer files)")
+
+
 def cmd_export(args) -> None:
     from convert.export import export_checkpoint
     from convert.load import load_pretrained
@@ -152,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a model's architecture and exact parameter count (allocates nothing)")
     info.add_argument("model", help="a preset name (e.g. InternVL2_5-8B) or a checkpoint folder with config.json")
     info.set_defaults(func=cmd_info)
+    convert = sub.add_parser(
+        "convert", help="convert a safetensors checkpoint (either layout) to an orbax checkpoint, in bounded memory")
+    convert.add_argument("src", help="a checkpoint folder (original or transformers-native safetensors layout)")
+    convert.add_argument("dst", help="the folder to write (written under a temporary name, renamed when complete)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                         help="params dtype of the output (default: the checkpoint's own)")
+    convert.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    convert.set_defaults(func=cmd_convert)
     export = sub.add_parser(
         "export", help="write a checkpoint as safetensors + config.json in either layout (PyTorch loads it)"
     )
