@@ -12,18 +12,19 @@ from internvl_jax.config import InternVLConfig, to_hf_dict, to_original_dict
 from .keymaps import LAYOUTS
 from .load import export_tensors
 from .safetensors_io import write_safetensors
-from .staging import byte_bar, staged_folder
+from .staging import byte_bar, copy_side_files, staged_folder
 
 CONFIG_WRITERS = {"hf": to_hf_dict, "original": to_original_dict}
 
 
 def export_checkpoint(params: dict, config: InternVLConfig, dst: str, *, layout: str = "hf", overwrite: bool = False,
-                      max_shard_bytes: int = 4 << 30, progress: bool = False) -> None:
+                      max_shard_bytes: int = 4 << 30, progress: bool = False, side_files_from: str | None = None) -> None:
     """Write ``params`` to ``dst`` as safetensors + config.json that the matching PyTorch code loads.
 
     ``layout``: ``hf`` (transformers ``InternVLForConditionalGeneration``) or ``original`` (OpenGVLab custom code).
     Tensors keep the params' dtype. Nothing appears at ``dst`` unless the whole export succeeds. ``progress``
-    shows a bar with bytes/s.
+    shows a bar with bytes/s. ``side_files_from``: a checkpoint folder whose tokenizer, processor and generation
+    files are copied along (its config.json is not: the layout's own is written).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
@@ -33,6 +34,8 @@ def export_checkpoint(params: dict, config: InternVLConfig, dst: str, *, layout:
         with byte_bar(total, "export", progress) as bar:
             write_safetensors(tmp, _counted(export_tensors(params, config, LAYOUTS[layout]), bar),
                               max_shard_bytes=max_shard_bytes)
+        if side_files_from:
+            copy_side_files(side_files_from, tmp, exclude=("config.json",))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(CONFIG_WRITERS[layout](config), f, indent=2)
 

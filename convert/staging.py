@@ -1,4 +1,5 @@
-"""Outputs that appear only when complete: a temporary folder beside the destination, renamed at the end."""
+"""Output folders: written under a temporary name beside the destination and renamed when complete, with the
+source's side files (tokenizer, processor, generation config) copied along."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import shutil
 import tempfile
 
-from .safetensors_io import CheckpointError
+from .safetensors_io import INDEX, CheckpointError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 
 @contextlib.contextmanager
@@ -34,3 +37,15 @@ def byte_bar(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled)
+
+
+def copy_side_files(src: str, dst: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Copy config, tokenizer, processor and generation files (every file but weights, the index and
+    ``exclude``)."""
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not name.endswith(WEIGHT_SUFFIXES) and name not in (INDEX, *exclude):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied

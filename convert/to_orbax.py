@@ -8,7 +8,6 @@ The output folder holds ``params/`` (the orbax PyTree checkpoint of our params t
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 from flax import traverse_util
@@ -19,11 +18,8 @@ from internvl_jax.model import abstract_params
 
 from .load import PARAMS_DIR, checkpoint_layout, plan_groups
 from .orbax_io import StreamedParam, save_streamed
-from .safetensors_io import INDEX, SafetensorsReader
-from .staging import byte_bar, staged_folder
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-
+from .safetensors_io import SafetensorsReader
+from .staging import byte_bar, copy_side_files, staged_folder
 
 def source_dtype(reader: SafetensorsReader) -> str:
     """The dtype name of the checkpoint's floating-point tensors (the first one found)."""
@@ -32,17 +28,6 @@ def source_dtype(reader: SafetensorsReader) -> str:
         if dtype.kind == "f" or dtype.name == "bfloat16":
             return dtype.name
     return "float32"
-
-
-def copy_side_files(src: str, dst: str) -> list[str]:
-    """Copy config, tokenizer, processor and generation files (everything but weights and the index)."""
-    copied = []
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and not name.endswith(WEIGHT_SUFFIXES) and name != INDEX:
-            shutil.copy2(path, os.path.join(dst, name))
-            copied.append(name)
-    return copied
 
 
 def convert_checkpoint(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = False,

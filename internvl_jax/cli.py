@@ -109,7 +109,8 @@ def cmd_export(args) -> None:
     from convert.load import load_pretrained
 
     model, params = load_pretrained(args.src, dtype=args.dtype)
-    export_checkpoint(params, model.config, args.dst, layout=args.layout, overwrite=args.overwrite, progress=True)
+    export_checkpoint(params, model.config, args.dst, layout=args.layout, overwrite=args.overwrite, progress=True,
+                      side_files_from=args.src)
     print(f"wrote {args.dst} ({args.layout} layout, {args.dtype})")
 
 

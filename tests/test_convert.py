@@ -165,3 +165,15 @@ def test_loading_onto_an_fsdp_mesh_places_every_tensor_by_the_rules(tmp_path, go
     with sharding.activate(mesh, "fsdp"):
         sharded = jax.jit(lambda p, b: model.apply({"params": p}, b["ids"], b["pixels"], b["mask"]))(params, batch)
     assert max_diff(sharded, model.apply({"params": plain}, ids, pixels, mask)) <= 1e-5
+
+
+def test_export_from_a_converted_folder_round_trips_with_side_files(tmp_path, good_checkpoint):
+    from safetensors.numpy import load_file
+
+    assert main(["convert", str(good_checkpoint), str(tmp_path / "orbax")]) == 0
+    assert main(["export", str(tmp_path / "orbax"), str(tmp_path / "out"), "--layout", "hf", "--dtype", "float32"]) == 0
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    source, exported = load_file(good_checkpoint / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(exported) == sorted(source)
+    for key in source:
+        np.testing.assert_array_equal(exported[key], source[key], err_msg=key)
