@@ -3,43 +3,23 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sharding
 from internvl_jax.model import InternVL, _dummy_inputs, abstract_params, init_params
-from internvl_jax.presets import get_preset
-from train.loss import cross_entropy
+from sharding_case import CONFIG, batch, param_shardings, step
 
 TOL = 1e-5  # sharded vs single-device, float32, max abs diff
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
-CONFIG = get_preset("tiny-qwen2")
-
-
-def _batch(rows=8, length=16, tiles=2):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 200, (rows, length)).astype(np.int32)
-    ids[:, 1:1 + tiles] = CONFIG.image_token_id  # one token per tiny tile
-    labels = np.where(np.arange(length) > tiles + 1, np.roll(ids, -1, axis=1), -100).astype(np.int32)
-    pixels = rng.standard_normal((rows, tiles, CONFIG.image_size, CONFIG.image_size, 3)).astype(np.float32)
-    return {"input_ids": ids, "pixel_values": pixels, "tile_mask": np.ones((rows, tiles), bool), "labels": labels}
-
-
-def _loss(params, batch):
-    logits = InternVL(CONFIG).apply({"params": params}, batch["input_ids"], batch["pixel_values"], batch["tile_mask"])
-    return cross_entropy(logits, batch["labels"]), logits
-
-
-_step = jax.value_and_grad(_loss, has_aux=True)
 
 
 @pytest.fixture(scope="module")
 def reference():
     params = init_params(CONFIG, jax.random.PRNGKey(0))
-    batch = _batch()
-    (loss, logits), grads = jax.jit(_step)(params, batch)
-    return params, batch, loss, logits, grads
+    rows = batch()
+    (loss, logits), grads = jax.jit(step)(params, rows)
+    return params, rows, loss, logits, grads
 
 
 def test_eight_devices():
@@ -49,13 +29,13 @@ def test_eight_devices():
 @pytest.mark.parametrize("preset", list(sharding.RULES))
 @pytest.mark.parametrize("shape", MESHES, ids=str)
 def test_sharded_step_equals_single_device(reference, preset, shape):
-    params, batch, loss, logits, grads = reference
+    params, rows, loss, logits, grads = reference
     mesh = sharding.make_mesh(*shape)
-    param_sh = sharding.shardings(abstract_params(CONFIG, boxed=True), mesh, preset)
+    param_sh = param_shardings(mesh, preset)
     sharded_params = sharding.place(params, param_sh)
-    sharded_batch = sharding.shard_batch(batch, mesh, preset)
+    sharded_batch = sharding.shard_batch(rows, mesh, preset)
     with sharding.activate(mesh, preset):
-        (s_loss, s_logits), s_grads = jax.jit(_step, out_shardings=((None, None), param_sh))(
+        (s_loss, s_logits), s_grads = jax.jit(step, out_shardings=((None, None), param_sh))(
             sharded_params, sharded_batch)
     np.testing.assert_allclose(s_loss, loss, atol=TOL, rtol=0)
     np.testing.assert_allclose(s_logits, logits, atol=TOL, rtol=0)
