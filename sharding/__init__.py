@@ -8,7 +8,8 @@ Activations: ``batch``, ``length``, ``embed``, ``heads``, ``kv_heads``, ``mlp``,
 
 Entry points: :func:`make_mesh`, the rule presets ``RULES`` (``dp``, ``fsdp``, ``fsdp_tp``), :func:`shardings`
 (NamedSharding per array of a boxed tree), :func:`init_sharded`, :func:`shard_batch`, :func:`activate` (the
-context the model is traced in so its activation constraints apply).
+context the model is traced in so its activation constraints apply). Compiling for TPU slices without a TPU:
+:func:`tpu_devices`, :func:`compile_for` (:mod:`sharding.topology`); memory and FLOPs plans: :mod:`sharding.plan`.
 """
 
 from .mesh import make_mesh, mesh_shape
@@ -17,6 +18,7 @@ from .place import (
     working_meshes,
 )
 from .rules import MESH_AXES, RULES, get_rules
+from .topology import CHIPS, compile_for, parse_slice, tpu_devices
 
 PARAM_AXES = (
     "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers",
