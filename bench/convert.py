@@ -104,7 +104,8 @@ def raw_read_write(folder: str, scratch: str, block: int = 64 << 20) -> tuple[fl
     return read_s, write_s, total
 
 
-PEAK = "\nimport resource; print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+# VmHWM belongs to the child's own address space; ru_maxrss would carry the parent's over fork + exec
+PEAK = "\nprint('peak', next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
 
 
 def run_child(code: str, env: dict | None = None) -> tuple[float, int, str]:
@@ -122,11 +123,11 @@ assert main(["convert", {src!r}, {dst!r}]) == 0
 """
 
 LOAD = """
-import resource, jax, jax.numpy as jnp
+import jax, jax.numpy as jnp
 import sharding
 from convert.load import load_pretrained
 mesh = sharding.make_mesh(1, 8, 1)
-print("before", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print("before", next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS")))
 model, params = load_pretrained({src!r}, dtype=jnp.bfloat16, mesh=mesh, rules="fsdp")
 jax.block_until_ready(params)
 leaf = params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
