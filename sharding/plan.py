@@ -283,10 +283,11 @@ def _model_flops(config, rows: int, seq_len: int, tiles: int, devices: int) -> f
     llm = t.num_layers * (2 * t.hidden_size * (t.num_heads + t.num_kv_heads) * t.head_dim
                           + 3 * t.hidden_size * t.intermediate_size) + t.hidden_size * t.vocab_size
     vit_tokens = (config.image_size // v.patch_size) ** 2 + 1
-    vit = v.num_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    vit_layers = config.vision_layers_used
+    vit = vit_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
     text_tokens, image_tokens = rows * seq_len, rows * tiles * vit_tokens
     total = (6 * llm + 12 * t.num_layers * t.num_heads * t.head_dim * seq_len) * text_tokens
-    total += (6 * vit + 12 * v.num_layers * v.hidden_size * vit_tokens) * image_tokens
+    total += (6 * vit + 12 * vit_layers * v.hidden_size * vit_tokens) * image_tokens
     return total / devices
 
 
@@ -409,13 +410,13 @@ class Plan:
         chip, e, c = self.target.chip, self.estimate, self.compiled
         cap = chip.memory
         pct = lambda b: f"{_gib(b)} ({100 * b / cap:.0f}%)"  # noqa: E731
-        shards = self.rows // max(1, _divisor(("batch",), get_rules(self.rules), self.mesh))
+        per_shard = self.rows // _divisor(("batch",), get_rules(self.rules), self.mesh)
         torus = f", torus {self.target.topology.split(':')[1]}" if self.target.topology else ""
         out = [
             f"plan: {self.preset}, {self.config.dtype} params and compute, {self.optimizer}, remat {self.config.remat}",
             f"target: {self.target.name} ({self.target.chips} x {chip.name}{torus}, {_gib(cap)} each), "
             f"mesh {self.mesh}, rules {self.rules}",
-            f"batch: {self.rows} rows x {self.seq_len} tokens ({shards} per batch shard), {self.tiles} tiles per row",
+            f"batch: {self.rows} rows x {self.seq_len} tokens ({per_shard} per batch shard), {self.tiles} tiles per row",
             "per device (estimate):",
             f"  params             {_gib(e.params)}",
             f"  gradients          {_gib(e.grads)}",
@@ -444,7 +445,7 @@ class Plan:
             out.append(line + f" at {chip.peak_flops:.3g} FLOP/s per {chip.name}")
         if self.smallest:
             s, sizes, est = self.smallest
-            out.append(f"smallest fitting: {s.name} ({s.chips} chips), mesh {sizes}, {pct(est.train)} estimated")
+            out.append(f"smallest fitting: {s.name} ({s.chips} chip{'s' * (s.chips > 1)}), mesh {sizes}, {pct(est.train)} estimated")
         else:
             out.append(f"smallest fitting: none up to {MAX_CHIPS} {chip.name} chips")
         out += [f"per-device bytes: {self.per_device_bytes}", f"verdict: {'fits' if self.fits else 'does not fit'}"]
