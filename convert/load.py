@@ -103,7 +103,8 @@ def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
                     path = rule.target.format(part=part)
                     index = _index(rule, m.groupdict().get("layer"), part)
                     src = tensor[rule.rows(text, part)] if rule.rows else tensor
-                    yield path, index, TRANSFORMS[rule.transform].load(src.astype(dtype), _region(shapes[path], index))
+                    yield path, index, TRANSFORMS[rule.transform].load(src.astype(dtype, copy=False),
+                                                                          _region(shapes[path], index))
 
         return Group(paths, writes)
 
@@ -121,9 +122,12 @@ def load_params(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
     """
     out = {}
     for group in plan_groups(reader, layout, text, shapes, dtype):
-        buffers = {p: np.empty(shapes[p], np.dtype(as_dtype(dtype))) for p in group.paths}
+        buffers = {}
         for path, index, array in group.writes():
-            buffers[path][index] = array
+            if index == ():  # the whole param in one piece: no staging copy
+                buffers[path] = array
+            else:
+                buffers.setdefault(path, np.empty(shapes[path], np.dtype(as_dtype(dtype))))[index] = array
         for path in group.paths:
             out[path] = place(path, buffers.pop(path))
     return traverse_util.unflatten_dict(out, sep="/")

@@ -98,7 +98,8 @@ def restore(directory: str, abstract: dict, shardings=None) -> dict:
     ``shardings``: a matching tree of shardings (each device reads only its slice), default: the first device.
     Raises ValueError naming the params whose stored shape does not match.
     """
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    # at most 1 GB of reads in flight: host memory stays near the placed params (1B onto 8 CPU devices: 1.71x -> 1.56x)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)) as checkpointer:
         stored = checkpointer.metadata(directory).item_metadata.tree
         flat_stored = traverse_util.flatten_dict(stored, sep="/")
         flat = traverse_util.flatten_dict(abstract, sep="/")
