@@ -99,12 +99,16 @@ def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
         def writes():
             for key, m in keys:
                 tensor = reader.get(key)
+                pieces = []
                 for part in _parts(rule, m):
                     path = rule.target.format(part=part)
                     index = _index(rule, m.groupdict().get("layer"), part)
                     src = tensor[rule.rows(text, part)] if rule.rows else tensor
-                    yield path, index, TRANSFORMS[rule.transform].load(src.astype(dtype, copy=False),
-                                                                          _region(shapes[path], index))
+                    pieces.append((path, index, TRANSFORMS[rule.transform].load(src.astype(dtype, copy=False),
+                                                                                _region(shapes[path], index))))
+                del tensor, src  # a transposed piece is a copy: the source can go before the pieces are used
+                while pieces:
+                    yield pieces.pop(0)
 
         return Group(paths, writes)
 

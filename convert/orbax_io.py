@@ -68,7 +68,9 @@ class _StreamingHandler(type_handlers.NumpyHandler):
         for group in groups:
             for path, index, array in group.writes():
                 if path in stores:
-                    in_flight.append((stores[path][index].write(array), array.nbytes))
+                    # the piece is never modified afterwards: tensorstore may keep it instead of copying it
+                    write = stores[path][index].write(array, can_reference_source_data_indefinitely=True)
+                    in_flight.append((write, array.nbytes))
                     while sum(n for _, n in in_flight) > WRITE_WINDOW_BYTES:
                         await self._finish(in_flight.popleft())
         while in_flight:
