@@ -6,6 +6,7 @@ the same params tree on any mesh from a rule table. Norms and softmax run in flo
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -39,10 +40,29 @@ def constrain(x, axes: Axes):
     return nn.with_logical_constraint(x, axes)
 
 
+def dot_out_in(x, kernel, dtype, out_dtype=None):
+    """x [..., in] . kernel [out, in] -> [..., out] in ``out_dtype`` (default ``dtype``), inputs cast to ``dtype``.
+
+    Products accumulate in float32: on XLA CPU a bfloat16-output matmul is several times slower than float32
+    accumulation and a cast. XLA's CPU matmul reads a 2-D [out, in] kernel in place, fastest for few rows of x.
+    """
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if math.prod(x.shape[:-1]) == 1 and jnp.dtype(dtype) != jnp.float32:
+        # one row in a 16-bit dtype (batch-1 decoding): XLA CPU's matrix-vector product converts the whole
+        # kernel to float32 first, ~10x slower than this fused multiply-and-sum over the kernel's rows
+        y = jnp.sum(kernel.astype(jnp.float32) * x.astype(jnp.float32)[..., None, :], axis=-1)
+    else:
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or dtype)
+
+
 class Dense(nn.Module):
     """y = x . kernel (+ bias), contracting the trailing ``len(in_axes)`` dims of x.
 
-    kernel shape: in_shape + features, named ``in_axes + out_axes``; bias named ``out_axes``.
+    kernel shape: in_shape + features, named ``in_axes + out_axes``; bias named ``out_axes``. With ``transposed``
+    the kernel is one matrix [prod(features), prod(in_shape)] named (first out axis, first in axis), the decoding
+    layout (:func:`dot_out_in`; XLA CPU copies a kernel of more than 2 dims into its canonical layout on every
+    call, see ``internvl_jax.decoder.unrolled_params``). Products accumulate in float32.
     """
 
     features: Sequence[int]
@@ -52,22 +72,25 @@ class Dense(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     out_dtype: jnp.dtype | None = None  # e.g. float32 logits from bfloat16 inputs
+    transposed: bool = False
 
     @nn.compact
     def __call__(self, x):
         n_in = len(self.in_axes)
-        in_shape = x.shape[x.ndim - n_in :]
+        lead, in_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
         features = tuple(self.features)
-        kernel = self.param(
-            "kernel",
-            param_with_axes(nn.initializers.normal(0.02), self.in_axes + self.out_axes),
-            in_shape + features,
-            self.param_dtype,
-        )
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())), preferred_element_type=self.out_dtype
-        )
+        init = nn.initializers.normal(0.02)
+        if self.transposed:
+            shape = (math.prod(features), math.prod(in_shape))
+            kernel = self.param("kernel", param_with_axes(init, (self.out_axes[0], self.in_axes[0])), shape,
+                                self.param_dtype)
+            y = dot_out_in(x.reshape(*lead, shape[1]), kernel, self.dtype, self.out_dtype).reshape(*lead, *features)
+        else:
+            kernel = self.param("kernel", param_with_axes(init, self.in_axes + self.out_axes), in_shape + features,
+                                self.param_dtype)
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                                    preferred_element_type=jnp.float32).astype(self.out_dtype or self.dtype)
         if self.use_bias:
             bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.out_axes), features, self.param_dtype)
             y = y + bias.astype(y.dtype)
@@ -145,6 +168,23 @@ def attention(q, k, v, mask, *, scale: float, impl: str = "batched"):
     else:
         raise ValueError(f"unknown attention impl {impl!r}")
     return out.transpose(1, 3, 0, 2, 4).reshape(b, l, h, d)
+
+
+def decode_attention(q, k, v, mask, *, scale: float):
+    """Attention of one query token per row over a KV cache, as multiply-and-sum (XLA CPU fuses it into one pass
+    over the cache; a batched matmul with one query row is much slower there).
+
+    q: [B, 1, H, D]; k, v: [B, K, S, D] with H a multiple of K; mask: bool [B, S] (True = attend).
+    Scores and softmax in float32. Returns [B, 1, H, D] in q's dtype.
+    """
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, h // kv, 1, d).astype(jnp.float32)  # [B, K, G, 1, D]
+    scores = jnp.sum(qg * k[:, :, None].astype(jnp.float32), axis=-1) * scale  # [B, K, G, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, D]
+    return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
 def causal_segment_mask(segment_ids):
