@@ -197,7 +197,7 @@ def main():
 
     from convert.load import load_pretrained
     from internvl_jax.config import to_hf_dict
-    from internvl_jax.generate import _bucket
+    from internvl_jax.generate import cache_length
     from internvl_jax.presets import get_preset
 
     cores = os.cpu_count()
@@ -259,7 +259,7 @@ def main():
             print(f"round {r + 1}: bandwidth {probes[-1]:.1f} GB/s | t_1/t_{n_new}: {line}")
         bandwidth = statistics.median(probes)
 
-        slots = _bucket(_bucket(ids.shape[1]) + n_new)  # ours' cache length
+        slots = cache_length(ids.shape[1], n_new)  # ours' cache slots
         for name in runners:
             t1, tn = statistics.median(times[name][1]), statistics.median(times[name][n_new])
             step = (tn - t1) / (n_new - 1)

@@ -16,13 +16,17 @@ checkpoint-layout matter handled by ``convert/``; the module always holds separa
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import TextConfig
 from .layers import (
-    Dense, Norm, attention, causal_segment_mask, constrain, param_with_axes, resolve_attention_impl, scan_layers,
+    Dense, Norm, attention, causal_segment_mask, constrain, decode_attention, dot_out_in, param_with_axes,
+    resolve_attention_impl, scan_layers,
 )
 from .rope import apply_rope, rope_cos_sin
 
@@ -32,38 +36,53 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     impl: str = "batched"
+    transposed: bool = False  # kernels stored transposed (the unrolled layout, see Dense)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """x [B, L, E]. With ``cache`` = (k, v) [B, S, K, D] the new keys/values are written at ``cache_index``
-        [B] (per row) and attention runs over the whole cache; returns (output, updated cache)."""
+        """x [B, L, E]; mask bool [B, 1, L, S]. With ``cache`` = (k, v) [B, K, S, D] the new keys/values go to
+        slots ``cache_index`` .. ``cache_index + L - 1`` (int scalar, the same slots in every row) and attention
+        runs over the whole cache; returns (output, updated cache)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = Dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias, name="q_proj", **kw)(x)
-        k = Dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias, name="k_proj", **kw)(x)
-        v = Dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias, name="v_proj", **kw)(x)
+        dense = dict(transposed=self.transposed, **kw)
+        q = Dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias, name="q_proj", **dense)(x)
+        k = Dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias, name="k_proj",
+                  **dense)(x)
+        v = Dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias, name="v_proj",
+                  **dense)(x)
         if c.qk_norm:
             q = Norm("rms_norm", c.norm_eps, "head_dim", name="q_norm", **kw)(q)
             k = Norm("rms_norm", c.norm_eps, "head_dim", name="k_norm", **kw)(k)
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        if cache is not None:
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, 0))
-            cache = (write(cache[0], k, cache_index), write(cache[1], v, cache_index))
-            k, v = (constrain(t, ("batch", "cache_length", "kv_heads", "head_dim")) for t in cache)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=c.head_dim**-0.5, impl=self.impl)
-        return Dense((c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias, name="o_proj", **kw)(out), cache
+        scale = c.head_dim**-0.5
+        if cache is None:
+            out = attention(q, k, v, mask, scale=scale, impl=self.impl)
+        else:
+            # one dynamic_update_slice per buffer: every row writes at the same slots (prompts are left-padded)
+            write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), cache_index, axis=2)
+            cache = tuple(constrain(write(buf, new), CACHE_AXES) for buf, new in zip(cache, (k, v)))
+            k, v = cache
+            if x.shape[1] == 1:
+                out = decode_attention(q, k, v, mask[:, 0, 0], scale=scale)
+            else:
+                out = attention(q, k.swapaxes(1, 2).astype(q.dtype), v.swapaxes(1, 2).astype(q.dtype), mask,
+                                scale=scale, impl=self.impl)
+        return Dense((c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias, name="o_proj", **dense)(out), cache
 
 
 class MLP(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    transposed: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, transposed=self.transposed)
         gate = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="gate_proj", **kw)(x)
         up = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="up_proj", **kw)(x)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
@@ -75,16 +94,18 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "batched"
+    transposed: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = Norm("rms_norm", c.norm_eps, "embed", name="input_norm", **kw)(x)
-        h, cache = Attention(c, name="attn", impl=self.attention_impl, **kw)(h, cos, sin, mask, cache, cache_index)
+        h, cache = Attention(c, name="attn", impl=self.attention_impl, transposed=self.transposed, **kw)(
+            h, cos, sin, mask, cache, cache_index)
         x = x + h
         h = Norm("rms_norm", c.norm_eps, "embed", name="post_attn_norm", **kw)(x)
-        x = x + MLP(c, name="mlp", **kw)(h)
+        x = x + MLP(c, name="mlp", transposed=self.transposed, **kw)(h)
         return constrain(x, ("batch", "length", "embed")), cache
 
 
@@ -97,11 +118,20 @@ def positions_from_segments(segment_ids):
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+CACHE_AXES = ("batch", "kv_heads", "cache_length", "head_dim")  # logical axes of each layer's k and v cache
+
+
 class Decoder(nn.Module):
-    """Token embedding, scanned decoder layers, final norm and LM head.
+    """Token embedding, decoder layers, final norm and LM head.
 
     ``embed(input_ids)`` gives the token embeddings (InternVL overwrites the image positions), then
     ``__call__(embeddings, positions, segment_ids)`` returns float32 logits [B, L, V].
+
+    The layers are one ``nn.scan`` over params stacked on a leading ``layers`` axis (training, full forwards),
+    or, with ``unrolled``, separate modules ``layers_0`` ... with [out, in] matrix kernels (the generation
+    layout, made from the stacked params by :func:`unrolled_params`). On XLA CPU a scan or a slice of stacked
+    weights copies every weight it feeds to a matmul on every call, which doubles the memory traffic of a decode
+    step. The KV cache is supported in the unrolled layout only.
     """
 
     cfg: TextConfig
@@ -109,6 +139,7 @@ class Decoder(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention_impl: str = "auto"  # see layers.resolve_attention_impl
+    unrolled: bool = False
 
     def setup(self):
         c = self.cfg
@@ -119,13 +150,17 @@ class Decoder(nn.Module):
             (c.vocab_size, c.hidden_size),
             self.param_dtype,
         )
-        # cos, sin, mask and cache_index are shared by the layers; the KV cache is stacked on the layers axis
-        in_axes = (nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast)
-        stack = scan_layers(DecoderLayer, length=c.num_layers, remat=self.remat, in_axes=in_axes)
-        self.layers = stack(c, name="layers", attention_impl=resolve_attention_impl(self.attention_impl), **kw)
+        impl = resolve_attention_impl(self.attention_impl)
+        if self.unrolled:
+            self.layers = [DecoderLayer(c, attention_impl=impl, transposed=True, **kw) for _ in range(c.num_layers)]
+        else:
+            # cos, sin and mask are shared by the layers
+            stack = scan_layers(DecoderLayer, length=c.num_layers, remat=self.remat, in_axes=(nn.broadcast,) * 3)
+            self.layers = stack(c, name="layers", attention_impl=impl, **kw)
         self.norm = Norm("rms_norm", c.norm_eps, "embed", **kw)
         if not c.tie_word_embeddings:
-            self.lm_head = Dense((c.vocab_size,), ("embed",), ("vocab",), out_dtype=jnp.float32, name="lm_head", **kw)
+            self.lm_head = Dense((c.vocab_size,), ("embed",), ("vocab",), out_dtype=jnp.float32, name="lm_head",
+                                 transposed=self.unrolled, **kw)
 
     def embed(self, input_ids):
         """int [B, L] -> [B, L, E] in the compute dtype."""
@@ -133,14 +168,18 @@ class Decoder(nn.Module):
         return constrain(x, ("batch", "length", "embed"))
 
     def __call__(self, input_ids=None, *, embeddings=None, positions=None, segment_ids=None, cache=None,
-                 cache_index=None):
+                 cache_index=None, cache_start=None, last_only: bool = False):
         """input_ids int [B, L], or embeddings [B, L, E] (e.g. with image features merged in);
         positions: [B, L] int or float (V2PE); segment_ids: int [B, L], 0 = padding, packed samples differ.
 
         Without ``positions``, positions count from 0 in every segment (or along the row).
-        Returns float32 logits [B, L, V]. With a KV ``cache`` ((k, v) each [layers, B, S, K, D], see
-        ``internvl_jax.generate.init_cache``) the tokens are written at ``cache_index`` [B] and attend to every
-        earlier cache slot of their row; returns (logits, updated cache).
+        Returns float32 logits [B, L, V] ([B, 1, V] of the last position only with ``last_only``).
+
+        KV cache (``unrolled`` only): ``cache`` is one (k, v) pair per layer, each [B, K, S, D] (see
+        ``internvl_jax.generate.init_cache``); the L tokens of every row go to slots ``cache_index`` ..
+        ``cache_index + L - 1`` (int scalar) and attend to the earlier slots of their row from ``cache_start``
+        (int [B], default 0: the slots before it are padding). Positions default to slot - cache_start.
+        ``segment_ids`` are not used. Returns (logits, updated cache).
         """
         c = self.cfg
         x = self.embed(input_ids) if embeddings is None else embeddings
@@ -152,16 +191,63 @@ class Decoder(nn.Module):
                 positions = positions_from_segments(segment_ids)
             mask = causal_segment_mask(segment_ids)
         else:
-            query_slot = cache_index[:, None] + jnp.arange(l)[None]  # [B, L]
+            if not self.unrolled:
+                raise ValueError("the KV cache needs the unrolled layout: InternVL(config, unrolled=True) with "
+                                 "params from internvl_jax.generate.unrolled_params")
+            start = jnp.zeros((b,), jnp.int32) if cache_start is None else cache_start
+            query_slot = cache_index + jnp.arange(l)  # [L]
             if positions is None:
-                positions = query_slot
-            mask = (jnp.arange(cache[0].shape[2])[None, None] <= query_slot[:, :, None])[:, None]  # [B, 1, L, S]
+                positions = query_slot[None] - start[:, None]
+            slots = jnp.arange(cache[0][0].shape[2])
+            mask = (slots[None, None] <= query_slot[None, :, None]) & (slots[None, None] >= start[:, None, None])
+            mask = mask[:, None]  # [B, 1, L, S]
         cos, sin = rope_cos_sin(positions, c.rope, c.head_dim, c.max_position_embeddings)
-        x, cache = self.layers(x, cos, sin, mask, cache, cache_index)
+        if not self.unrolled:
+            x = self.layers(x, cos, sin, mask)[0]
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+                new_cache.append(layer_cache)
+            cache = None if cache is None else tuple(new_cache)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("ble,ve->blv", x, self.embed_tokens.astype(self.dtype), preferred_element_type=jnp.float32)
+            logits = dot_out_in(x, self.embed_tokens, self.dtype, jnp.float32)  # the table is [out, in] already
         else:
             logits = self.lm_head(x)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits if cache is None else (logits, cache)
+
+
+def unrolled_params(params: dict, cfg: TextConfig) -> dict:
+    """Decoder params (stacked layers, as stored) -> those of ``Decoder(cfg, unrolled=True)``: ``layers_0`` ...
+    ``layers_{n-1}``, every kernel (LM head too) as one [out, in] matrix; the rest is shared, not copied.
+
+    The new arrays are a second copy of nearly all LLM weights (the price of decoding without per-step weight
+    copies on XLA CPU); they are freed with the returned tree.
+    """
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(cfg.num_layers):
+        out[f"layers_{i}"] = _unstack_layer(params["layers"], jnp.int32(i), cfg)
+    if "lm_head" in params:
+        out["lm_head"] = {**params["lm_head"], "kernel": _as_matrix(params["lm_head"]["kernel"], 1)}
+    return out
+
+
+@partial(jax.jit, static_argnums=1)
+def _as_matrix(kernel, n_in: int):
+    """A kernel [*in_shape, *features] (``n_in`` input dims) as one matrix [prod(features), prod(in_shape)]."""
+    return kernel.reshape(math.prod(kernel.shape[:n_in]), -1).T
+
+
+@partial(jax.jit, static_argnums=2)
+def _unstack_layer(stacked, i, cfg: TextConfig):
+    """Layer ``i`` of the stacked layer params, kernels as [out, in] matrices (the unrolled DecoderLayer's)."""
+    layer = DecoderLayer(cfg, jnp.float32, jnp.float32, transposed=True)
+    e, d = cfg.hidden_size, cfg.head_dim
+    target = nn.unbox(jax.eval_shape(layer.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, e)), jnp.zeros((1, 1, d)),
+                                     jnp.zeros((1, 1, d)), None)["params"])
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, t: x[i].reshape(t.shape[::-1]).T if path[-1].key == "kernel" else x[i], stacked, target)

@@ -1,8 +1,11 @@
 """Generation: a jitted prefill that fills a preallocated KV cache, then a jitted on-device decode loop.
 
-Rows of different lengths are given with an ``attention_mask`` (either padding side); their real tokens are moved
-to the front of each row so that row b writes its k-th generated token at cache slot ``length_b + k``.
-Prompt lengths and cache sizes are bucketed, so many prompts reuse a few compiled programs.
+Both run the decoder's ``unrolled`` layout (one module per layer, transposed kernels; see
+:class:`~internvl_jax.decoder.Decoder`): ``generate`` converts the stored params once per call, or takes params
+already converted by :func:`unrolled_params` (then nothing is copied). Rows of different lengths are given with
+an ``attention_mask`` (either padding side); their real tokens are moved to the end of each row (left padding),
+so that every row writes its k-th generated token at the same cache slot ``P + k`` (P the bucketed prompt
+length). Prompt lengths and cache sizes are bucketed, so many prompts reuse a few compiled programs.
 """
 
 from __future__ import annotations
@@ -14,25 +17,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import InternVLConfig
+from .decoder import CACHE_AXES, unrolled_params as _decoder_unrolled_params
 from .layers import as_dtype
 from .model import InternVL, check_image_tokens
 
+__all__ = ["CACHE_AXES", "generate", "generate_stream", "init_cache", "sample_logits", "unrolled_params"]
+
 
 def _bucket(n: int, minimum: int = 64) -> int:
-    """Lengths rounded up to a power of two (at least ``minimum``)."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
+    """``n`` rounded up to a multiple of max(``minimum``, 1/8 of the power of two above it): at most 8 sizes per
+    doubling, so a 320-token prompt stays 320 and 3000 becomes 3072."""
+    step = max(minimum, 1 << max((n - 1).bit_length() - 3, 0))
+    return max(minimum, -(-n // step) * step)
 
 
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")  # logical axes of each cache array
+def cache_length(prompt_length: int, max_new_tokens: int) -> int:
+    """Cache slots ``generate`` allocates for a prompt of ``prompt_length`` tokens (before bucketing)."""
+    return _bucket(_bucket(prompt_length) + max_new_tokens)
 
 
 def init_cache(config: InternVLConfig, batch: int, length: int):
-    """Zeroed (k, v), each [layers, batch, length, kv_heads, head_dim] (logical axes ``CACHE_AXES``) in the
-    compute dtype."""
+    """Zeroed KV cache: one (k, v) pair per decoder layer, each [batch, kv_heads, length, head_dim] (logical axes
+    ``CACHE_AXES``) in the compute dtype."""
     t = config.text
-    shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+    shape = (batch, t.num_kv_heads, length, t.head_dim)
     dtype = as_dtype(config.dtype)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)  # two buffers, so either can be donated
+    # separate buffers, so that each can be donated and updated in place
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_layers))
+
+
+def unrolled_params(params: dict, config: InternVLConfig) -> dict:
+    """InternVL params as stored -> those of ``InternVL(config, unrolled=True)``, the layout generation runs
+    (only the decoder's layers and LM head change; see :func:`internvl_jax.decoder.unrolled_params`). Converting
+    once and passing the result to ``generate`` saves the per-call conversion at the price of keeping a second
+    copy of the LLM weights."""
+    if "layers" not in params["language_model"]:
+        return params  # already converted
+    return {**params, "language_model": _decoder_unrolled_params(params["language_model"], config.text)}
 
 
 def sample_logits(logits, rng, *, do_sample: bool, temperature: float, top_k: int, top_p: float):
@@ -63,33 +84,34 @@ def _pick(logits, rng, sampling):
 
 
 @partial(jax.jit, static_argnames=("model", "sampling"))
-def _prefill(model, params, ids, lengths, positions, pixel_values, tile_mask, cache, rng, *, sampling):
-    """Run the prompt into the cache; returns (first new token [B], its position [B], cache, rng)."""
+def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache, rng, *, sampling):
+    """Run the left-padded prompts ([B, P], real tokens from slot ``start`` [B]) into the cache; the LM head runs
+    at the last slot only. Returns (first new token [B], its position [B], cache, rng)."""
     logits, cache = model.apply(
-        {"params": params}, ids, pixel_values, tile_mask, positions=positions, cache=cache,
-        cache_index=jnp.zeros((ids.shape[0],), jnp.int32),
+        {"params": params}, ids, pixel_values, tile_mask, positions=positions, cache=cache, cache_index=0,
+        cache_start=start, last_only=True,
     )
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     rng, key = jax.random.split(rng)
-    next_pos = jnp.take_along_axis(positions, (lengths - 1)[:, None], axis=1)[:, 0] + 1
-    return _pick(last, key, sampling), next_pos, cache, rng
+    return _pick(logits[:, 0], key, sampling), positions[:, -1] + 1, cache, rng
 
 
-def _step(model, params, lengths, step, token, pos, cache, rng, sampling):
-    """Feed the ``step``-th generated token (slot lengths + step - 1); returns the next token and the new state."""
+def _step(model, params, start, slot, token, pos, cache, rng, sampling):
+    """Feed one token per row at cache ``slot`` (the same in every row); returns the next token and the new
+    state."""
     logits, cache = model.apply(
-        {"params": params}, token[:, None], positions=pos[:, None], cache=cache, cache_index=lengths + step - 1
+        {"params": params}, token[:, None], positions=pos[:, None], cache=cache, cache_index=slot, cache_start=start
     )
     rng, key = jax.random.split(rng)
     return _pick(logits[:, 0], key, sampling), pos + 1, cache, rng
 
 
-_decode_step = jax.jit(_step, static_argnames=("model", "sampling"))
+_decode_step = jax.jit(_step, static_argnames=("model", "sampling"), donate_argnames=("cache",))
 
 
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
-def _decode_loop(model, params, lengths, token, pos, cache, rng, eos, pad, *, max_new_tokens, sampling):
-    """The whole decode on the device (``lax.while_loop``), stopping once every row produced an eos token."""
+def _decode_loop(model, params, start, slot, token, pos, cache, rng, eos, pad, *, max_new_tokens, sampling):
+    """The whole decode on the device (``lax.while_loop``), stopping once every row produced an eos token.
+    ``slot``: the cache slot of the first generated token (the bucketed prompt length)."""
     out = jnp.full((token.shape[0], max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
 
     def cond(state):
@@ -98,7 +120,7 @@ def _decode_loop(model, params, lengths, token, pos, cache, rng, eos, pad, *, ma
 
     def body(state):
         step, token, pos, cache, rng, out, done = state
-        new, pos, cache, rng = _step(model, params, lengths, step, token, pos, cache, rng, sampling)
+        new, pos, cache, rng = _step(model, params, start, slot + step - 1, token, pos, cache, rng, sampling)
         new = jnp.where(done, pad, new)
         return step + 1, new, pos, cache, rng, out.at[:, step].set(new), done | jnp.isin(new, eos)
 
@@ -106,8 +128,9 @@ def _decode_loop(model, params, lengths, token, pos, cache, rng, eos, pad, *, ma
     return jax.lax.while_loop(cond, body, state)[5]
 
 
-def _prepare(model, input_ids, attention_mask, positions, tile_mask, max_new_tokens, pad_token_id):
-    """Host side: real tokens to the front of each row, bucketed prompt length, a fresh cache."""
+def _prepare(model, params, input_ids, attention_mask, positions, tile_mask, max_new_tokens, pad_token_id):
+    """Host side: left-padded rows of a bucketed length, their first real slots, a fresh cache, the unrolled
+    model and params."""
     config = model.config
     ids = np.asarray(input_ids, np.int32)
     b, p = ids.shape
@@ -115,17 +138,22 @@ def _prepare(model, input_ids, attention_mask, positions, tile_mask, max_new_tok
     lengths = mask.sum(axis=1).astype(np.int32)
     if (lengths == 0).any():
         raise ValueError(f"row {int(np.argmin(lengths))} of the prompt has no tokens")
-    order = np.argsort(~mask, axis=1, kind="stable")
+    order = np.argsort(mask, axis=1, kind="stable")  # padding first, then the real tokens in their order
     ids = np.take_along_axis(ids, order, axis=1)
-    positions = np.broadcast_to(np.arange(p), (b, p)) if positions is None else np.take_along_axis(
-        np.asarray(positions), order, axis=1)
-    real = np.arange(p)[None] < lengths[:, None]
+    real = np.arange(p)[None] >= (p - lengths)[:, None]
     check_image_tokens(np.where(real, ids, -1), tile_mask, config.image_token_id, config.tokens_per_tile)
+    if positions is None:
+        positions = np.maximum(np.arange(p)[None] - (p - lengths)[:, None], 0)
+    else:  # padding gets the row's first real position: never above its real ones (dynamic rope uses the max)
+        positions = np.take_along_axis(np.asarray(positions), order, axis=1)
+        positions = np.where(real, positions, positions[np.arange(b), p - lengths][:, None])
     p_bucket = _bucket(p)
-    ids = np.pad(ids, ((0, 0), (0, p_bucket - p)), constant_values=pad_token_id)
-    positions = np.pad(positions, ((0, 0), (0, p_bucket - p)), mode="edge")
-    cache = init_cache(config, b, _bucket(p_bucket + max_new_tokens))
-    return jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(positions), cache
+    ids = np.pad(ids, ((0, 0), (p_bucket - p, 0)), constant_values=pad_token_id)
+    positions = np.pad(positions, ((0, 0), (p_bucket - p, 0)), mode="edge")
+    cache = init_cache(config, b, cache_length(p, max_new_tokens))
+    start = jnp.asarray(p_bucket - lengths)
+    model, params = model.clone(unrolled=True), unrolled_params(params, config)
+    return model, params, jnp.asarray(ids), start, jnp.asarray(positions), cache
 
 
 def generate(
@@ -149,18 +177,19 @@ def generate(
     """Generate ``max_new_tokens`` tokens per row: int32 [B, max_new_tokens], rows padded with ``pad_token_id``
     after their end-of-sequence token (``eos_token_id``: one id or several). The loop stops when every row ended.
 
+    params: as stored, or once converted by :func:`unrolled_params` (else converted on every call).
     input_ids int [B, P]; attention_mask [B, P] (1 = real token; left or right padding), default all real;
     pixel_values / tile_mask as for the model; positions [B, P] (V2PE floats) continue at the last prompt
     position + 1. Greedy unless ``do_sample`` (then temperature, top_k, top_p, seed).
     """
     sampling = _sampling(do_sample, temperature, top_k, top_p)
-    ids, lengths, positions, cache = _prepare(model, input_ids, attention_mask, positions, tile_mask, max_new_tokens,
-                                              pad_token_id)
-    token, pos, cache, rng = _prefill(model, params, ids, lengths, positions, pixel_values, tile_mask, cache,
+    model, params, ids, start, positions, cache = _prepare(model, params, input_ids, attention_mask, positions,
+                                                           tile_mask, max_new_tokens, pad_token_id)
+    token, pos, cache, rng = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache,
                                       jax.random.PRNGKey(seed), sampling=sampling)
     eos = jnp.asarray(np.atleast_1d(-1 if eos_token_id is None else eos_token_id), jnp.int32)
-    return np.asarray(_decode_loop(model, params, lengths, token, pos, cache, rng, eos, jnp.int32(pad_token_id),
-                                   max_new_tokens=max_new_tokens, sampling=sampling))
+    return np.asarray(_decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, rng, eos,
+                                   jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, sampling=sampling))
 
 
 def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, pixel_values=None, tile_mask=None,
@@ -169,8 +198,9 @@ def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, 
     """Like :func:`generate`, but yields each step's tokens (int32 [B]) as soon as they exist; rows that ended keep
     yielding their eos token. Stops when every row produced an eos token or after ``max_new_tokens`` steps."""
     sampling = _sampling(do_sample, temperature, top_k, top_p)
-    ids, lengths, positions, cache = _prepare(model, input_ids, attention_mask, positions, tile_mask, max_new_tokens, 0)
-    token, pos, cache, rng = _prefill(model, params, ids, lengths, positions, pixel_values, tile_mask, cache,
+    model, params, ids, start, positions, cache = _prepare(model, params, input_ids, attention_mask, positions,
+                                                           tile_mask, max_new_tokens, 0)
+    token, pos, cache, rng = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache,
                                       jax.random.PRNGKey(seed), sampling=sampling)
     eos = np.atleast_1d(-1 if eos_token_id is None else eos_token_id)
     done = np.zeros(ids.shape[0], bool)
@@ -181,5 +211,5 @@ def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, 
         done |= np.isin(host, eos)
         if done.all() or step == max_new_tokens:
             return
-        token, pos, cache, rng = _decode_step(model, params, lengths, jnp.int32(step), token, pos, cache, rng,
-                                              sampling=sampling)
+        token, pos, cache, rng = _decode_step(model, params, start, jnp.int32(ids.shape[1] + step - 1), token, pos,
+                                              cache, rng, sampling=sampling)

@@ -59,9 +59,14 @@ def merge_image_features(embeds, is_image, features, tile_mask):
 
 
 class InternVL(nn.Module):
-    """The InternVL chat model. ``apply`` returns float32 logits [B, L, V]."""
+    """The InternVL chat model. ``apply`` returns float32 logits [B, L, V].
+
+    ``unrolled``: the decoder's generation layout (KV cache; params from
+    :func:`internvl_jax.generate.unrolled_params`), see :class:`~internvl_jax.decoder.Decoder`.
+    """
 
     config: InternVLConfig
+    unrolled: bool = False
 
     def setup(self):
         c = self.config
@@ -69,7 +74,7 @@ class InternVL(nn.Module):
         stack = dict(remat=c.remat, attention_impl=c.attention_impl)
         self.vision = InternViT(c.vision, layers_used=c.vision_layers_used, **stack, **kw)
         self.projector = Projector(c.text.hidden_size, **kw)
-        self.language_model = Decoder(c.text, **stack, **kw)
+        self.language_model = Decoder(c.text, unrolled=self.unrolled, **stack, **kw)
 
     def encode_images(self, tiles):
         """tiles [N, H, W, 3] -> [N, tokens_per_tile, E] LLM-space features."""
@@ -81,10 +86,11 @@ class InternVL(nn.Module):
         return self.projector(h.reshape(n, -1, h.shape[-1]))
 
     def __call__(self, input_ids, pixel_values=None, tile_mask=None, positions=None, segment_ids=None, cache=None,
-                 cache_index=None):
+                 cache_index=None, cache_start=None, last_only: bool = False):
         """input_ids int [B, L]; pixel_values [B, T, H, W, 3]; tile_mask bool [B, T] (default: all valid);
         positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed samples differ).
-        With a KV ``cache`` (generation), returns (logits, cache); see :class:`~internvl_jax.decoder.Decoder`."""
+        ``last_only``: logits of the last position only. With a KV ``cache`` (generation, ``unrolled``), returns
+        (logits, cache); see :class:`~internvl_jax.decoder.Decoder`."""
         c = self.config
         if pixel_values is not None and tile_mask is None:
             tile_mask = jnp.ones(pixel_values.shape[:2], bool)
@@ -97,7 +103,8 @@ class InternVL(nn.Module):
             feats = feats.reshape(b, t, *feats.shape[1:])
             x = merge_image_features(x, input_ids == c.image_token_id, feats, tile_mask)
         return self.language_model(
-            embeddings=x, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index
+            embeddings=x, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index,
+            cache_start=cache_start, last_only=last_only,
         )
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from convert.load import load_pretrained
-from internvl_jax.generate import generate, generate_stream, init_cache, sample_logits
+from internvl_jax.generate import generate, generate_stream, init_cache, sample_logits, unrolled_params
+from internvl_jax.layers import dot_out_in
 from internvl_jax.processing.positions import v2pe_positions
 from reference import TOL_LOGITS, image_batch, max_diff, tiny_internvl
 
@@ -59,16 +60,38 @@ def test_kv_cache_logits_equal_full_recomputation(loaded, v2pe):
         positions = jnp.asarray(np.stack([v2pe_positions(row, model.config.image_token_id, 1, tokens_per_tile=4)
                                           for row in ids]))
     full = model.apply({"params": params}, jnp.asarray(ids), pixels, mask, positions=positions)
+    # the cache runs in the unrolled layout; its logits without a cache equal the scanned model's too
+    model, params = model.clone(unrolled=True), unrolled_params(params, model.config)
+    unrolled = model.apply({"params": params}, jnp.asarray(ids), pixels, mask, positions=positions)
+    assert max_diff(unrolled, full) <= TOL_LOGITS
     split = 30  # prefill 30 tokens, then feed the rest one at a time through the cache
     cache = init_cache(model.config, 2, 64)
     logits, cache = model.apply({"params": params}, jnp.asarray(ids[:, :split]), pixels, mask,
-                                positions=positions[:, :split], cache=cache, cache_index=jnp.zeros(2, jnp.int32))
+                                positions=positions[:, :split], cache=cache, cache_index=0)
     steps = [logits]
     for i in range(split, ids.shape[1]):
         step, cache = model.apply({"params": params}, jnp.asarray(ids[:, i:i + 1]), positions=positions[:, i:i + 1],
-                                  cache=cache, cache_index=jnp.full((2,), i, jnp.int32))
+                                  cache=cache, cache_index=i)
         steps.append(step)
     assert max_diff(jnp.concatenate(steps, axis=1), full) <= TOL_LOGITS
+
+
+def test_params_converted_once_give_the_same_tokens(loaded):
+    _, model, params = loaded
+    ids = np.random.default_rng(5).integers(1, 250, (2, 9))
+    once = unrolled_params(params, model.config)
+    np.testing.assert_array_equal(generate(model, once, input_ids=ids, max_new_tokens=6),
+                                  generate(model, params, input_ids=ids, max_new_tokens=6))
+
+
+def test_one_row_bfloat16_product_equals_the_matmul():
+    # one row takes a multiply-and-sum (XLA CPU's bfloat16 matrix-vector product is slow); two rows a matmul
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((1, 1, 64)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((48, 64)), jnp.bfloat16)
+    one = dot_out_in(x, kernel, jnp.bfloat16, jnp.float32)
+    two = dot_out_in(jnp.concatenate([x, x], axis=1), kernel, jnp.bfloat16, jnp.float32)
+    np.testing.assert_allclose(one[:, 0], two[:, 1], rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(loaded):
