@@ -1,4 +1,4 @@
-"""The ``internvl-jax`` command line: ``info``, ``convert``, ``export``, ``chat`` and ``demo``."""
+"""The ``internvl-jax`` command line: ``info``, ``convert``, ``export``, ``chat``, ``plan`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed for weights and text (default: 0)")
     demo.add_argument("--text-tokens", type=int, default=16, help="text tokens after the image (default: 16)")
     demo.set_defaults(func=cmd_demo)
+    from sharding.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 

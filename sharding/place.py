@@ -38,7 +38,8 @@ def logical_axes(tree):
 
 
 def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+    # exactly a tuple: optax's empty NamedTuple states (EmptyState) are tree nodes, not axes
+    return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
 
 
 def partition_specs(tree, rules: str | Rules):

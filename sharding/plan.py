@@ -276,7 +276,7 @@ class Estimate:
         return self.params + self.kv_cache
 
 
-def _model_flops(config, rows: int, seq_len: int, tiles: int, devices: int) -> float:
+def model_flops(config, rows: int, seq_len: int, tiles: int, devices: int) -> float:
     """Model FLOPs of one training step per device: 6 per weight per token (forward and backward) plus the
     attention matmuls (12 x layers x width x context per token), for the LLM and the ViT; no rematerialisation."""
     t, v = config.text, config.vision
@@ -342,7 +342,7 @@ def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, se
     inputs = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values()) // shards
     cache = tree_bytes_per_device(abstract_cache(config, rows, seq_len), rules, sizes)
     return Estimate(params, params, opt, llm_kept + vit_kept + max(llm_work, vit_work) + logits, inputs, cache,
-                    _model_flops(config, rows, seq_len, tiles, math.prod(sizes.values())))
+                    model_flops(config, rows, seq_len, tiles, math.prod(sizes.values())))
 
 
 def _check_divides(boxed, rules: Rules, sizes: dict[str, int]) -> None:

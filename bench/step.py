@@ -1,0 +1,131 @@
+"""Training-step benchmark: forward, and forward + backward + AdamW, of an InternVL model on a mesh.
+
+    python bench/step.py                                   # InternVL2.5-1B shapes, 1 row, float32, all devices (fsdp)
+    python bench/step.py --dtype bfloat16 --rows 8 --attention dot_product     # the GPU run
+    python bench/step.py --preset tiny-qwen2 --rows 8 --mesh 1,8,1 --rules fsdp_tp   # quick, 8 CPU devices
+
+Each row holds ``--tiles`` image tiles (256 tokens each) plus ``--text-tokens`` text tokens (default 6 + 512 =
+2048 tokens), random weights and data. The steps are ``sharding.plan.forward_step`` / ``train_step`` (cross entropy,
+gradients, optax AdamW with the state sharded like the params, params and state donated), compiled once, then
+timed (median of ``--repeats`` after one warm-up). Reported: step time, tokens/s, model FLOPs (6 per weight per
+token for the ViT and the LLM plus the attention matmuls, no rematerialisation; forward: a third) and MFU against
+the devices' peak: ``--peak-tflops`` per device if given, else the H100/H200 bf16 dense peak (989 TFLOP/s) on
+those GPUs, else a matmul rate measured here with a jitted ``jnp.dot`` in the same dtype (CPU: simulated devices
+share the host's cores, so the peak is the host's, not multiplied by the device count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sharding
+from sharding.plan import forward_step, model_flops, target_config, train_step
+
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="InternVL2_5-1B", help="model shapes (internvl_jax.presets)")
+    p.add_argument("--rows", type=int, default=1, help="global rows per step")
+    p.add_argument("--tiles", type=int, default=6, help="image tiles per row")
+    p.add_argument("--text-tokens", type=int, default=512, help="text tokens per row besides the image tokens")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="params and compute dtype")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default: every device on fsdp)")
+    p.add_argument("--rules", default="fsdp", choices=list(sharding.RULES), help="sharding rule preset")
+    p.add_argument("--remat", default="none", help="remat policy (internvl_jax.layers.REMAT_POLICIES)")
+    p.add_argument("--attention", default="auto", help="attention implementation (InternVLConfig.attention_impl)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+    return p.parse_args()
+
+
+def device_peak(dtype, n: int = 2048) -> tuple[float, str]:
+    """Peak FLOP/s of one device: a known GPU's bf16 peak, else a matmul measured now."""
+    device = jax.devices()[0]
+    for name, tflops in GPU_PEAK_TFLOPS.items():
+        if name in device.device_kind:
+            return tflops * 1e12, f"{name} bf16 dense peak"
+    a = jnp.ones((n, n), dtype)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dot(a, a).block_until_ready()
+    return 5 * 2 * n**3 / (time.perf_counter() - t0), f"measured {n}^3 {jnp.dtype(dtype).name} matmul"
+
+
+def random_inputs(step, config, mesh, rules, seed: int = 0):
+    """Concrete arguments for a plan step: params (and optimizer state) initialised in their shardings, random
+    token ids, labels, pixels and all-valid tiles."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for name, spec in step.args[-1].items():
+        if name in ("input_ids", "labels"):
+            batch[name] = rng.integers(0, config.text.vocab_size, spec.shape).astype(np.int32)
+        elif name == "pixel_values":
+            batch[name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        else:
+            batch[name] = np.ones(spec.shape, bool)
+    if "tile_mask" in batch:  # every row's image tokens match its tiles: the first tiles x 256 positions
+        batch["input_ids"][:, : batch["tile_mask"].shape[1] * config.tokens_per_tile] = config.image_token_id
+    batch = sharding.shard_batch(batch, mesh, rules)
+    init = jax.jit(lambda k: jax.tree_util.tree_map(
+        lambda s: jax.random.normal(k, s.shape, s.dtype) * 0.02, step.args[0]), out_shardings=step.in_shardings[0])
+    params = init(jax.random.PRNGKey(seed))
+    if len(step.args) == 2:
+        return params, batch
+    opt = jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), step.args[1]),
+                  out_shardings=step.in_shardings[1])()
+    return params, opt, batch
+
+
+def timed(compiled, args, repeats: int) -> float:
+    """Median seconds per call; donated inputs are replaced by the step's outputs between calls."""
+    times = []
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    for _ in range(repeats):
+        if len(args) == 3:  # train step: (params, opt_state, batch) -> (params, opt_state, loss)
+            args = (out[0], out[1], args[2])
+        t0 = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    args = parse_args()
+    config = target_config(args.preset, dtype=args.dtype, remat=args.remat).replace(attention_impl=args.attention)
+    n = jax.device_count()
+    sizes = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else (1, n, 1)
+    mesh = sharding.make_mesh(*sizes)
+    seq_len = args.tiles * config.tokens_per_tile + args.text_tokens
+    peak, peak_what = (args.peak_tflops * 1e12, "given") if args.peak_tflops else device_peak(jnp.dtype(args.dtype))
+    print(f"{args.preset} {args.dtype}, {args.rows} rows x {seq_len} tokens ({args.tiles} tiles), mesh "
+          f"{sharding.mesh_shape(mesh)} rules {args.rules}, remat {args.remat}, attention {args.attention}, "
+          f"{n} x {jax.devices()[0].device_kind}; peak {peak / 1e12:.1f} TFLOP/s per device ({peak_what})")
+    train_flops = model_flops(config, args.rows, seq_len, args.tiles, devices=1)
+    for name, build, flops in (("forward", forward_step, train_flops / 3), ("train step", train_step, train_flops)):
+        step = build(config, mesh, args.rules, rows=args.rows, seq_len=seq_len, tiles=args.tiles)
+        t0 = time.perf_counter()
+        compiled, stats = step.compile(mesh, args.rules)
+        compile_s = time.perf_counter() - t0
+        seconds = timed(compiled, random_inputs(step, config, mesh, args.rules), args.repeats)
+        mfu = flops / seconds / (peak * (1 if jax.default_backend() == "cpu" else n))  # CPU devices share cores
+        print(f"{name}: {seconds:.3f} s, {args.rows * seq_len / seconds:,.0f} tokens/s, "
+              f"{flops / seconds / 1e12:.2f} TFLOP/s = MFU {mfu:.1%} (compiled in {compile_s:.1f} s; "
+              f"per device: arguments {stats.argument_bytes / 2**30:.2f} GiB, temporaries "
+              f"{stats.temp_bytes / 2**30:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
