@@ -43,10 +43,15 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+# run as a script, this folder comes first on sys.path, where bench/convert.py would hide the convert package
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
 
 def parse_args():

@@ -1,6 +1,6 @@
 """Generation: a jitted prefill that fills a preallocated KV cache, then a jitted on-device decode loop.
 
-Both run the decoder's ``unrolled`` layout (one module per layer, transposed kernels; see
+Both run the decoder's ``unrolled`` layout (one module per layer, [out, in] matrix kernels; see
 :class:`~internvl_jax.decoder.Decoder`): ``generate`` converts the stored params once per call, or takes params
 already converted by :func:`unrolled_params` (then nothing is copied). Rows of different lengths are given with
 an ``attention_mask`` (either padding side); their real tokens are moved to the end of each row (left padding),
@@ -83,7 +83,7 @@ def _pick(logits, rng, sampling):
     return sample_logits(logits, rng, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-@partial(jax.jit, static_argnames=("model", "sampling"))
+@partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("cache",))
 def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache, rng, *, sampling):
     """Run the left-padded prompts ([B, P], real tokens from slot ``start`` [B]) into the cache; the LM head runs
     at the last slot only. Returns (first new token [B], its position [B], cache, rng)."""
