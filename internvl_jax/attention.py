@@ -23,8 +23,11 @@ Every valid query must see at least one key (true for causal self-attention: it 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -35,7 +38,7 @@ IMPLS = ("xla", "batched", "per_kv_head", "dot_product", "blockwise", "splash")
 
 def segment_mask(q_segment_ids, kv_segment_ids, causal: bool):
     """Segment ids [B, L], [B, S] -> bool [B, 1, L, S]: same segment, key not padding, and (``causal``) key index
-    <= query index. (``layers.causal_segment_mask`` is the self-attention, causal case of this.)"""
+    <= query index."""
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
     if causal:
         l, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
@@ -63,13 +66,14 @@ def _zero_padding_rows(out, q_segment_ids):
 
 
 def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, causal: bool, impl: str = "xla",
-           **options):
+           head_axes: tuple[str, str] = ("heads", "kv_heads"), **options):
     """Softmax attention (grouped KV heads, float32 scores and softmax) with masks from segment ids.
 
     q: [B, L, H, D]; k, v: [B, S, K, D], H a multiple of K; q_segment_ids int [B, L], kv_segment_ids int [B, S]
     (0 = padding; both None = one segment, no padding); ``causal``: keys at index <= the query's only.
     ``impl``: one of :data:`IMPLS` (see the module docstring). ``options`` go to the backend: ``block_q`` /
     ``block_kv`` (blockwise, splash), ``implementation`` (dot_product), ``interpret`` (splash).
+    ``head_axes``: the logical names of q's and k's head dimensions, for splitting the splash kernel over a mesh.
     Returns [B, L, H, D] in q's dtype; padding query rows are zeros.
     """
     _check(q, k, v, q_segment_ids, kv_segment_ids)
@@ -80,10 +84,29 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
     elif impl == "blockwise":
         fn = blockwise_attention
     elif impl == "splash":
-        fn = splash_attention
+        return _per_shard(functools.partial(splash_attention, scale=scale, causal=causal, **options), head_axes,
+                          q, k, v, q_segment_ids, kv_segment_ids)
     else:
         raise ValueError(f"unknown attention impl {impl!r}; use one of {', '.join(IMPLS)}")
     return fn(q, k, v, q_segment_ids, kv_segment_ids, scale=scale, causal=causal, **options)
+
+
+def _per_shard(fn, head_axes: tuple[str, str], q, k, v, q_segment_ids, kv_segment_ids):
+    """``fn(q, k, v, q_segment_ids, kv_segment_ids)`` on each device's shard (``shard_map``) when a mesh and
+    logical rules are active (``sharding.activate``): the partitioner cannot split a Pallas kernel and would
+    gather its inputs onto every device. Batch and heads are split as the rules say; the sequence stays whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or mesh.size == 1 or not rules:
+        return fn(q, k, v, q_segment_ids, kv_segment_ids)
+    spec = lambda *axes: nn.logical_to_mesh_axes(axes, rules)  # noqa: E731
+    q_spec, kv_spec = spec("batch", None, head_axes[0], None), spec("batch", None, head_axes[1], None)
+    if q_segment_ids is None:
+        return jax.shard_map(lambda a, b, c: fn(a, b, c, None, None), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
+                             out_specs=q_spec, check_vma=False)(q, k, v)
+    seg_spec = spec("batch", None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, causal: bool,
@@ -244,6 +267,25 @@ def _splash_kernel(heads: int, lp: int, sp: int, causal: bool, block_q: int, blo
                                             interpret=interpret)
 
 
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace attention for ``platform`` (``"tpu"``, ...) whatever the default backend: ahead-of-time compiles for
+    a TPU slice from a CPU host need the real splash kernel, not its interpreter. ``sharding.activate`` enters
+    it with its mesh's platform."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def _target_platform() -> str:
+    return _PLATFORM.get() or jax.default_backend()
+
+
 def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, causal: bool,
                      block_q: int = 512, block_kv: int = 512, interpret: bool | None = None):
     """The Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu.splash_attention``).
@@ -253,7 +295,7 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale:
     scale, so q is pre-scaled. Lengths are padded to multiples of 128 with segment id 0 (padding keys then match
     only padding queries, whose rows are zeroed); block sizes are the largest multiples of 128 up to ``block_q`` /
     ``block_kv`` dividing the padded lengths. ``interpret``: run the kernel in the Pallas interpreter (default:
-    when the default backend is not a TPU; slow, for tests).
+    unless the target is a TPU, see :func:`target_platform`; slow, for tests).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -261,7 +303,7 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale:
     s, kv = k.shape[1], k.shape[2]
     g = h // kv
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = _target_platform() != "tpu"
     lp, sp = -(-l // SPLASH_ALIGN) * SPLASH_ALIGN, -(-s // SPLASH_ALIGN) * SPLASH_ALIGN
     zero_rows = q_segment_ids is not None
     if q_segment_ids is None and (lp != l or sp != s):  # the padding needs segment ids to be masked

@@ -137,7 +137,7 @@ class InternVLConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch (internvl_jax.layers.REMAT_POLICIES)
-    attention_impl: str = "auto"  # auto | batched | per_kv_head (internvl_jax.layers.resolve_attention_impl)
+    attention_impl: str = "auto"  # auto | batched | per_kv_head | dot_product | blockwise | splash (layers.ATTENTION_IMPLS)
 
     def __post_init__(self):
         if self.ps_version not in ("v1", "v2"):

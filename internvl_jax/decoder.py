@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .config import TextConfig
+from .attention import attend
 from .layers import (
-    Dense, Norm, attention, causal_segment_mask, constrain, decode_attention, dot_out_in, param_with_axes,
+    DENSE_IMPLS, Dense, Norm, attention, constrain, decode_attention, dot_out_in, param_with_axes,
     resolve_attention_impl, scan_layers,
 )
 from .rope import apply_rope, rope_cos_sin
@@ -40,9 +41,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        """x [B, L, E]; mask bool [B, 1, L, S]. With ``cache`` = (k, v) [B, K, S, D] the new keys/values go to
-        slots ``cache_index`` .. ``cache_index + L - 1`` (int scalar, the same slots in every row) and attention
-        runs over the whole cache; returns (output, updated cache)."""
+        """x [B, L, E]. Without a cache, ``mask`` is the segment ids int [B, L] (causal within each segment,
+        0 = padding) and attention runs through the configured backend (:func:`internvl_jax.attention.attend`).
+        With ``cache`` = (k, v) [B, K, S, D], ``mask`` is bool [B, 1, L, S]: the new keys/values go to slots
+        ``cache_index`` .. ``cache_index + L - 1`` (int scalar, the same slots in every row) and attention runs
+        over the whole cache; returns (output, updated cache)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dense = dict(transposed=self.transposed, **kw)
@@ -58,7 +61,7 @@ class Attention(nn.Module):
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         scale = c.head_dim**-0.5
         if cache is None:
-            out = attention(q, k, v, mask, scale=scale, impl=self.impl)
+            out = attend(q, k, v, mask, mask, scale=scale, causal=True, impl=self.impl)
         else:
             # one dynamic_update_slice per buffer: every row writes at the same slots (prompts are left-padded)
             write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
@@ -68,8 +71,9 @@ class Attention(nn.Module):
             if x.shape[1] == 1:
                 out = decode_attention(q, k, v, mask[:, 0, 0], scale=scale)
             else:
+                # prefill into the cache: slot masks with per-row starts, on the dense XLA path
                 out = attention(q, k.swapaxes(1, 2).astype(q.dtype), v.swapaxes(1, 2).astype(q.dtype), mask,
-                                scale=scale, impl=self.impl)
+                                scale=scale, impl=self.impl if self.impl in DENSE_IMPLS else "batched")
         return Dense((c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias, name="o_proj", **dense)(out), cache
 
 
@@ -154,7 +158,7 @@ class Decoder(nn.Module):
         if self.unrolled:
             self.layers = [DecoderLayer(c, attention_impl=impl, transposed=True, **kw) for _ in range(c.num_layers)]
         else:
-            # cos, sin and mask are shared by the layers
+            # cos, sin and the segment ids are shared by the layers
             stack = scan_layers(DecoderLayer, length=c.num_layers, remat=self.remat, in_axes=(nn.broadcast,) * 3)
             self.layers = stack(c, name="layers", attention_impl=impl, **kw)
         self.norm = Norm("rms_norm", c.norm_eps, "embed", **kw)
@@ -189,7 +193,7 @@ class Decoder(nn.Module):
                 segment_ids = jnp.ones((b, l), jnp.int32)
             if positions is None:
                 positions = positions_from_segments(segment_ids)
-            mask = causal_segment_mask(segment_ids)
+            mask = segment_ids  # each layer's attention backend builds (or blocks) its own mask
         else:
             if not self.unrolled:
                 raise ValueError("the KV cache needs the unrolled layout: InternVL(config, unrolled=True) with "

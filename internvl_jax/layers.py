@@ -127,16 +127,19 @@ class Norm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-ATTENTION_IMPLS = ("auto", "batched", "per_kv_head")
+DENSE_IMPLS = ("batched", "per_kv_head")  # :func:`attention` itself (a dense [B, 1, L, S] mask)
+ATTENTION_IMPLS = ("auto", *DENSE_IMPLS, "dot_product", "blockwise", "splash")  # see internvl_jax.attention
+AUTO_ATTENTION = {"cpu": "per_kv_head", "tpu": "splash", "gpu": "dot_product"}
 
 
 def resolve_attention_impl(impl: str) -> str:
-    """``auto`` -> ``per_kv_head`` on the CPU backend (small score blocks stay in cache, 3x faster there),
-    ``batched`` elsewhere. Name the impl explicitly when compiling ahead of time for another platform."""
+    """``auto`` -> the backend's choice in ``AUTO_ATTENTION``: per KV head on the CPU (small score blocks stay in
+    cache, 3x faster there than batched), Pallas splash on TPU, ``jax.nn.dot_product_attention`` (cuDNN flash)
+    on GPU. Name the impl explicitly when compiling ahead of time for another platform."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
     if impl == "auto":
-        return "per_kv_head" if jax.default_backend() == "cpu" else "batched"
+        return AUTO_ATTENTION.get(jax.default_backend(), "batched")
     return impl
 
 
@@ -185,14 +188,6 @@ def decode_attention(q, k, v, mask, *, scale: float):
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, D]
     return out.reshape(b, 1, h, d).astype(q.dtype)
-
-
-def causal_segment_mask(segment_ids):
-    """[B, L] int segment ids (0 = padding) -> bool [B, 1, L, L]: causal within each segment only."""
-    l = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((l, l), dtype=bool))
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    return (causal[None] & same)[:, None]
 
 
 REMAT_POLICIES = {

@@ -14,7 +14,8 @@ import numpy as np
 import flax.linen as nn
 
 from .config import VisionConfig
-from .layers import Dense, Norm, attention, constrain, param_with_axes, resolve_attention_impl, scan_layers
+from .attention import attend
+from .layers import Dense, Norm, constrain, param_with_axes, resolve_attention_impl, scan_layers
 
 _CUBIC_A = -0.75  # torch's bicubic kernel constant
 
@@ -110,7 +111,7 @@ class VisionAttention(nn.Module):
                 t.reshape(*t.shape[:2], -1)
             ).reshape(t.shape)
             q, k = full(q, "q_norm"), full(k, "k_norm")
-        out = attention(q, k, v, None, scale=c.head_dim**-0.5, impl=self.impl)
+        out = attend(q, k, v, scale=c.head_dim**-0.5, causal=False, impl=self.impl, head_axes=("vit_heads",) * 2)
         return Dense((c.hidden_size,), ("vit_heads", "head_dim"), ("vit_embed",), True, name="proj", **kw)(out)
 
 

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from internvl_jax.attention import target_platform
+
 from .mesh import mesh_shape
 from .rules import MESH_AXES, RULES, Rules, get_rules
 
@@ -103,8 +105,8 @@ def shardings(tree, mesh: Mesh, rules: str | Rules):
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: str | Rules):
     """Within this context, the model's activation constraints (``nn.with_logical_constraint``) apply ``rules``
-    on ``mesh``. Trace (jit) the model inside it."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules(rules)):
+    on ``mesh``, and attention kernels are chosen for the mesh's platform. Trace (jit) the model inside it."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules(rules)), target_platform(mesh.devices.flat[0].platform):
         yield
 
 

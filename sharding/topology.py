@@ -19,6 +19,8 @@ from typing import Callable
 
 import jax
 
+from internvl_jax.layers import AUTO_ATTENTION
+
 GiB = 1 << 30
 
 
@@ -57,10 +59,9 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
 # process indices, the compiled program does not depend on it.
 _HOST_BOUNDS = (2, 2, 1)
 
-# The attention implementation compiled for each platform (``InternVLConfig.attention_impl``). "auto" would
-# resolve to the CPU choice here, since the process runs on the CPU backend. Hook: point "tpu" at the splash
-# kernel once internvl_jax.layers offers it.
-TARGET_ATTENTION = {"tpu": "batched", "gpu": "batched"}
+# The attention implementation compiled for each platform (``InternVLConfig.attention_impl``): what "auto"
+# gives on that platform (layers.AUTO_ATTENTION); "auto" itself would resolve to the CPU's choice here.
+TARGET_ATTENTION = {p: AUTO_ATTENTION[p] for p in ("tpu", "gpu")}
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,17 @@ def _run(impl, q, k, v, seg, causal):
     return attend(q, k, v, seg, seg, scale=SCALE, causal=causal, impl=impl, **OPTIONS[impl])
 
 
+def test_segment_mask():
+    seg = jnp.asarray([[1, 1, 2, 0]])
+    expected = [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]  # causal, per segment, padding never a key
+    assert np.array_equal(segment_mask(seg, seg, causal=True)[0, 0], np.asarray(expected, bool))
+    assert np.array_equal(segment_mask(seg, seg, causal=False)[0, 0, 0], [True, True, False, False])
+
+
 def test_reference_is_layers_attention():
     q, k, v, seg = _inputs()
-    assert np.array_equal(segment_mask(seg, seg, causal=True), layers.causal_segment_mask(seg))
     out = attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl="batched")
-    ref = layers.attention(q, k, v, layers.causal_segment_mask(seg), scale=SCALE, impl="batched")
+    ref = layers.attention(q, k, v, segment_mask(seg, seg, causal=True), scale=SCALE, impl="batched")
     valid = np.asarray(seg) != 0
     assert np.array_equal(np.asarray(out)[valid], np.asarray(ref)[valid])
     assert not np.asarray(out)[~valid].any()  # padding rows are zeros

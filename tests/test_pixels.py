@@ -48,9 +48,9 @@ def test_random_sizes_compile_once_per_bucket():
     rng = np.random.default_rng(0)
     before = render_image._cache_size()
     keys = set()
-    for _ in range(50):
-        w, h = (int(v) for v in rng.integers(32, 1500, 2))
+    for _ in range(24):
+        w, h = (int(v) for v in rng.integers(32, 520, 2))
         plan = plan_tiles(w, h, max_tiles=6)
         image_tiles(np.zeros((h, w, 3), np.uint8), plan)
         keys.add(bucket_key(h, w, plan))
-    assert render_image._cache_size() - before <= len(keys) < 50
+    assert render_image._cache_size() - before <= len(keys) < 24

@@ -1,5 +1,5 @@
 """TPU slices without a TPU: libtpu describes a slice on this CPU host, and the tiny model's sharded forward, train
-step and decode step compile for it with every rule preset."""
+step and decode step compile for it with every rule preset, attention through the splash kernel."""
 
 import jax
 import optax
@@ -59,11 +59,16 @@ def _check(stats: CompiledStats):
 @pytest.mark.parametrize("target", TARGETS)
 def test_tiny_steps_compile_for_tpu(target, rules):
     mesh = sharding.make_mesh(*MESHES[rules], devices=tpu_devices(target))
+    assert CONFIG.attention_impl == "splash"  # the TPU target's attention: the Pallas kernel, per shard
     train = steps.train_step(CONFIG, mesh, rules, rows=4, seq_len=16, tiles=2)
-    stats = train.compile(mesh, rules)[1]
+    compiled, stats = train.compile(mesh, rules)
     _check(stats)
     assert stats.alias_bytes > 0  # params and optimizer state updated in place
-    _check(steps.forward_step(CONFIG, mesh, rules, rows=4, seq_len=16, tiles=2).compile(mesh, rules)[1])
+    # splash forward and backward kernels (segment ids from the rows) for the ViT and the decoder
+    assert compiled.as_text().count("tpu_custom_call") >= 4
+    compiled, stats = steps.forward_step(CONFIG, mesh, rules, rows=4, seq_len=16, tiles=2).compile(mesh, rules)
+    _check(stats)
+    assert "tpu_custom_call" in compiled.as_text()
     _check(steps.decode_step(CONFIG, mesh, rules, rows=4, cache_len=32).compile(mesh, rules)[1])
 
 
