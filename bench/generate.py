@@ -6,7 +6,8 @@
 
 Both sides get the same random weights: a ``transformers.InternVLForConditionalGeneration`` is built from the
 preset's transformers-native config, saved with ``save_pretrained`` to a temporary folder, and loaded into ours
-with ``convert.load.load_pretrained`` in each ``--dtypes`` entry. Every row of the batch is one prompt of one
+with ``convert.load.load_pretrained`` in each ``--dtypes`` entry, then converted once to the generation layout
+(``internvl_jax.generate.unrolled_params``; ``generate`` would otherwise convert them on every call). Every row of the batch is one prompt of one
 448x448 tile: 8 text tokens, 256 IMG_CONTEXT tokens, 56 text tokens (320 tokens; ``--text-tokens`` changes the
 64 text tokens). Decoding is greedy and runs exactly ``--new-tokens`` tokens on both sides (no end-of-sequence id;
 transformers gets ``min_new_tokens = max_new_tokens``).
@@ -202,7 +203,7 @@ def main():
 
     from convert.load import load_pretrained
     from internvl_jax.config import to_hf_dict
-    from internvl_jax.generate import cache_length
+    from internvl_jax.generate import cache_length, unrolled_params
     from internvl_jax.presets import get_preset
 
     cores = os.cpu_count()
@@ -221,7 +222,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
         for name in args.dtypes:
-            ours[name] = load_pretrained(folder, dtype=jdtypes[name])
+            model, params = load_pretrained(folder, dtype=jdtypes[name])
+            ours[name] = model, unrolled_params(params, model.config)  # converted once, as a server would
+            del params
     refs = {}  # dtype -> transformers model
     if not args.skip_transformers:
         refs["float32"] = ref

@@ -47,12 +47,16 @@ def dot_out_in(x, kernel, dtype, out_dtype=None):
     accumulation and a cast. XLA's CPU matmul reads a 2-D [out, in] kernel in place, fastest for few rows of x.
     """
     x, kernel = x.astype(dtype), kernel.astype(dtype)
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
     if math.prod(x.shape[:-1]) == 1 and jnp.dtype(dtype) != jnp.float32:
-        # one row in a 16-bit dtype (batch-1 decoding): XLA CPU's matrix-vector product converts the whole
-        # kernel to float32 first, ~10x slower than this fused multiply-and-sum over the kernel's rows
+        # one row in a 16-bit dtype (batch-1 decoding): XLA CPU's matrix-vector product converts the whole kernel
+        # to float32 first (~10x slower than this fused multiply-and-sum). The barrier ties the kernel to x, so
+        # that in a decode loop XLA neither hoists the convert (a float32 copy of the weights) nor fuses
+        # consecutive products into one recomputing fusion.
+        x, kernel = jax.lax.optimization_barrier((x, kernel))
         y = jnp.sum(kernel.astype(jnp.float32) * x.astype(jnp.float32)[..., None, :], axis=-1)
     else:
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or dtype)
 
 
