@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -96,19 +97,28 @@ def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
     def group(rule: Rule, keys: list) -> Group:
         paths = sorted({rule.target.format(part=p) for _, m in keys for p in _parts(rule, m)})
 
+        def cut(key: str, m, tensor: np.ndarray) -> list:
+            """The (path, index, array) pieces one source tensor fills."""
+            pieces = []
+            for part in _parts(rule, m):
+                path = rule.target.format(part=part)
+                index = _index(rule, m.groupdict().get("layer"), part)
+                src = tensor[rule.rows(text, part)] if rule.rows else tensor
+                pieces.append((path, index, TRANSFORMS[rule.transform].load(src.astype(dtype, copy=False),
+                                                                            _region(shapes[path], index))))
+            return pieces
+
         def writes():
-            for key, m in keys:
-                tensor = reader.get(key)
-                pieces = []
-                for part in _parts(rule, m):
-                    path = rule.target.format(part=part)
-                    index = _index(rule, m.groupdict().get("layer"), part)
-                    src = tensor[rule.rows(text, part)] if rule.rows else tensor
-                    pieces.append((path, index, TRANSFORMS[rule.transform].load(src.astype(dtype, copy=False),
-                                                                                _region(shapes[path], index))))
-                del tensor, src  # a transposed piece is a copy: the source can go before the pieces are used
-                while pieces:
-                    yield pieces.pop(0)
+            # the rule's next tensor is read while this one is cut and transposed (one tensor of lookahead)
+            with ThreadPoolExecutor(1) as pool:
+                ahead = pool.submit(reader.get, keys[0][0])
+                for n, (key, m) in enumerate(keys):
+                    tensor = ahead.result()
+                    ahead = pool.submit(reader.get, keys[n + 1][0]) if n + 1 < len(keys) else None
+                    pieces = cut(key, m, tensor)
+                    del tensor  # a transposed piece is a copy: the source can go before the pieces are used
+                    while pieces:
+                        yield pieces.pop(0)
 
         return Group(paths, writes)
 
