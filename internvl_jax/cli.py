@@ -120,6 +120,7 @@ def cmd_chat(args) -> None:
     from convert.load import load_pretrained
 
     from .chat import chat
+    from .generate import unrolled_params
     from .processing.images import load_image
     from .processing.processor import Processor
 
@@ -127,6 +128,7 @@ def cmd_chat(args) -> None:
         raise FileNotFoundError(f"checkpoint folder {args.checkpoint} does not exist")
     images = [load_image(path) for path in args.image]  # unreadable files fail before the model loads
     model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
+    params = unrolled_params(params, model.config)  # the generation layout, once (not on every answer)
     processor = Processor.from_pretrained(args.checkpoint)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
