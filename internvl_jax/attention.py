@@ -136,7 +136,7 @@ def dot_product_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, s
     call = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, scale=scale, is_causal=causal)
     if implementation is None:
         out = None
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        if _target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             try:  # cuDNN rejects some shapes (head dims, mask forms) at trace time; XLA takes everything
                 out = call(implementation="cudnn")
             except (ValueError, NotImplementedError, RuntimeError, TypeError):

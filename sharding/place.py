@@ -51,7 +51,9 @@ def partition_specs(tree, rules: str | Rules):
                                   is_leaf=_is_axes)
 
 
-def _size(sizes: dict[str, int], axes) -> int:
+def mesh_axes_size(sizes: dict[str, int], axes) -> int:
+    """How many ways one dimension is split: the product of its mesh axes' sizes (``axes``: a name, a tuple of
+    names or None)."""
     if axes is None:
         return 1
     return math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
@@ -61,7 +63,7 @@ def _first_indivisible(tree, specs, sizes: dict[str, int]) -> str | None:
     """A description of the first array that ``sizes`` does not divide, or None."""
     shapes = jax.tree_util.tree_leaves_with_path(nn.unbox(tree))
     for (path, leaf), spec in zip(shapes, jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))):
-        bad = [i for i, axes in enumerate(spec) if leaf.shape[i] % _size(sizes, axes)]
+        bad = [i for i, axes in enumerate(spec) if leaf.shape[i] % mesh_axes_size(sizes, axes)]
         if bad:
             name = jax.tree_util.keystr(path, simple=True, separator="/")
             dims = ", ".join(f"dim {i} (size {leaf.shape[i]}) over {spec[i]}" for i in bad)

@@ -46,7 +46,9 @@ from internvl_jax.presets import get_preset
 from train.loss import cross_entropy
 
 from .mesh import _resolve, make_mesh
-from .place import ShardingError, _first_indivisible, batch_spec, partition_specs, shardings, working_meshes
+from .place import (
+    ShardingError, _first_indivisible, batch_spec, mesh_axes_size, partition_specs, shardings, working_meshes,
+)
 from .rules import MESH_AXES, Rules, get_rules
 from .topology import (
     GiB, TARGET_ATTENTION, Chip, CompiledStats, Slice, compile_for, parse_slice, torus_shape, tpu_devices,
@@ -193,8 +195,7 @@ def decode_step(config, mesh: Mesh, rules: str | Rules, *, rows: int, cache_len:
 
 def _divisor(logical: tuple, rules: Rules, sizes: dict[str, int]) -> int:
     """How many ways an array with these logical axes is split on a mesh of ``sizes``."""
-    spec = nn.logical_to_mesh_axes(logical, rules)
-    return math.prod(sizes[a] for axes in spec if axes for a in ((axes,) if isinstance(axes, str) else axes))
+    return math.prod(mesh_axes_size(sizes, axes) for axes in nn.logical_to_mesh_axes(logical, rules))
 
 
 def tree_bytes_per_device(boxed, rules: Rules, sizes: dict[str, int]) -> int:
