@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from . import kernels
+
 Axes = tuple[str | None, ...]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,19 +46,16 @@ def dot_out_in(x, kernel, dtype, out_dtype=None):
     """x [..., in] . kernel [out, in] -> [..., out] in ``out_dtype`` (default ``dtype``), inputs cast to ``dtype``.
 
     Products accumulate in float32: on XLA CPU a bfloat16-output matmul is several times slower than float32
-    accumulation and a cast. XLA's CPU matmul reads a 2-D [out, in] kernel in place, fastest for few rows of x.
+    accumulation and a cast. Up to ``kernels.MAX_ROWS`` rows of x (decoding) go through
+    :func:`internvl_jax.kernels.few_row_product`, which on the CPU reads the weights once at memory bandwidth;
+    more rows take XLA's matmul, which reads a 2-D [out, in] kernel in place.
     """
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    if math.prod(x.shape[:-1]) == 1 and jnp.dtype(dtype) != jnp.float32:
-        # one row in a 16-bit dtype (batch-1 decoding): XLA CPU's matrix-vector product converts the whole kernel
-        # to float32 first (~10x slower than this fused multiply-and-sum). The barrier ties the kernel to x, so
-        # that in a decode loop XLA neither hoists the convert (a float32 copy of the weights) nor fuses
-        # consecutive products into one recomputing fusion.
-        x, kernel = jax.lax.optimization_barrier((x, kernel))
-        y = jnp.sum(kernel.astype(jnp.float32) * x.astype(jnp.float32)[..., None, :], axis=-1)
+    rows = math.prod(x.shape[:-1])
+    if rows <= kernels.MAX_ROWS:
+        y = kernels.few_row_product(x.reshape(rows, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[0])
     else:
-        y = jax.lax.dot_general(x, kernel, dims, preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y.astype(out_dtype or dtype)
 
 

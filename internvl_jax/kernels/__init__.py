@@ -1,0 +1,136 @@
+"""Native CPU kernels behind XLA FFI custom calls, compiled on first use with the host's C++ compiler.
+
+``few_row_product(x, w)``: x [M, K] . w [N, K]^T -> float32 [M, N] for the few rows of a decode step. On the CPU
+it runs ``cpu_matvec.cc``, which reads float32 or bfloat16 weights once at memory bandwidth (XLA CPU widens a
+bfloat16 matrix into a fresh float32 copy before each product); on other platforms, or where no compiler is
+found, it is an XLA ``dot_general``. The same float32 products and sums either way; only their order differs.
+
+The library is built once per source, compiler, jaxlib and CPU (``-march=native``) into
+``$INTERNVL_JAX_CACHE`` (default ``~/.cache/internvl_jax``)/kernels, under a temporary name renamed at the end,
+so that concurrent processes never load a half-written file. ``INTERNVL_JAX_CPU_KERNELS=0`` turns the kernels
+off; ``CXX`` names the compiler (default ``c++``). A failed build warns once and falls back to XLA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MAX_ROWS", "cpu_kernels_enabled", "few_row_product", "library_path"]
+
+MAX_ROWS = 16  # rows of x up to which few_row_product is used (decoding; prefill rows take XLA's matmul)
+_SOURCE = Path(__file__).with_name("cpu_matvec.cc")
+_TARGET = "internvl_matvec"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("INTERNVL_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "internvl_jax")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def library_path(compiler: str) -> Path:
+    """Where the library built by ``compiler`` for this source, jaxlib and CPU lives."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), jax.__version__,
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"cpu_matvec-{key}.so"
+
+
+def _build() -> Path:
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} is not on PATH; set CXX)")
+    path = library_path(compiler)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether the CPU kernel is built and registered (building it on the first call)."""
+    return _registered()
+
+
+@functools.cache
+def _registered() -> bool:
+    if os.environ.get("INTERNVL_JAX_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.InternvlMatvec), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"internvl_jax: the CPU decoding kernel is not available, using XLA's products ({err})",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _xla_product(x, w):
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _cpu_product(x, w):
+    if w.dtype in (jnp.float32, jnp.bfloat16) and _registered():
+        out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+        return jax.ffi.ffi_call(_TARGET, out)(x.astype(jnp.float32), w)
+    if x.shape[0] == 1 and w.dtype != jnp.float32:
+        # without the kernel, one 16-bit row: XLA's matrix-vector product would widen the whole matrix first
+        # (~10x slower than this fused multiply-and-sum). The barrier ties w to x, so that in a decode loop XLA
+        # neither hoists the widening (a float32 copy of the weights) nor fuses consecutive products.
+        x, w = jax.lax.optimization_barrier((x, w))
+        return jnp.sum(w.astype(jnp.float32) * x.astype(jnp.float32), axis=-1)[None]
+    return _xla_product(x, w)
+
+
+@jax.custom_vjp
+def few_row_product(x, w):
+    """x [M, K] . w [N, K]^T -> float32 [M, N], x and w of one dtype; the CPU kernel on the CPU (see module)."""
+    return jax.lax.platform_dependent(x, w, cpu=_cpu_product, default=_xla_product)
+
+
+def _forward(x, w):
+    return few_row_product(x, w), (x, w)
+
+
+def _backward(res, g):
+    x, w = res
+    dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(g, x, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+few_row_product.defvjp(_forward, _backward)
