@@ -212,6 +212,10 @@ def main():
     n_new = args.new_tokens
     print(f"jax {jax.__version__} on {jax.devices()[0]} | torch {torch.__version__} ({torch.get_num_threads()} threads) "
           f"| transformers {transformers.__version__} | {cores} cores")
+    if jax.default_backend() == "cpu":
+        from internvl_jax.kernels import cpu_kernels_enabled
+
+        print(f"CPU decoding kernel (internvl_jax.kernels): {'on' if cpu_kernels_enabled() else 'OFF, XLA products'}")
 
     # --- identical random weights on both sides -----------------------------------------------
     t0 = time.perf_counter()

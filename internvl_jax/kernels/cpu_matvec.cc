@@ -210,6 +210,10 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
       return ffi::Error::InvalidArgument("internvl_matvec: w must be float32 or bfloat16");
   }
   if (job->M == 0 || job->N == 0) return ffi::Error::Success();
+  if (job->K == 0) {  // empty sums
+    std::memset(job->y, 0, sizeof(float) * job->M * job->N);
+    return ffi::Error::Success();
+  }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t by_size = std::max<int64_t>(1, job->N * job->K * width / kMinChunkBytes);
   const int64_t chunks = std::min(by_size, 4 * threads);  // a few per thread even out their speeds
