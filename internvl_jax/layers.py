@@ -52,10 +52,8 @@ def dot_out_in(x, kernel, dtype, out_dtype=None):
     """
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     rows = math.prod(x.shape[:-1])
-    if rows <= kernels.MAX_ROWS:
-        y = kernels.few_row_product(x.reshape(rows, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[0])
-    else:
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    product = kernels.few_row_product if rows <= kernels.MAX_ROWS else kernels.xla_product
+    y = product(x.reshape(rows, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[0])
     return y.astype(out_dtype or dtype)
 
 

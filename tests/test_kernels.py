@@ -68,7 +68,7 @@ def test_fallbacks_without_the_kernel_equal_it(monkeypatch, m):
     x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((48, 64)), jnp.bfloat16)
     with_kernel = jax.jit(lambda x, w: kernels.few_row_product(x, w))(x, w)
-    monkeypatch.setattr(kernels, "_registered", lambda: False)
+    monkeypatch.setattr(kernels, "cpu_kernels_enabled", lambda: False)
     jax.clear_caches()  # traces of the branches are cached by function
     fallback = jax.jit(lambda x, w: kernels.few_row_product(x, w))
     assert "internvl_matvec" not in fallback.lower(x, w).as_text()

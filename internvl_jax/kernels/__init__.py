@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MAX_ROWS", "cpu_kernels_enabled", "few_row_product", "library_path"]
+__all__ = ["MAX_ROWS", "cpu_kernels_enabled", "few_row_product", "xla_product"]
 
 MAX_ROWS = 16  # rows of x up to which few_row_product is used (decoding; prefill rows take XLA's matmul)
 _SOURCE = Path(__file__).with_name("cpu_matvec.cc")
@@ -50,7 +50,7 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def library_path(compiler: str) -> Path:
+def _library_path(compiler: str) -> Path:
     """Where the library built by ``compiler`` for this source, jaxlib and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), jax.__version__,
@@ -62,7 +62,7 @@ def _build() -> Path:
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} is not on PATH; set CXX)")
-    path = library_path(compiler)
+    path = _library_path(compiler)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,13 +80,9 @@ def _build() -> Path:
     return path
 
 
+@functools.cache
 def cpu_kernels_enabled() -> bool:
     """Whether the CPU kernel is built and registered (building it on the first call)."""
-    return _registered()
-
-
-@functools.cache
-def _registered() -> bool:
     if os.environ.get("INTERNVL_JAX_CPU_KERNELS", "1") == "0":
         return False
     try:
@@ -99,12 +95,13 @@ def _registered() -> bool:
     return True
 
 
-def _xla_product(x, w):
+def xla_product(x, w):
+    """x [M, K] . w [N, K]^T -> float32 [M, N] as one XLA ``dot_general`` (w read in place)."""
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _cpu_product(x, w):
-    if w.dtype in (jnp.float32, jnp.bfloat16) and _registered():
+    if w.dtype in (jnp.float32, jnp.bfloat16) and cpu_kernels_enabled():
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
         return jax.ffi.ffi_call(_TARGET, out)(x.astype(jnp.float32), w)
     if x.shape[0] == 1 and w.dtype != jnp.float32:
@@ -113,13 +110,13 @@ def _cpu_product(x, w):
         # neither hoists the widening (a float32 copy of the weights) nor fuses consecutive products.
         x, w = jax.lax.optimization_barrier((x, w))
         return jnp.sum(w.astype(jnp.float32) * x.astype(jnp.float32), axis=-1)[None]
-    return _xla_product(x, w)
+    return xla_product(x, w)
 
 
 @jax.custom_vjp
 def few_row_product(x, w):
     """x [M, K] . w [N, K]^T -> float32 [M, N], x and w of one dtype; the CPU kernel on the CPU (see module)."""
-    return jax.lax.platform_dependent(x, w, cpu=_cpu_product, default=_xla_product)
+    return jax.lax.platform_dependent(x, w, cpu=_cpu_product, default=xla_product)
 
 
 def _forward(x, w):

@@ -2,9 +2,9 @@
 // w in float32 or bfloat16 (widened in registers), the output rows split over XLA's intra-op threads.
 //
 // Why by hand: a decode step is bound by reading the weights once. XLA CPU widens a whole bfloat16 matrix
-// into a fresh float32 buffer before each matrix-vector product (~1.5 GB/s), and its float32 product of one
-// row reads short rows without prefetching. Built on first use by internvl_jax/kernels (plain GCC vectors,
-// no intrinsics: any ISA the host compiler targets).
+// into a fresh float32 buffer before each matrix-vector product (~1.5 GB/s). float32 weights take the same
+// kernel (one decode path; it reads them at least at XLA's rate). Built on first use by internvl_jax/kernels
+// (plain GCC vectors, no intrinsics: any ISA the host compiler targets).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
