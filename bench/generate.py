@@ -215,7 +215,7 @@ def main():
     if jax.default_backend() == "cpu":
         from internvl_jax.kernels import cpu_kernels_enabled
 
-        print(f"CPU decoding kernel (internvl_jax.kernels): {'on' if cpu_kernels_enabled() else 'OFF, XLA products'}")
+        print(f"CPU decoding kernels (internvl_jax.kernels): {'on' if cpu_kernels_enabled() else 'OFF, XLA instead'}")
 
     # --- identical random weights on both sides -----------------------------------------------
     t0 = time.perf_counter()

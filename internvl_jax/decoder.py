@@ -26,9 +26,10 @@ import flax.linen as nn
 from .config import TextConfig
 from .attention import attend
 from .layers import (
-    DENSE_IMPLS, Dense, Norm, attention, constrain, decode_attention, dot_out_in, param_with_axes,
+    DENSE_IMPLS, Dense, Norm, attention, constrain, dot_out_in, param_with_axes,
     resolve_attention_impl, scan_layers,
 )
+from .kernels import decode_attention
 from .rope import apply_rope, rope_cos_sin
 
 

@@ -174,23 +174,6 @@ def attention(q, k, v, mask, *, scale: float, impl: str = "batched"):
     return out.transpose(1, 3, 0, 2, 4).reshape(b, l, h, d)
 
 
-def decode_attention(q, k, v, mask, *, scale: float):
-    """Attention of one query token per row over a KV cache, as multiply-and-sum (XLA CPU fuses it into one pass
-    over the cache; a batched matmul with one query row is much slower there).
-
-    q: [B, 1, H, D]; k, v: [B, K, S, D] with H a multiple of K; mask: bool [B, S] (True = attend).
-    Scores and softmax in float32. Returns [B, 1, H, D] in q's dtype.
-    """
-    b, _, h, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, kv, h // kv, 1, d).astype(jnp.float32)  # [B, K, G, 1, D]
-    scores = jnp.sum(qg * k[:, :, None].astype(jnp.float32), axis=-1) * scale  # [B, K, G, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, D]
-    return out.reshape(b, 1, h, d).astype(q.dtype)
-
-
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,

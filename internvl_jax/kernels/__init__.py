@@ -1,9 +1,12 @@
-"""Native CPU kernels behind XLA FFI custom calls, compiled on first use with the host's C++ compiler.
+"""Native CPU decoding kernels behind XLA FFI custom calls, compiled on first use with the host's C++ compiler.
 
-``few_row_product(x, w)``: x [M, K] . w [N, K]^T -> float32 [M, N] for the few rows of a decode step. On the CPU
-it runs ``cpu_matvec.cc``, which reads float32 or bfloat16 weights once at memory bandwidth (XLA CPU widens a
-bfloat16 matrix into a fresh float32 copy before each product); on other platforms, or where no compiler is
-found, it is an XLA ``dot_general``. The same float32 products and sums either way; only their order differs.
+* ``few_row_product(x, w)``: x [M, K] . w [N, K]^T -> float32 [M, N] for the few rows of a decode step. On the
+  CPU it reads float32 or bfloat16 weights once at memory bandwidth (XLA CPU widens a bfloat16 matrix into a
+  fresh float32 copy before each product); elsewhere, or where no compiler is found, an XLA ``dot_general``.
+* ``decode_attention(q, k, v, mask, scale=)``: one query token per row over a KV cache. On the CPU it reads the
+  cache once (XLA CPU transposes every layer's keys on every step); elsewhere an XLA multiply-and-sum.
+
+Both are in ``cpu_decode.cc``. The same float32 products and sums either way; only their order differs.
 
 The library is built once per source, compiler, jaxlib and CPU (``-march=native``) into
 ``$INTERNVL_JAX_CACHE`` (default ``~/.cache/internvl_jax``)/kernels, under a temporary name renamed at the end,
@@ -22,16 +25,19 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["MAX_ROWS", "cpu_kernels_enabled", "few_row_product", "xla_product"]
+__all__ = ["MAX_ROWS", "cpu_kernels_enabled", "decode_attention", "few_row_product", "xla_decode_attention",
+           "xla_product"]
 
 MAX_ROWS = 16  # rows of x up to which few_row_product is used (decoding; prefill rows take XLA's matmul)
-_SOURCE = Path(__file__).with_name("cpu_matvec.cc")
-_TARGET = "internvl_matvec"
+_SOURCE = Path(__file__).with_name("cpu_decode.cc")
+_TARGETS = {"internvl_matvec": "InternvlMatvec", "internvl_cache_attention": "InternvlCacheAttention"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -55,7 +61,7 @@ def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), jax.__version__,
                                     _cpu_signature()]).encode()).hexdigest()[:16]
-    return _cache_dir() / f"cpu_matvec-{key}.so"
+    return _cache_dir() / f"cpu_decode-{key}.so"
 
 
 def _build() -> Path:
@@ -82,14 +88,15 @@ def _build() -> Path:
 
 @functools.cache
 def cpu_kernels_enabled() -> bool:
-    """Whether the CPU kernel is built and registered (building it on the first call)."""
+    """Whether the CPU kernels are built and registered (building them on the first call)."""
     if os.environ.get("INTERNVL_JAX_CPU_KERNELS", "1") == "0":
         return False
     try:
         lib = ctypes.CDLL(str(_build()))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.InternvlMatvec), platform="cpu")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"internvl_jax: the CPU decoding kernel is not available, using XLA's products ({err})",
+        warnings.warn(f"internvl_jax: the CPU decoding kernels are not available, using XLA ({err})",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
@@ -103,7 +110,7 @@ def xla_product(x, w):
 def _cpu_product(x, w):
     if w.dtype in (jnp.float32, jnp.bfloat16) and cpu_kernels_enabled():
         out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-        return jax.ffi.ffi_call(_TARGET, out)(x.astype(jnp.float32), w)
+        return jax.ffi.ffi_call("internvl_matvec", out)(x.astype(jnp.float32), w)
     if x.shape[0] == 1 and w.dtype != jnp.float32:
         # without the kernel, one 16-bit row: XLA's matrix-vector product would widen the whole matrix first
         # (~10x slower than this fused multiply-and-sum). The barrier ties w to x, so that in a decode loop XLA
@@ -131,3 +138,59 @@ def _backward(res, g):
 
 
 few_row_product.defvjp(_forward, _backward)
+
+
+def xla_decode_attention(q, k, v, mask, *, scale: float):
+    """Attention of one query token per row over a KV cache, as an XLA multiply-and-sum (fused into one pass over
+    the cache on TPU/GPU; a batched matmul with one query row is slower there and on the CPU).
+
+    q: [B, 1, H, D]; k, v: [B, K, S, D] with H a multiple of K; mask: bool [B, S] (True = attend).
+    Scores and softmax in float32. Returns [B, 1, H, D] in q's dtype.
+    """
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, h // kv, 1, d).astype(jnp.float32)  # [B, K, G, 1, D]
+    scores = jnp.sum(qg * k[:, :, None].astype(jnp.float32), axis=-1) * scale  # [B, K, G, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)  # [B, K, G, D]
+    return out.reshape(b, 1, h, d).astype(q.dtype)
+
+
+def _cpu_decode_attention(q, k, v, mask, *, scale: float):
+    if k.dtype == v.dtype and k.dtype in (jnp.float32, jnp.bfloat16) and cpu_kernels_enabled():
+        b, _, h, d = q.shape
+        out = jax.ShapeDtypeStruct((b, h, d), jnp.float32)
+        got = jax.ffi.ffi_call("internvl_cache_attention", out)(q.reshape(b, h, d).astype(jnp.float32), k, v, mask,
+                                                                 scale=np.float32(scale))
+        return got.reshape(q.shape).astype(q.dtype)
+    return xla_decode_attention(q, k, v, mask, scale=scale)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _decode_attention(q, k, v, mask, scale):
+    return jax.lax.platform_dependent(q, k, v, mask, cpu=partial(_cpu_decode_attention, scale=scale),
+                                      default=partial(xla_decode_attention, scale=scale))
+
+
+def _attention_forward(q, k, v, mask, scale):
+    return _decode_attention(q, k, v, mask, scale), (q, k, v, mask)
+
+
+def _attention_backward(scale, res, g):
+    q, k, v, mask = res
+    _, pullback = jax.vjp(lambda q, k, v: xla_decode_attention(q, k, v, mask, scale=scale), q, k, v)
+    return (*pullback(g), None)
+
+
+_decode_attention.defvjp(_attention_forward, _attention_backward)
+
+
+def decode_attention(q, k, v, mask, *, scale: float):
+    """Attention of one query token per row over a KV cache (the kernel on the CPU; see module).
+
+    q: [B, 1, H, D]; k, v: [B, K, S, D] with H a multiple of K (query head h reads kv head h // (H // K));
+    mask: bool [B, S] (True = attend; a row with no True slot averages every slot). Scores and softmax in
+    float32. Returns [B, 1, H, D] in q's dtype.
+    """
+    return _decode_attention(q, k, v, mask, float(scale))
