@@ -26,9 +26,12 @@ takes about 1.5 min at batch 1 and 6 min at batch 8 (the batch-8 prefill alone i
 run lasts about half an hour; ``--batches 1 --repeats 2`` takes about 5 minutes.
 
 Memory bandwidth: a jitted ``jnp.sum`` over a float32 array far bigger than the caches (``--probe-gb``, default 2),
-median of a few calls, measured next to every round. Each decode step has to read every LLM weight once (decoder
-layers, final norm, LM head, one embedding row per sequence; the ViT and projector run in the prefill only), so
-weight bytes / step time is compared with that bandwidth. The KV cache each step reads is reported beside it.
+median of a few calls, measured just before and just after each runner's two timed calls in every round. Each
+decode step has to read every LLM weight once (decoder layers, final norm, LM head, one embedding row per sequence;
+the ViT and projector run in the prefill only), so each round's weight bytes / step time is compared with the mean
+of the two probes around it, and the median of these per-round fractions is reported: this machine's bandwidth
+drifts by 20-30% within minutes, so a probe taken at another moment would measure another machine. The KV cache
+each step reads is reported beside it.
 
 Goals (each printed as met / NOT met):
   * float32, batch 1: ours reads weights at >= 90% of the measured bandwidth, and decodes no slower than transformers
@@ -257,25 +260,30 @@ def main():
             w1, _ = timed(lambda: call(1))
             wn, _ = timed(lambda: call(n_warm))
             print(f"warm-up {name}: {w1:.1f} s (1 token), {wn:.1f} s ({n_warm} tokens)")
-        probes = []
+        probes = {name: [] for name in runners}  # per round: the mean of the probes just before and after
         for r in range(args.repeats):
-            probes.append(probe())
             for name, call in runners.items():
+                before = probe()
                 for n in (1, n_new):
                     dt, out = timed(lambda: call(n))
                     times[name][n].append(dt)
                     if n == n_new:
                         tokens[name] = out
                     assert out.shape == (batch, n), (name, out.shape)
-            line = ", ".join(f"{name} {times[name][1][-1]:.2f}/{times[name][n_new][-1]:.2f} s" for name in runners)
-            print(f"round {r + 1}: bandwidth {probes[-1]:.1f} GB/s | t_1/t_{n_new}: {line}")
-        bandwidth = statistics.median(probes)
+                probes[name].append((before + probe()) / 2)
+            line = ", ".join(f"{name} {times[name][1][-1]:.2f}/{times[name][n_new][-1]:.2f} s "
+                             f"({probes[name][-1]:.1f} GB/s)" for name in runners)
+            print(f"round {r + 1}: t_1/t_{n_new} (bandwidth around them): {line}")
+        bandwidth = statistics.median(x for name in runners for x in probes[name])
 
         slots = cache_length(ids.shape[1], n_new)  # ours' cache slots
         for name in runners:
             t1, tn = statistics.median(times[name][1]), statistics.median(times[name][n_new])
             step = (tn - t1) / (n_new - 1)
-            res = dict(prefill=t1, total=tn, step=step, tok_s=batch / step, bandwidth=bandwidth)
+            # each round's step against the bandwidth measured around it (the machine's speed drifts)
+            steps = [(b - a) / (n_new - 1) for a, b in zip(times[name][1], times[name][n_new])]
+            res = dict(prefill=t1, total=tn, step=step, tok_s=batch / step, steps=steps, probes=probes[name],
+                       bandwidth=statistics.median(probes[name]))
             if name.startswith("ours"):
                 params = ours[name.split()[1]][1]
                 res["weight_bytes"] = weight_bytes_per_step(params, batch)
@@ -291,8 +299,10 @@ def main():
             frac = ""
             if res["weight_bytes"]:
                 rate = res["weight_bytes"] / res["step"] / 1e9
-                res["bw_frac"] = rate / bandwidth
-                frac = f" | weights {res['weight_bytes'] / 1e9:.2f} GB/step -> {rate:.1f} GB/s = {res['bw_frac']:.0%} of bandwidth"
+                res["bw_frac"] = statistics.median(res["weight_bytes"] / st / 1e9 / bw
+                                                   for st, bw in zip(res["steps"], res["probes"]))
+                frac = (f" | weights {res['weight_bytes'] / 1e9:.2f} GB/step -> {rate:.1f} GB/s; per round "
+                        f"{res['bw_frac']:.0%} of the bandwidth around it (median)")
                 if "cache_bytes" in res:
                     frac += f" (+ KV cache {res['cache_bytes'] / 1e6:.0f} MB/step, {slots} slots)"
             print(f"{name:>22}: prefill {res['prefill'] * 1e3:7.0f} ms | decode {res['tok_s']:6.1f} tokens/s "
