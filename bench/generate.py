@@ -18,7 +18,11 @@ decode on a CPU is several times slower than its float32 one, so it costs minute
 with N new tokens, so that
 
     prefill latency   = median time of generate(max_new_tokens=1)       (ViT + prefill + first token)
-    decode tokens/s   = (N - 1) x batch / (median t_N - median t_1)
+    decode tokens/s   = (N - 1) x batch / decode time of the N-token call
+
+where the decode time is, for transformers, median t_N - median t_1, and for ours the decode loop's own time
+(``generate(..., timings=)``): t_N - t_1 also carries the difference between two prefills, which on this CPU moves
+the per-step figure by +-15% (the t_N - t_1 figure of ours is printed beside it).
 
 One warm-up call of each (ours with 1 and N tokens, which compiles both programs; transformers with 1 and 2), then ``--repeats`` rounds that interleave every runner, since a shared
 CPU changes speed from one minute to the next. On a 2-core CPU (float32 + bfloat16 + transformers float32) a round
@@ -160,13 +164,20 @@ def prompt_batch(config, batch: int, text_tokens: int, seed: int):
 
 
 def ours_runner(model, params, ids, pixels, jdtype):
-    """call(n) -> int [B, n] tokens, with ``internvl_jax.generate.generate``."""
+    """call(n) -> int [B, n] tokens, with ``internvl_jax.generate.generate``; ``call.timings`` holds the last
+    call's prefill and decode seconds."""
     import jax.numpy as jnp
 
     from internvl_jax.generate import generate
 
     pix, mask = jnp.asarray(pixels, jdtype), jnp.ones(pixels.shape[:2], bool)
-    return lambda n: generate(model, params, input_ids=ids, pixel_values=pix, tile_mask=mask, max_new_tokens=n)
+
+    def call(n):
+        return generate(model, params, input_ids=ids, pixel_values=pix, tile_mask=mask, max_new_tokens=n,
+                        timings=call.timings)
+
+    call.timings = {}
+    return call
 
 
 def transformers_runner(ref, ids, pixels, tdtype):
@@ -260,6 +271,7 @@ def main():
             w1, _ = timed(lambda: call(1))
             wn, _ = timed(lambda: call(n_warm))
             print(f"warm-up {name}: {w1:.1f} s (1 token), {wn:.1f} s ({n_warm} tokens)")
+        loop_steps = {name: [] for name in runners}  # ours: the decode loop's own time per step, per round
         probes = {name: [] for name in runners}  # per round: the mean of the probes just before and after
         for r in range(args.repeats):
             for name, call in runners.items():
@@ -267,6 +279,8 @@ def main():
                 for n in (1, n_new):
                     dt, out = timed(lambda: call(n))
                     times[name][n].append(dt)
+                    if n == n_new and name.startswith("ours"):
+                        loop_steps[name].append(call.timings["decode_s"] / (n_new - 1))
                     if n == n_new:
                         tokens[name] = out
                     assert out.shape == (batch, n), (name, out.shape)
@@ -279,11 +293,12 @@ def main():
         slots = cache_length(ids.shape[1], n_new)  # ours' cache slots
         for name in runners:
             t1, tn = statistics.median(times[name][1]), statistics.median(times[name][n_new])
-            step = (tn - t1) / (n_new - 1)
-            # each round's step against the bandwidth measured around it (the machine's speed drifts)
-            steps = [(b - a) / (n_new - 1) for a, b in zip(times[name][1], times[name][n_new])]
-            res = dict(prefill=t1, total=tn, step=step, tok_s=batch / step, steps=steps, probes=probes[name],
-                       bandwidth=statistics.median(probes[name]))
+            difference = (tn - t1) / (n_new - 1)  # the t_N - t_1 estimate of a step
+            # per round, each compared below with the bandwidth measured around it (the machine's speed drifts)
+            steps = loop_steps[name] or [(b - a) / (n_new - 1) for a, b in zip(times[name][1], times[name][n_new])]
+            step = statistics.median(loop_steps[name]) if loop_steps[name] else difference
+            res = dict(prefill=t1, total=tn, step=step, difference=difference, tok_s=batch / step, steps=steps,
+                       probes=probes[name], bandwidth=statistics.median(probes[name]))
             if name.startswith("ours"):
                 params = ours[name.split()[1]][1]
                 res["weight_bytes"] = weight_bytes_per_step(params, batch)
@@ -305,8 +320,10 @@ def main():
                         f"{res['bw_frac']:.0%} of the bandwidth around it (median)")
                 if "cache_bytes" in res:
                     frac += f" (+ KV cache {res['cache_bytes'] / 1e6:.0f} MB/step, {slots} slots)"
+            how = (f"decode loop {res['step'] * 1e3:.1f} ms/step; t_N - t_1 gives {res['difference'] * 1e3:.1f}"
+                   if loop_steps[name] else f"t_N - t_1: {res['step'] * 1e3:.1f} ms/step")
             print(f"{name:>22}: prefill {res['prefill'] * 1e3:7.0f} ms | decode {res['tok_s']:6.1f} tokens/s "
-                  f"({res['step'] * 1e3:.1f} ms/step){frac}")
+                  f"({how}){frac}")
         for d in ours:
             if f"transformers {d}" in tokens:
                 a, b = tokens[f"ours {d}"], tokens[f"transformers {d}"]

@@ -10,6 +10,7 @@ length). Prompt lengths and cache sizes are bucketed, so many prompts reuse a fe
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import jax
@@ -173,6 +174,7 @@ def generate(
     seed: int = 0,
     eos_token_id=None,
     pad_token_id: int = 0,
+    timings: dict | None = None,
 ) -> np.ndarray:
     """Generate ``max_new_tokens`` tokens per row: int32 [B, max_new_tokens], rows padded with ``pad_token_id``
     after their end-of-sequence token (``eos_token_id``: one id or several). The loop stops when every row ended.
@@ -181,15 +183,24 @@ def generate(
     input_ids int [B, P]; attention_mask [B, P] (1 = real token; left or right padding), default all real;
     pixel_values / tile_mask as for the model; positions [B, P] (V2PE floats) continue at the last prompt
     position + 1. Greedy unless ``do_sample`` (then temperature, top_k, top_p, seed).
+    timings: a dict to receive ``prefill_s`` (host preparation, vision, prefill, until the first token exists) and
+    ``decode_s`` (the decode loop, until every token is on the host), wall-clock seconds.
     """
+    t0 = time.perf_counter()
     sampling = _sampling(do_sample, temperature, top_k, top_p)
     model, params, ids, start, positions, cache = _prepare(model, params, input_ids, attention_mask, positions,
                                                            tile_mask, max_new_tokens, pad_token_id)
     token, pos, cache, rng = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache,
                                       jax.random.PRNGKey(seed), sampling=sampling)
+    if timings is not None:
+        token.block_until_ready()
+        t1 = time.perf_counter()
     eos = jnp.asarray(np.atleast_1d(-1 if eos_token_id is None else eos_token_id), jnp.int32)
-    return np.asarray(_decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, rng, eos,
-                                   jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, sampling=sampling))
+    out = np.asarray(_decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, rng, eos,
+                                  jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, sampling=sampling))
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+    return out
 
 
 def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, pixel_values=None, tile_mask=None,

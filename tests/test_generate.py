@@ -1,6 +1,8 @@
 """Generation: greedy decoding equals transformers token for token; the KV cache equals full recomputation;
 sampling is reproducible and respects top-k / top-p."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,18 @@ def test_params_converted_once_give_the_same_tokens(loaded):
     once = unrolled_params(params, model.config)
     np.testing.assert_array_equal(generate(model, once, input_ids=ids, max_new_tokens=6),
                                   generate(model, params, input_ids=ids, max_new_tokens=6))
+
+
+def test_timings_split_the_call_into_prefill_and_decode(loaded):
+    _, model, params = loaded
+    ids = np.random.default_rng(6).integers(1, 250, (1, 9))
+    timings = {}
+    t0 = time.perf_counter()
+    got = generate(model, params, input_ids=ids, max_new_tokens=6, timings=timings)
+    total = time.perf_counter() - t0
+    np.testing.assert_array_equal(got, generate(model, params, input_ids=ids, max_new_tokens=6))
+    assert set(timings) == {"prefill_s", "decode_s"}
+    assert 0 < timings["prefill_s"] and 0 < timings["decode_s"] and timings["prefill_s"] + timings["decode_s"] <= total
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(loaded):

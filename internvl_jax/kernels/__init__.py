@@ -141,8 +141,8 @@ few_row_product.defvjp(_forward, _backward)
 
 
 def xla_decode_attention(q, k, v, mask, *, scale: float):
-    """Attention of one query token per row over a KV cache, as an XLA multiply-and-sum (fused into one pass over
-    the cache on TPU/GPU; a batched matmul with one query row is slower there and on the CPU).
+    """Attention of one query token per row over a KV cache, as an XLA multiply-and-sum: the form off the CPU and
+    the CPU fallback (in XLA CPU's decode loop a batched matmul made it copy every cache buffer each step).
 
     q: [B, 1, H, D]; k, v: [B, K, S, D] with H a multiple of K; mask: bool [B, S] (True = attend).
     Scores and softmax in float32. Returns [B, 1, H, D] in q's dtype.

@@ -244,7 +244,6 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   return ffi::Error::Success();
 }
 
-
 // One cache row of D elements as float32 vectors (bfloat16 widened: its bits are a float32's upper half).
 inline f32v load_row(const float* p) { return load_f32(p); }
 inline f32v load_row(const uint16_t* p) {
@@ -253,6 +252,7 @@ inline f32v load_row(const uint16_t* p) {
   return as_f32(__builtin_convertvector(h, u32v) << 16);
 }
 inline float widen(float v) { return v; }
+inline float widen(uint16_t h) { return bf16_to_f32(h); }
 
 // exp(x) for x <= 0, 16 lanes at once (a scalar expf per score costs more than the rest of the attention):
 // x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-7 polynomial (~1 ulp), times 2^n through the
@@ -276,7 +276,6 @@ inline f32v exp_nonpositive(f32v x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-inline float widen(uint16_t h) { return bf16_to_f32(h); }
 
 constexpr int kHeadBlock = 8;  // query heads whose outputs accumulate in registers together
 
