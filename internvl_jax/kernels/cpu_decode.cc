@@ -254,7 +254,8 @@ inline f32v load_row(const uint16_t* p) {
 inline float widen(float v) { return v; }
 inline float widen(uint16_t h) { return bf16_to_f32(h); }
 
-// exp(x) for x <= 0, 16 lanes at once (a scalar expf per score costs more than the rest of the attention):
+// exp(x) for x <= 0, 16 lanes at once (with a scalar expf per score the attention of 24 layers over 448 slots
+// took 1.6-1.9 ms instead of 1.35, at batch 8 13.4 instead of 9.5):
 // x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-7 polynomial (~1 ulp), times 2^n through the
 // exponent bits. x is clamped at -87 (exp(-87) ~ 1.6e-38, the smallest normal float's order): a softmax term
 // that small is negligible next to the largest, which is 1.
