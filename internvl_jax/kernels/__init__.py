@@ -161,8 +161,8 @@ def _cpu_decode_attention(q, k, v, mask, *, scale: float):
     if k.dtype == v.dtype and k.dtype in (jnp.float32, jnp.bfloat16) and cpu_kernels_enabled():
         b, _, h, d = q.shape
         out = jax.ShapeDtypeStruct((b, h, d), jnp.float32)
-        got = jax.ffi.ffi_call("internvl_cache_attention", out)(q.reshape(b, h, d).astype(jnp.float32), k, v, mask,
-                                                                 scale=np.float32(scale))
+        got = jax.ffi.ffi_call("internvl_cache_attention", out)(q.reshape(b, h, d).astype(jnp.float32), k, v,
+                                                                 mask.astype(bool), scale=np.float32(scale))
         return got.reshape(q.shape).astype(q.dtype)
     return xla_decode_attention(q, k, v, mask, scale=scale)
 
