@@ -7,15 +7,16 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
-from internvl_jax.config import InternVLConfig, TextConfig, load_config, text_config_from_dict
+from internvl_jax.config import InternVLConfig, TextConfig, config_from_dict, load_config, text_config_from_dict
 from internvl_jax.decoder import Decoder
 from internvl_jax.layers import as_dtype, dtype_name
 from internvl_jax.model import InternVL, abstract_params
@@ -65,9 +66,9 @@ def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
     unexpected = []
     for key in reader.keys():
         canon = layout.canonical(key)
+        if canon in ("lm_head.weight", "output.weight") and text.tie_word_embeddings:
+            continue  # a tied head is the embedding table (files omit it, a state dict repeats it)
         matches = [(i, m) for i, r in enumerate(rules) if (m := r.pattern.fullmatch(canon))]
-        if not matches and canon in ("lm_head.weight", "output.weight") and text.tie_word_embeddings:
-            continue  # a tied head is the embedding table
         if not matches or any(rules[i].target.format(part=p) not in shapes for i, m in matches for p in _parts(rules[i], m)):
             unexpected.append(key)
             continue
@@ -180,10 +181,15 @@ def _shapes(tree) -> dict:
     return {p: s.shape for p, s in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
+def layout_of(config: dict) -> Layout:
+    """The layout of a parsed config.json: the original one has ``llm_config``, the transformers one ``text_config``."""
+    return LAYOUTS["original" if "llm_config" in config else "hf"]
+
+
 def checkpoint_layout(path: str) -> Layout:
     """The layout of a checkpoint folder, from its own config.json."""
     with open(os.path.join(path, "config.json")) as f:
-        return LAYOUTS["original" if "llm_config" in json.load(f) else "hf"]
+        return layout_of(json.load(f))
 
 
 PARAMS_DIR = "params"  # the orbax checkpoint inside a folder written by ``internvl-jax convert``
@@ -191,6 +197,28 @@ PARAMS_DIR = "params"  # the orbax checkpoint inside a folder written by ``inter
 
 def _device_put(path: str, array: np.ndarray):
     return jnp.asarray(array)
+
+
+def _placement(boxed: dict, mesh, rules):
+    """(shardings or None, place(path, host array)): onto the default device, or with a ``mesh`` each
+    addressable device copying its own slice of the host array into the sharding ``rules`` give it."""
+    if mesh is None:
+        return None, _device_put
+    import sharding
+
+    shardings = sharding.shardings(boxed, mesh, rules)
+    flat = traverse_util.flatten_dict(shardings, sep="/")
+
+    def place(p, array):
+        return jax.make_array_from_callback(array.shape, flat[p], lambda index: array[index])
+
+    return shardings, place
+
+
+def _read(reader, layout: Layout, config: InternVLConfig, mesh, rules) -> dict:
+    boxed = abstract_params(config, boxed=True)
+    _, place = _placement(boxed, mesh, rules)
+    return load_params(reader, layout, config.text, _shapes(nn.unbox(boxed)), config.param_dtype, place)
 
 
 def load_pretrained(path: str, dtype=jnp.float32, mesh=None, rules="fsdp") -> tuple[InternVL, dict]:
@@ -209,26 +237,58 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None, rules="fsdp") -> tu
         from internvl_jax.processing.tokenizer import Tokenizer
 
         config = config.replace(image_token_id=Tokenizer.from_pretrained(path).img_context_id)
-    boxed = abstract_params(config, boxed=True)
-    shardings = None
-    if mesh is not None:
-        import sharding
-
-        shardings = sharding.shardings(boxed, mesh, rules)
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         from .orbax_io import restore
 
+        boxed = abstract_params(config, boxed=True)
+        shardings, _ = _placement(boxed, mesh, rules)
         return InternVL(config), restore(os.path.join(path, PARAMS_DIR), nn.unbox(boxed), shardings)
-    place = _device_put
-    if shardings is not None:
-        flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
-
-        def place(p, array):  # each addressable device copies its own slice of the host tensor
-            return jax.make_array_from_callback(array.shape, flat_shardings[p], lambda index: array[index])
-
     with SafetensorsReader(path) as reader:
-        params = load_params(reader, checkpoint_layout(path), config.text, _shapes(nn.unbox(boxed)), name, place)
-    return InternVL(config), params
+        return InternVL(config), _read(reader, checkpoint_layout(path), config, mesh, rules)
+
+
+class StateDictReader:
+    """:class:`SafetensorsReader`'s reading interface over tensors in memory: a ``{name: tensor}`` mapping of
+    torch tensors (any device; bfloat16 arrives as ml_dtypes' bfloat16) or numpy arrays."""
+
+    def __init__(self, tensors: Mapping):
+        self._tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        if not hasattr(t, "detach"):
+            return np.asarray(t)
+        t = t.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: the same bits, reinterpreted
+            import torch
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def from_state_dict(state_dict: Mapping, config: dict, dtype=jnp.float32, mesh=None, rules="fsdp",
+                    image_token_id: int | None = None) -> tuple[InternVL, dict]:
+    """Our ``(model, params)`` from a PyTorch model in memory, with no file written: ``state_dict`` in either
+    layout (``transformers.InternVLForConditionalGeneration(...).state_dict()``, or the original
+    ``InternVLChatModel``'s) and ``config`` its parsed config.json (``model.config.to_dict()``).
+
+    Checked and placed as :func:`load_pretrained` does (``dtype``, ``mesh``, ``rules`` alike). Original configs do
+    not name the IMG_CONTEXT token id, which then comes from ``image_token_id`` (the tokenizer's).
+    """
+    name = dtype_name(as_dtype(dtype))
+    cfg = config_from_dict(config, dtype=name, param_dtype=name)
+    if image_token_id is not None:
+        cfg = cfg.replace(image_token_id=int(image_token_id))
+    if cfg.image_token_id < 0:
+        raise CheckpointError("the config does not name the IMG_CONTEXT token id: pass image_token_id= "
+                              "(the tokenizer's id of <IMG_CONTEXT>)")
+    return InternVL(cfg), _read(StateDictReader(state_dict), layout_of(config), cfg, mesh, rules)
 
 
 def load_language_model(path: str, dtype=jnp.float32) -> tuple[Decoder, dict]:

@@ -8,10 +8,10 @@ from .generate import generate, generate_stream
 
 def __getattr__(name):
     # resolved lazily: convert/ builds on this package, so importing it here would be circular
-    if name == "load_pretrained":
-        from convert.load import load_pretrained
+    if name in ("load_pretrained", "from_state_dict"):
+        import convert.load
 
-        return load_pretrained
+        return getattr(convert.load, name)
     if name == "Processor":  # imported on use: it brings the tokenizer and video decoders
         from .processing import Processor
 
@@ -22,5 +22,5 @@ def __getattr__(name):
 __all__ = [
     "InternVL", "InternVLConfig", "TextConfig", "VisionConfig", "RopeConfig", "ConfigError", "ImageTokenMismatch",
     "PRESETS", "abstract_params", "check_image_tokens", "get_preset", "init_params", "load_config",
-    "load_pretrained", "param_count", "Processor", "generate", "generate_stream",
+    "load_pretrained", "from_state_dict", "param_count", "Processor", "generate", "generate_stream",
 ]
