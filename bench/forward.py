@@ -162,7 +162,7 @@ def main():
 
     # --- input: one tile, IMG_CONTEXT tokens after a short prefix, the rest text ----------------
     rng = np.random.default_rng(args.seed)
-    ids = rng.integers(0, 150000, (1, length)).astype(np.int32)
+    ids = rng.integers(0, min(150000, cfg.text.vocab_size), (1, length)).astype(np.int32)
     ids[ids == cfg.image_token_id] = 0
     start = min(8, args.text_tokens)
     ids[0, start : start + img_tokens] = cfg.image_token_id

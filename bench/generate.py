@@ -3,18 +3,20 @@
     python bench/generate.py                                   # float32 + bfloat16, batch 1 and 8, 128 new tokens
     python bench/generate.py --dtypes float32 --batches 1 --repeats 5
     python bench/generate.py --skip-transformers               # ours only (and the bandwidth probe)
+    python bench/generate.py --dtypes bfloat16 --preset InternVL2_5-8B   # on a GPU (bench/gpu_check.sh runs it all)
 
 Both sides get the same random weights: a ``transformers.InternVLForConditionalGeneration`` is built from the
-preset's transformers-native config, saved with ``save_pretrained`` to a temporary folder, and loaded into ours
-with ``convert.load.load_pretrained`` in each ``--dtypes`` entry, then converted once to the generation layout
-(``internvl_jax.generate.unrolled_params``; ``generate`` would otherwise convert them on every call). Every row of the batch is one prompt of one
+preset's transformers-native config on torch's device (sdpa attention), and its state dict goes into ours with
+``convert.load.from_state_dict`` (no file written) in each ``--dtypes`` entry, then converted once to the
+generation layout (``internvl_jax.generate.unrolled_params``; ``generate`` would otherwise convert them on every
+call). Every row of the batch is one prompt of one
 448x448 tile: 8 text tokens, 256 IMG_CONTEXT tokens, 56 text tokens (320 tokens; ``--text-tokens`` changes the
 64 text tokens). Decoding is greedy and runs exactly ``--new-tokens`` tokens on both sides (no end-of-sequence id;
 transformers gets ``min_new_tokens = max_new_tokens``).
 
-Runners: ours in each dtype; transformers in float32 (the reference of every goal) and, when bfloat16 is among
-the dtypes and ``--transformers-bf16`` is given, transformers in bfloat16 too (off by default: torch's bfloat16
-decode on a CPU is several times slower than its float32 one, so it costs minutes per round). Each runner is timed with 1 and
+Runners: ours in each dtype; transformers in each ``--transformers-dtypes`` entry: by default float32 on a CPU
+(the reference of every CPU goal; torch's bfloat16 decode on a CPU is several times slower than its float32 one,
+so it costs minutes per round) and bfloat16 on a GPU (the reference of the GPU goals). Each runner is timed with 1 and
 with N new tokens, so that
 
     prefill latency   = median time of generate(max_new_tokens=1)       (ViT + prefill + first token)
@@ -29,7 +31,8 @@ CPU changes speed from one minute to the next. On a 2-core CPU (float32 + bfloat
 takes about 1.5 min at batch 1 and 6 min at batch 8 (the batch-8 prefill alone is 25-45 s per call), so the default
 run lasts about half an hour; ``--batches 1 --repeats 2`` takes about 5 minutes.
 
-Memory bandwidth: a jitted ``jnp.sum`` over a float32 array far bigger than the caches (``--probe-gb``, default 2),
+Memory bandwidth: a jitted ``jnp.sum`` over a float32 array far bigger than the caches (``--probe-gb``, default 2 GB
+on a CPU, 8 GB on a GPU, where 2 GB take half a millisecond),
 median of a few calls, measured just before and just after each runner's two timed calls in every round. Each
 decode step has to read every LLM weight once (decoder layers, final norm, LM head, one embedding row per sequence;
 the ViT and projector run in the prefill only), so each round's weight bytes / step time is compared with the mean
@@ -37,12 +40,21 @@ of the two probes around it, and the median of these per-round fractions is repo
 drifts by 20-30% within minutes, so a probe taken at another moment would measure another machine. The KV cache
 each step reads is reported beside it.
 
-Goals (each printed as met / NOT met):
+Goals on a CPU (each printed as met / NOT met):
   * float32, batch 1: ours reads weights at >= 90% of the measured bandwidth, and decodes no slower than transformers
   * bfloat16, batch 1: ours decodes >= 1.7x transformers' float32 tokens/s
   * batch 8: ours >= 1.2x transformers' tokens/s at batch 8 (same dtype)
 
-Device: JAX runs on its default device; torch on the CPU with ``torch.set_num_threads(os.cpu_count())``.
+Goals on a GPU (bfloat16 on both sides; ``GPU_GOALS``):
+  * InternVL2.5-8B shapes, batch 1: ours >= 85% of the measured read bandwidth and >= 4x transformers
+  * InternVL2.5-1B shapes, batch 1: ours >= 5x transformers
+  * batch 8: ours >= 3x transformers
+XLA's flags (``XLA_FLAGS``, e.g. ``--xla_gpu_enable_triton_gemm=false``) are read when JAX starts, so a comparison of
+flags is one process per setting (bench/gpu_check.sh); the header prints the flags in force.
+
+Device: JAX runs on its default device; torch on ``--torch-device`` (auto: CUDA when JAX runs on a GPU and torch
+sees one, else the CPU with ``torch.set_num_threads(os.cpu_count())``). On a GPU both share the card:
+``XLA_PYTHON_CLIENT_PREALLOCATE`` defaults to false here, so that JAX does not take 75% of it at start.
 """
 
 from __future__ import annotations
@@ -51,15 +63,15 @@ import argparse
 import copy
 import os
 import statistics
-import sys
-import tempfile
 import time
 
 import numpy as np
 
-# run as a script, this folder comes first on sys.path, where bench/convert.py would hide the convert package
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares a GPU with JAX
+
+# GPU goals per preset (bfloat16, ours vs transformers at batch 1): the fraction of the read bandwidth, the speed-up
+GPU_GOALS = {"InternVL2_5-8B": dict(bandwidth=0.85, speedup=4.0), "InternVL2_5-1B": dict(speedup=5.0)}
+GPU_BATCH_SPEEDUP = 3.0
 
 
 def parse_args():
@@ -71,15 +83,22 @@ def parse_args():
     p.add_argument("--text-tokens", type=int, default=64, help="ordinary text tokens of each prompt besides the image tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up of each runner)")
     p.add_argument("--skip-transformers", action="store_true", help="time ours only (goals against transformers are skipped)")
-    p.add_argument("--transformers-bf16", action="store_true", help="also time transformers in bfloat16 (slow on CPU)")
-    p.add_argument("--probe-gb", type=float, default=2.0, help="size of the float32 array of the bandwidth probe, GB")
+    p.add_argument("--transformers-dtypes", default=None,
+                   help="comma-separated dtypes of transformers (default: float32 on a CPU, bfloat16 on a GPU)")
+    p.add_argument("--torch-device", default="auto", help="torch's device: auto (cuda when JAX runs on a GPU), cpu, cuda")
+    p.add_argument("--probe-gb", type=float, default=None,
+                   help="size of the float32 array of the bandwidth probe, GB (default: 2 on a CPU, 8 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    bad = [d for d in args.dtypes if d not in ("float32", "bfloat16")]
+    if args.transformers_dtypes is not None:
+        args.transformers_dtypes = [d.strip() for d in args.transformers_dtypes.split(",") if d.strip()]
+    bad = [d for d in args.dtypes + (args.transformers_dtypes or []) if d not in ("float32", "bfloat16")]
     if bad:
         p.error(f"unknown dtype(s) {bad}; use float32 and/or bfloat16")
+    if args.torch_device not in ("auto", "cpu", "cuda"):
+        p.error(f"unknown --torch-device {args.torch_device!r}; use auto, cpu or cuda")
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode time is t_N - t_1)")
     return args
@@ -154,7 +173,7 @@ def prompt_batch(config, batch: int, text_tokens: int, seed: int):
     [B, 1, H, W, 3] (normalised values)."""
     rng = np.random.default_rng(seed)
     img = config.tokens_per_tile
-    ids = rng.integers(1, 150000, (batch, img + text_tokens)).astype(np.int32)
+    ids = rng.integers(1, min(150000, config.text.vocab_size), (batch, img + text_tokens)).astype(np.int32)
     ids[ids == config.image_token_id] = 1
     start = min(8, text_tokens)
     ids[:, start : start + img] = config.image_token_id
@@ -180,19 +199,21 @@ def ours_runner(model, params, ids, pixels, jdtype):
     return call
 
 
-def transformers_runner(ref, ids, pixels, tdtype):
-    """call(n) -> int [B, n] tokens, with transformers' ``generate`` (greedy, exactly n tokens)."""
+def transformers_runner(ref, ids, pixels):
+    """call(n) -> int [B, n] tokens, with transformers' ``generate`` (greedy, exactly n tokens) on ``ref``'s device
+    and in its dtype; the tokens come back to the host, which waits for the device."""
     import torch
 
-    t_ids = torch.tensor(ids, dtype=torch.long)
+    device, dtype = ref.device, ref.dtype
+    t_ids = torch.tensor(ids, dtype=torch.long, device=device)
     t_mask = torch.ones_like(t_ids)
-    t_pix = torch.tensor(pixels.reshape(-1, *pixels.shape[2:]).transpose(0, 3, 1, 2)).to(tdtype)  # [B*T, 3, H, W]
+    t_pix = torch.tensor(pixels.reshape(-1, *pixels.shape[2:]).transpose(0, 3, 1, 2)).to(device, dtype)  # [B*T, 3, H, W]
 
     def call(n):
         with torch.no_grad():
             out = ref.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pix, max_new_tokens=n,
                                min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[:, t_ids.shape[1]:].numpy()
+        return out[:, t_ids.shape[1]:].cpu().numpy()
 
     return call
 
@@ -215,17 +236,26 @@ def main():
     import torch
     import transformers
 
-    from convert.load import load_pretrained
+    from convert.load import from_state_dict
     from internvl_jax.config import to_hf_dict
     from internvl_jax.generate import cache_length, unrolled_params
     from internvl_jax.presets import get_preset
 
     cores = os.cpu_count()
     torch.set_num_threads(cores)
+    gpu = jax.default_backend() == "gpu"
+    tdevice = args.torch_device
+    if tdevice == "auto":
+        tdevice = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    tdtypes = [] if args.skip_transformers else (args.transformers_dtypes or ["bfloat16" if gpu else "float32"])
+    probe_gb = args.probe_gb or (8.0 if gpu else 2.0)
     jdtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     n_new = args.new_tokens
-    print(f"jax {jax.__version__} on {jax.devices()[0]} | torch {torch.__version__} ({torch.get_num_threads()} threads) "
-          f"| transformers {transformers.__version__} | {cores} cores")
+    print(f"jax {jax.__version__} on {jax.devices()[0]} | torch {torch.__version__} on {tdevice} "
+          f"({torch.get_num_threads()} threads) | transformers {transformers.__version__} | {cores} cores")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    if tdevice == "cuda":
+        print(f"torch's GPU: {torch.cuda.get_device_name()}")
     if jax.default_backend() == "cpu":
         from internvl_jax.kernels import cpu_kernels_enabled
 
@@ -235,34 +265,30 @@ def main():
     t0 = time.perf_counter()
     preset = get_preset(args.preset)
     torch.manual_seed(args.seed)
-    ref = transformers.InternVLForConditionalGeneration(transformers.InternVLConfig(**to_hf_dict(preset))).float().eval()
+    # built once, in float32 when some runner needs it (the other dtypes are roundings of it)
+    base = torch.float32 if "float32" in args.dtypes + tdtypes else torch.bfloat16
+    with torch.device(tdevice):
+        ref = transformers.InternVLForConditionalGeneration._from_config(
+            transformers.InternVLConfig(**to_hf_dict(preset)), attn_implementation="sdpa", dtype=base).eval()
     ours = {}  # dtype -> (model, params)
-    with tempfile.TemporaryDirectory() as folder:
-        ref.save_pretrained(folder)
-        for name in args.dtypes:
-            model, params = load_pretrained(folder, dtype=jdtypes[name])
-            ours[name] = model, unrolled_params(params, model.config)  # converted once, as a server would
-            del params
-    refs = {}  # dtype -> transformers model
-    if not args.skip_transformers:
-        refs["float32"] = ref
-        if "bfloat16" in args.dtypes and args.transformers_bf16:
-            refs["bfloat16"] = copy.deepcopy(ref).to(torch.bfloat16)
-    else:
-        del ref
+    for name in args.dtypes:
+        model, params = from_state_dict(ref.state_dict(), ref.config.to_dict(), dtype=jdtypes[name])
+        ours[name] = model, unrolled_params(params, model.config)  # converted once, as a server would
+        del params
+    refs = {d: ref if getattr(torch, d) == base else copy.deepcopy(ref).to(getattr(torch, d)) for d in tdtypes}
+    del ref
     cfg = next(iter(ours.values()))[0].config
-    print(f"model: {args.preset} shapes, built + saved + loaded ({', '.join(ours)}) in {time.perf_counter() - t0:.1f} s")
+    print(f"model: {args.preset} shapes, built + handed to ours ({', '.join(ours)}) in {time.perf_counter() - t0:.1f} s")
     print(f"prompt: {cfg.tokens_per_tile} IMG_CONTEXT (one {cfg.image_size}x{cfg.image_size} tile) + {args.text_tokens} "
           f"text tokens per row; {n_new} new tokens, greedy; {args.repeats} timed rounds")
 
-    probe = BandwidthProbe(args.probe_gb)
+    probe = BandwidthProbe(probe_gb)
     results = {}  # (runner name, batch) -> dict
 
     for batch in args.batches:
         ids, pixels = prompt_batch(cfg, batch, args.text_tokens, args.seed)
         runners = {f"ours {d}": ours_runner(m, p, ids, pixels, jdtypes[d]) for d, (m, p) in ours.items()}
-        runners.update({f"transformers {d}": transformers_runner(r, ids, pixels, getattr(torch, d))
-                        for d, r in refs.items()})
+        runners.update({f"transformers {d}": transformers_runner(r, ids, pixels) for d, r in refs.items()})
         print(f"\n=== batch {batch} ===")
         times = {name: {1: [], n_new: []} for name in runners}
         tokens = {}
@@ -334,39 +360,66 @@ def main():
     # --- goals ---------------------------------------------------------------------------------------
     print("\n=== goals ===")
     print(f"bandwidth probe readings: {', '.join(f'{x:.1f}' for x in probe.readings)} GB/s")
+    (gpu_goals if gpu else cpu_goals)(results, args)
 
-    def goal(text, met):
-        print(f"goal: {text}: {'met' if met else 'NOT met'}")
 
-    def get(name, batch):
-        return results.get((name, batch))
+def goal(text, met):
+    print(f"goal: {text}: {'met' if met else 'NOT met'}")
 
-    o, t = get("ours float32", 1), get("transformers float32", 1)
+
+def cpu_goals(results: dict, args):
+    o, t = results.get(("ours float32", 1)), results.get(("transformers float32", 1))
     if o:
         detail = f"ours {o['bw_frac']:.0%} of {o['bandwidth']:.1f} GB/s, {o['tok_s']:.1f} tokens/s"
         if t:
             detail += f" vs transformers {t['tok_s']:.1f} tokens/s ({t.get('bw_frac', float('nan')):.0%} of bandwidth)"
         goal(f"float32 batch 1 >= 90% of bandwidth and not slower than transformers ({detail})",
              o["bw_frac"] >= 0.9 and (t is None or o["tok_s"] >= t["tok_s"]))
-    o = get("ours bfloat16", 1)
+    o = results.get(("ours bfloat16", 1))
     if o and t:
         goal(f"bfloat16 batch 1 >= 1.7x transformers float32 (ours {o['tok_s']:.1f} tokens/s = "
              f"{o['tok_s'] / t['tok_s']:.2f}x of {t['tok_s']:.1f}; ours {o['bw_frac']:.0%} of bandwidth)",
              o["tok_s"] >= 1.7 * t["tok_s"])
-        tb = get("transformers bfloat16", 1)
+        tb = results.get(("transformers bfloat16", 1))
         if tb:
             print(f"      (transformers bfloat16 batch 1: {tb['tok_s']:.1f} tokens/s; ours is {o['tok_s'] / tb['tok_s']:.2f}x)")
-    for batch in args.batches:
-        if batch == 1:
-            continue
-        for d in ours:
-            o, t = get(f"ours {d}", batch), get(f"transformers {d}", batch)
+    for batch in (b for b in args.batches if b != 1):
+        for d in ("float32", "bfloat16"):
+            o, t = results.get((f"ours {d}", batch)), results.get((f"transformers {d}", batch))
             if o and t:
                 goal(f"{d} batch {batch} >= 1.2x transformers {d} (ours {o['tok_s']:.1f} vs {t['tok_s']:.1f} tokens/s "
                      f"= {o['tok_s'] / t['tok_s']:.2f}x)", o["tok_s"] >= 1.2 * t["tok_s"])
-        o, t = get("ours bfloat16", batch), get("transformers float32", batch)
+        o, t = results.get(("ours bfloat16", batch)), results.get(("transformers float32", batch))
         if o and t:
             print(f"      (bfloat16 batch {batch} vs transformers float32: {o['tok_s'] / t['tok_s']:.2f}x)")
+
+
+def gpu_goals(results: dict, args):
+    """bfloat16 on both sides; the batch-1 goals of ``GPU_GOALS[args.preset]`` (other presets: figures only)."""
+    want = GPU_GOALS.get(args.preset, {})
+    o, t = results.get(("ours bfloat16", 1)), results.get(("transformers bfloat16", 1))
+    if o:
+        parts, met = [f"ours {o['tok_s']:.1f} tokens/s, {o['bw_frac']:.0%} of {o['bandwidth']:.0f} GB/s"], True
+        if "bandwidth" in want:
+            parts.append(f">= {want['bandwidth']:.0%} of bandwidth")
+            met &= o["bw_frac"] >= want["bandwidth"]
+        if t:
+            parts.append(f"{o['tok_s'] / t['tok_s']:.2f}x transformers' {t['tok_s']:.1f} tokens/s")
+            if "speedup" in want:
+                parts.append(f"goal >= {want['speedup']:g}x")
+                met &= o["tok_s"] >= want["speedup"] * t["tok_s"]
+        text = f"{args.preset} bfloat16 batch 1 ({'; '.join(parts)})"
+        if "bandwidth" in want or (t and "speedup" in want):
+            goal(text, met)
+        else:
+            print(f"figures: {text}")
+    for batch in (b for b in args.batches if b != 1):
+        o, t = results.get(("ours bfloat16", batch)), results.get(("transformers bfloat16", batch))
+        if o and t:
+            goal(f"bfloat16 batch {batch} >= {GPU_BATCH_SPEEDUP:g}x transformers (ours {o['tok_s']:.1f} vs "
+                 f"{t['tok_s']:.1f} tokens/s = {o['tok_s'] / t['tok_s']:.2f}x)", o["tok_s"] >= GPU_BATCH_SPEEDUP * t["tok_s"])
+        elif o:
+            print(f"figures: bfloat16 batch {batch}: ours {o['tok_s']:.1f} tokens/s, {o['bw_frac']:.0%} of bandwidth")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Conversion benchmark: a synthetic InternVL2.5-8B original-layout checkpoint -> orbax, and a 1B load onto 8 devices.
 
-    python bench/convert.py                          # 8B convert (about 16 GB on disk, twice) + 1B sharded load
-    python bench/convert.py --model InternVL2_5-1B   # a smaller run
+    python bench/conversion.py                          # 8B convert (about 16 GB on disk, twice) + 1B sharded load
+    python bench/conversion.py --model InternVL2_5-1B   # a smaller run
 
 1. Writes a checkpoint with the real shapes and names of ``--model`` in the original OpenGVLab layout (random
    bf16 values, ``--shard-gb`` shards with an index), through our own exporter's key map.
@@ -29,10 +29,6 @@ import tempfile
 import time
 
 import numpy as np
-
-# this file is named like the `convert` package it benchmarks: keep bench/ off the import path
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 GiB = 1 << 30
 

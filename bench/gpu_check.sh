@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks of the decoding and forward benchmarks, as one command for a lent H100/H200 (bfloat16 throughout):
+#
+#   bash bench/gpu_check.sh            # logs into $OUT (default /tmp/gpu_check), one per step
+#
+# 1. bench/generate.py, InternVL2.5-1B shapes, ours vs transformers (sdpa), batch 1 and 8, XLA's default flags
+# 2. the same with InternVL2.5-8B shapes
+# 3. + 4. ours alone on both shapes with --xla_gpu_enable_triton_gemm=false (XLA reads its flags when JAX starts,
+#    hence a process per setting): whether cuBLAS beats XLA's Triton GEMMs on the decode products
+# 5. bench/forward.py, InternVL2.5-1B shapes, ours vs transformers
+#
+# Every step gets at most its own budget and what is left of DEADLINE_S (default 560 s, under the device tool's
+# 600 s per command), so that a slow step cannot take the logs of the others with it. PRESETS_1B / PRESETS_8B /
+# REPEATS change the shapes and rounds (e.g. PRESETS_1B=tiny-qwen2 PRESETS_8B=tiny-llama to try the script on a
+# CPU).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+DEADLINE_S=${DEADLINE_S:-560}
+P1=${PRESETS_1B:-InternVL2_5-1B}
+P8=${PRESETS_8B:-InternVL2_5-8B}
+R=${REPEATS:-3}
+
+run() {  # run NAME BUDGET_S XLA_FLAGS SCRIPT ARGS...
+    local name=$1 budget=$2 flags=$3
+    shift 3
+    local left=$((DEADLINE_S - ($(date +%s) - START)))
+    ((budget > left)) && budget=$left
+    if ((budget < 20)); then
+        echo "=== $name: skipped, ${left}s left" | tee "$OUT/$name.log"
+        return
+    fi
+    echo "=== $name (at most ${budget}s, XLA_FLAGS='$flags'): $*" | tee "$OUT/$name.log"
+    XLA_FLAGS=$flags timeout "$budget" "$PY" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - START))s in all" | tee -a "$OUT/$name.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1
+  "$PY" -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__,
+torch.cuda.is_available(), '| transformers', transformers.__version__)" 2>&1; } | tee "$OUT/machine.log"
+
+NO_TRITON=--xla_gpu_enable_triton_gemm=false
+run generate-1b 150 "" bench/generate.py --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R"
+run generate-8b 190 "" bench/generate.py --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R"
+run generate-1b-no-triton 70 "$NO_TRITON" bench/generate.py --preset "$P1" --dtypes bfloat16 --batches 1,8 \
+    --repeats "$R" --skip-transformers
+run generate-8b-no-triton 110 "$NO_TRITON" bench/generate.py --preset "$P8" --dtypes bfloat16 --batches 1,8 \
+    --repeats "$R" --skip-transformers
+run forward-1b 80 "" bench/forward.py --preset "$P1" --dtype bfloat16
+echo "done in $(($(date +%s) - START))s; logs in $OUT"
