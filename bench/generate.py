@@ -86,6 +86,9 @@ def parse_args():
     p.add_argument("--transformers-dtypes", default=None,
                    help="comma-separated dtypes of transformers (default: float32 on a CPU, bfloat16 on a GPU)")
     p.add_argument("--torch-device", default="auto", help="torch's device: auto (cuda when JAX runs on a GPU), cpu, cuda")
+    p.add_argument("--attention", default="auto",
+                   help="ours' attention impl for the ViT and the prefill (internvl_jax.layers.ATTENTION_IMPLS; "
+                        "auto: per KV head on a CPU, cuDNN through jax.nn.dot_product_attention on a GPU)")
     p.add_argument("--probe-gb", type=float, default=None,
                    help="size of the float32 array of the bandwidth probe, GB (default: 2 on a CPU, 8 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -97,6 +100,10 @@ def parse_args():
     bad = [d for d in args.dtypes + (args.transformers_dtypes or []) if d not in ("float32", "bfloat16")]
     if bad:
         p.error(f"unknown dtype(s) {bad}; use float32 and/or bfloat16")
+    from internvl_jax.layers import ATTENTION_IMPLS
+
+    if args.attention not in ATTENTION_IMPLS:
+        p.error(f"unknown --attention {args.attention!r}; use one of {', '.join(ATTENTION_IMPLS)}")
     if args.torch_device not in ("auto", "cpu", "cuda"):
         p.error(f"unknown --torch-device {args.torch_device!r}; use auto, cpu or cuda")
     if args.new_tokens < 2:
@@ -239,6 +246,7 @@ def main():
     from convert.load import from_state_dict
     from internvl_jax.config import to_hf_dict
     from internvl_jax.generate import cache_length, unrolled_params
+    from internvl_jax.model import InternVL
     from internvl_jax.presets import get_preset
 
     cores = os.cpu_count()
@@ -273,6 +281,7 @@ def main():
     ours = {}  # dtype -> (model, params)
     for name in args.dtypes:
         model, params = from_state_dict(ref.state_dict(), ref.config.to_dict(), dtype=jdtypes[name])
+        model = InternVL(model.config.replace(attention_impl=args.attention))
         ours[name] = model, unrolled_params(params, model.config)  # converted once, as a server would
         del params
     refs = {d: ref if getattr(torch, d) == base else copy.deepcopy(ref).to(getattr(torch, d)) for d in tdtypes}

@@ -12,7 +12,8 @@
 # Every step gets at most its own budget and what is left of DEADLINE_S (default 560 s, under the device tool's
 # 600 s per command), so that a slow step cannot take the logs of the others with it. PRESETS_1B / PRESETS_8B /
 # REPEATS change the shapes and rounds (e.g. PRESETS_1B=tiny-qwen2 PRESETS_8B=tiny-llama to try the script on a
-# CPU).
+# CPU). GENERATE_ARGS is added to every generate step, e.g. "--attention batched" (plain XLA) should cuDNN refuse
+# a shape only when compiling, which the trace-time fallback in internvl_jax.attention cannot catch.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -44,11 +45,11 @@ run() {  # run NAME BUDGET_S XLA_FLAGS SCRIPT ARGS...
 torch.cuda.is_available(), '| transformers', transformers.__version__)" 2>&1; } | tee "$OUT/machine.log"
 
 NO_TRITON=--xla_gpu_enable_triton_gemm=false
-run generate-1b 150 "" bench/generate.py --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R"
-run generate-8b 190 "" bench/generate.py --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R"
-run generate-1b-no-triton 70 "$NO_TRITON" bench/generate.py --preset "$P1" --dtypes bfloat16 --batches 1,8 \
+run generate-1b 150 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R"
+run generate-8b 190 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R"
+run generate-1b-no-triton 70 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 \
     --repeats "$R" --skip-transformers
-run generate-8b-no-triton 110 "$NO_TRITON" bench/generate.py --preset "$P8" --dtypes bfloat16 --batches 1,8 \
+run generate-8b-no-triton 110 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 \
     --repeats "$R" --skip-transformers
 run forward-1b 80 "" bench/forward.py --preset "$P1" --dtype bfloat16
 echo "done in $(($(date +%s) - START))s; logs in $OUT"
