@@ -57,10 +57,20 @@ def unrolled_params(params: dict, config: InternVLConfig) -> dict:
     return {**params, "language_model": _decoder_unrolled_params(params["language_model"], config.text)}
 
 
+def greedy_tokens(logits):
+    """int32 [B]: the first index of each row's largest logit (logits [B, V]), as ``jnp.argmax`` (NaN counts as the
+    largest), in two plain reductions: XLA CPU's argmax, one reduction of (value, index) pairs, took 0.64 ms over a
+    151936-entry vocabulary against 0.15 ms for these, a 0.7% of a float32 1B decode step."""
+    nan = jnp.isnan(logits)
+    hit = jnp.where(nan.any(axis=-1, keepdims=True), nan, logits == jnp.max(logits, axis=-1, keepdims=True))
+    index = jnp.where(hit, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1])
+    return jnp.min(index, axis=-1)
+
+
 def sample_logits(logits, rng, *, do_sample: bool, temperature: float, top_k: int, top_p: float):
     """Next tokens from float32 logits [B, V]: argmax, or a draw after temperature, top-k and top-p (nucleus)."""
     if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits / max(temperature, 1e-6)
     if top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]

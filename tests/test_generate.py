@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convert.load import load_pretrained
-from internvl_jax.generate import generate, generate_stream, init_cache, sample_logits, unrolled_params
+from internvl_jax.generate import generate, generate_stream, greedy_tokens, init_cache, sample_logits, unrolled_params
 from internvl_jax.processing.positions import v2pe_positions
 from reference import TOL_LOGITS, image_batch, max_diff, tiny_internvl
 
@@ -105,6 +105,19 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(loaded):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, run(do_sample=True, seed=4))
     np.testing.assert_array_equal(run(do_sample=True, top_k=1, seed=5), run())
+
+
+def test_greedy_tokens_are_argmax_ties_and_nan_included():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 1000)).astype(np.float32)
+    logits[1, [3, 700]] = 9.0  # a tie: the first index wins
+    logits[2, :] = -np.inf
+    logits[3, 500] = np.nan  # NaN counts as the largest
+    logits[4, [10, 20]] = np.inf
+    logits[5, [40, 30]] = np.nan, np.inf  # the first of NaN and +inf
+    got = np.asarray(greedy_tokens(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    np.testing.assert_array_equal(got[1:5], [3, 0, 500, 10])
 
 
 def test_top_p_keeps_exactly_the_nucleus():
