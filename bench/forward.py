@@ -4,8 +4,8 @@
     python bench/forward.py --dtype bfloat16     # GPU run: both sides in bf16, torch on cuda if available
 
 Both sides get the same random weights: a ``transformers.InternVLForConditionalGeneration`` is built from the
-preset's transformers-native config, saved with ``save_pretrained`` to a temporary folder, and loaded into ours
-with ``convert.load.load_pretrained``. The input is one 448x448 tile (256 IMG_CONTEXT tokens) plus
+preset's transformers-native config on torch's device in ``--dtype`` (sdpa attention), and its state dict goes
+into ours with ``convert.load.from_state_dict`` (no file written). The input is one 448x448 tile (256 IMG_CONTEXT tokens) plus
 ``--text-tokens`` ordinary tokens, batch 1. Runs are interleaved (ours, theirs, ours, ...) after one warm-up
 each, and medians are reported. FLOPs are counted analytically (2 x MACs of every matmul, attention scores and
 values included, full square as both sides compute it) and compared with XLA's ``cost_analysis()``. The machine's
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import numpy as np
@@ -130,7 +129,7 @@ def main():
     import torch
     import transformers
 
-    from convert.load import load_pretrained
+    from convert.load import from_state_dict
     from internvl_jax.config import to_hf_dict
     from internvl_jax.presets import get_preset
 
@@ -150,15 +149,14 @@ def main():
     # --- identical random weights on both sides -----------------------------------------------
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    ref = transformers.InternVLForConditionalGeneration(transformers.InternVLConfig(**to_hf_dict(preset)))
-    ref = ref.float().eval()
-    with tempfile.TemporaryDirectory() as folder:
-        ref.save_pretrained(folder)
-        model, params = load_pretrained(folder, dtype=jdtype)
-    ref = ref.to(device=tdevice, dtype=tdtype)
+    with torch.device(tdevice):
+        ref = transformers.InternVLForConditionalGeneration._from_config(
+            transformers.InternVLConfig(**to_hf_dict(preset)), attn_implementation="sdpa", dtype=tdtype).eval()
+    model, params = from_state_dict(ref.state_dict(), ref.config.to_dict(), dtype=jdtype)
     cfg = model.config
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    print(f"model: {args.preset} shapes, {n_params / 1e6:.1f}M params, built+saved+loaded in {time.perf_counter() - t0:.1f} s")
+    print(f"model: {args.preset} shapes, {n_params / 1e6:.1f}M params, built + handed to ours in "
+          f"{time.perf_counter() - t0:.1f} s")
 
     # --- input: one tile, IMG_CONTEXT tokens after a short prefix, the rest text ----------------
     rng = np.random.default_rng(args.seed)
