@@ -119,6 +119,7 @@ def attention_inputs(shape, dtype, seed):
     q, k, v = (jnp.asarray(rng.standard_normal(x), dtype) for x in ((b, 1, h, d), (b, kv, s, d), (b, kv, s, d)))
     mask = rng.random((b, s)) < 0.6
     if b > 1:
+        mask[0, :20] = False  # left padding: whole blocks of 16 slots with none allowed
         mask[-1] = False  # a row with no slot to attend to averages them all
     return q, k, v, jnp.asarray(mask)
 

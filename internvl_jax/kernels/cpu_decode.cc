@@ -67,6 +67,23 @@ inline float hsum(f32v v) {
   return v[0];
 }
 
+// Lane j of the result = the sum of the lanes of v[j], for 16 vectors at once: a tree that halves the vectors
+// at each level (15 shuffle pairs in all, against 16 hsum's 64 dependent shuffles).
+inline f32v sums16(f32v* v) {
+  static_assert(kLanes == 16, "the shuffle tree below is for 16 lanes");
+  for (int i = 0; i < 8; ++i)  // vector i: the 8 half-sums of v[2i], then those of v[2i + 1]
+    v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], u32v{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(v[2 * i], v[2 * i + 1], u32v{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int i = 0; i < 4; ++i)  // 4 quarter-sums of 4 sources each
+    v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], u32v{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
+           __builtin_shuffle(v[2 * i], v[2 * i + 1], u32v{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+  for (int i = 0; i < 2; ++i)  // 2 partial sums of 8 sources each
+    v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], u32v{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}) +
+           __builtin_shuffle(v[2 * i], v[2 * i + 1], u32v{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+  return __builtin_shuffle(v[0], v[1], u32v{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
+         __builtin_shuffle(v[0], v[1], u32v{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
+
 // Per weight type: elements consumed per step, and the step itself. A bfloat16 step reads 32 weights as 16
 // 32-bit lanes: the low halves (even k) shifted up and the high halves (odd k) masked are float32 values, so x
 // is passed de-interleaved per 32-block (16 even then 16 odd elements; see deinterleave).
@@ -290,8 +307,43 @@ void attend(const float* q, const T* k, const T* v, const bool* mask, float* out
   bool any = false;
   for (int64_t s = 0; s < S; ++s) any |= mask[s];
   const auto kept = [&](int64_t s) { return !any || mask[s]; };
-  // scaled scores of the kept slots, -inf elsewhere
-  for (int64_t s = 0; s < S; ++s) {
+  // scaled scores of the kept slots, -inf elsewhere: 16 slots x one head at a time, their 16 dot products
+  // summed across lanes together (one hsum per score made the scores latency-bound). With the prefetches below,
+  // 24 float32 layers over 448 slots read from memory take 0.8-0.96 ms instead of 1.0-1.24 (bfloat16: -10%).
+  for (int64_t s0 = 0; s0 < sv; s0 += kLanes) {
+    i32v keep;
+    bool some = false;
+    for (int j = 0; j < kLanes; ++j) {
+      keep[j] = kept(s0 + j) ? -1 : 0;
+      some |= kept(s0 + j);
+    }
+    // more reads in flight than the hardware prefetcher keeps: v's rows of this block (read after the
+    // softmax) and k's rows two blocks on
+    for (int64_t j = 0; j < kLanes * D; j += 64 / sizeof(T)) {
+      __builtin_prefetch(v + s0 * D + j);
+      if (s0 + 2 * kLanes < sv) __builtin_prefetch(k + (s0 + 2 * kLanes) * D + j);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* out_g = probs + g * S + s0;
+      if (!some || !any) {  // no slot of the block allowed; no slot allowed at all: equal scores
+        for (int j = 0; j < kLanes; ++j) out_g[j] = any ? -INFINITY : 0.f;
+        continue;
+      }
+      const float* qg = q + g * D;
+      f32v acc[kLanes] = {};
+      for (int64_t d = 0; d < dv; d += kLanes) {
+        const f32v qd = load_f32(qg + d);
+        for (int j = 0; j < kLanes; ++j) acc[j] += qd * load_row(k + (s0 + j) * D + d);
+      }
+      f32v dots = sums16(acc);
+      for (int64_t d = dv; d < D; ++d) {
+        for (int j = 0; j < kLanes; ++j) dots[j] += qg[d] * widen(k[(s0 + j) * D + d]);
+      }
+      const f32v scores = keep != 0 ? dots * scale : f32v{} - INFINITY;
+      std::memcpy(out_g, &scores, sizeof(scores));
+    }
+  }
+  for (int64_t s = sv; s < S; ++s) {  // the last S % 16 slots one by one
     const T* ks = k + s * D;
     for (int64_t g = 0; g < G; ++g) {
       float dot = -INFINITY;
@@ -336,9 +388,6 @@ void attend(const float* q, const T* k, const T* v, const bool* mask, float* out
       f32v acc[kHeadBlock] = {};
       for (int64_t s = 0; s < S; ++s) {
         if (!kept(s)) continue;
-        if (d == 0) {  // the later passes read the rest of the row: fetch it with the first
-          for (int64_t j = 64 / sizeof(T); j < D; j += 64 / sizeof(T)) __builtin_prefetch(v + s * D + j);
-        }
         const f32v row = load_row(v + s * D + d);
         for (int g = 0; g < kHeadBlock; ++g) acc[g] += p[g * S + s] * row;
       }
