@@ -9,8 +9,10 @@
 #    hence a process per setting): whether cuBLAS beats XLA's Triton GEMMs on the decode products
 # 5. bench/forward.py, InternVL2.5-1B shapes, ours vs transformers
 #
-# Every step gets at most its own budget and what is left of DEADLINE_S (default 560 s, under the device tool's
-# 600 s per command), so that a slow step cannot take the logs of the others with it. PRESETS_1B / PRESETS_8B /
+# The steps run in this order of importance. Each gets at most its own budget and what is left of DEADLINE_S
+# (default 560 s, under the device tool's 600 s per command): a slow step costs the later ones their turn, never
+# the logs of the earlier ones. Compiling ours (prefill and decode, per batch size) is most of each step's time,
+# and is the guess in these budgets: no GPU has run them yet. PRESETS_1B / PRESETS_8B /
 # REPEATS change the shapes and rounds (e.g. PRESETS_1B=tiny-qwen2 PRESETS_8B=tiny-llama to try the script on a
 # CPU). GENERATE_ARGS is added to every generate step, e.g. "--attention batched" (plain XLA) should cuDNN refuse
 # a shape only when compiling, which the trace-time fallback in internvl_jax.attention cannot catch.
@@ -45,11 +47,11 @@ run() {  # run NAME BUDGET_S XLA_FLAGS SCRIPT ARGS...
 torch.cuda.is_available(), '| transformers', transformers.__version__)" 2>&1; } | tee "$OUT/machine.log"
 
 NO_TRITON=--xla_gpu_enable_triton_gemm=false
-run generate-1b 150 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R"
-run generate-8b 190 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R"
-run generate-1b-no-triton 70 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 \
+run generate-1b 200 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R"
+run generate-8b 260 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R"
+run generate-1b-no-triton 120 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 \
     --repeats "$R" --skip-transformers
-run generate-8b-no-triton 110 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 \
+run generate-8b-no-triton 160 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 \
     --repeats "$R" --skip-transformers
-run forward-1b 80 "" bench/forward.py --preset "$P1" --dtype bfloat16
+run forward-1b 90 "" bench/forward.py --preset "$P1" --dtype bfloat16
 echo "done in $(($(date +%s) - START))s; logs in $OUT"
