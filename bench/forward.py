@@ -152,7 +152,7 @@ def main():
     with torch.device(tdevice):
         ref = transformers.InternVLForConditionalGeneration._from_config(
             transformers.InternVLConfig(**to_hf_dict(preset)), attn_implementation="sdpa", dtype=tdtype).eval()
-    model, params = from_state_dict(ref.state_dict(), ref.config.to_dict(), dtype=jdtype)
+    model, params = from_state_dict(ref.state_dict(), ref.config, dtype=jdtype)
     cfg = model.config
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     print(f"model: {args.preset} shapes, {n_params / 1e6:.1f}M params, built + handed to ours in "

@@ -280,7 +280,7 @@ def main():
             transformers.InternVLConfig(**to_hf_dict(preset)), attn_implementation="sdpa", dtype=base).eval()
     ours = {}  # dtype -> (model, params)
     for name in args.dtypes:
-        model, params = from_state_dict(ref.state_dict(), ref.config.to_dict(), dtype=jdtypes[name])
+        model, params = from_state_dict(ref.state_dict(), ref.config, dtype=jdtypes[name])
         model = InternVL(model.config.replace(attention_impl=args.attention))
         ours[name] = model, unrolled_params(params, model.config)  # converted once, as a server would
         del params

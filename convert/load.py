@@ -272,15 +272,17 @@ class StateDictReader:
         return t.numpy()
 
 
-def from_state_dict(state_dict: Mapping, config: dict, dtype=jnp.float32, mesh=None, rules="fsdp",
+def from_state_dict(state_dict: Mapping, config, dtype=jnp.float32, mesh=None, rules="fsdp",
                     image_token_id: int | None = None) -> tuple[InternVL, dict]:
     """Our ``(model, params)`` from a PyTorch model in memory, with no file written: ``state_dict`` in either
     layout (``transformers.InternVLForConditionalGeneration(...).state_dict()``, or the original
-    ``InternVLChatModel``'s) and ``config`` its parsed config.json (``model.config.to_dict()``).
+    ``InternVLChatModel``'s) and ``config`` its parsed config.json or the model's config object (``model.config``).
 
     Checked and placed as :func:`load_pretrained` does (``dtype``, ``mesh``, ``rules`` alike). Original configs do
     not name the IMG_CONTEXT token id, which then comes from ``image_token_id`` (the tokenizer's).
     """
+    if hasattr(config, "to_dict"):  # a transformers PretrainedConfig
+        config = config.to_dict()
     name = dtype_name(as_dtype(dtype))
     cfg = config_from_dict(config, dtype=name, param_dtype=name)
     if image_token_id is not None:

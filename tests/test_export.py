@@ -94,6 +94,7 @@ def test_a_transformers_model_in_memory_loads_as_its_saved_folder(tmp_path, tdty
     got_model, got = from_state_dict(ref.state_dict(), ref.config.to_dict(), dtype=dtype)
     assert got_model.config == model.config
     _equal_trees(got, params)
+    assert from_state_dict(ref.state_dict(), ref.config, dtype=dtype)[0].config == model.config  # the config object
 
 
 def test_an_original_state_dict_in_memory_loads_as_its_saved_folder(tmp_path):
