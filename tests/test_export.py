@@ -95,6 +95,10 @@ def test_a_transformers_model_in_memory_loads_as_its_saved_folder(tmp_path, tdty
     assert got_model.config == model.config
     _equal_trees(got, params)
     assert from_state_dict(ref.state_dict(), ref.config, dtype=dtype)[0].config == model.config  # the config object
+    with torch.no_grad():  # our params are copies: they do not follow the torch model's later changes
+        for p in ref.parameters():
+            p.add_(1.0)
+    _equal_trees(got, params)
 
 
 def test_an_original_state_dict_in_memory_loads_as_its_saved_folder(tmp_path):

@@ -317,18 +317,18 @@ void attend(const float* q, const T* k, const T* v, const bool* mask, float* out
       keep[j] = kept(s0 + j) ? -1 : 0;
       some |= kept(s0 + j);
     }
-    // more reads in flight than the hardware prefetcher keeps: v's rows of this block (read after the
-    // softmax) and k's rows two blocks on
+    // more reads in flight than the hardware prefetcher keeps: k's rows two blocks on, and v's rows of this
+    // block (read after the softmax) where some are kept
     for (int64_t j = 0; j < kLanes * D; j += 64 / sizeof(T)) {
-      __builtin_prefetch(v + s0 * D + j);
       if (s0 + 2 * kLanes < sv) __builtin_prefetch(k + (s0 + 2 * kLanes) * D + j);
+      if (some) __builtin_prefetch(v + s0 * D + j);
+    }
+    if (!some || !any) {  // no slot of the block allowed: -inf; no slot allowed at all: equal scores
+      for (int64_t g = 0; g < G; ++g) std::fill_n(probs + g * S + s0, kLanes, any ? -INFINITY : 0.f);
+      continue;
     }
     for (int64_t g = 0; g < G; ++g) {
       float* out_g = probs + g * S + s0;
-      if (!some || !any) {  // no slot of the block allowed; no slot allowed at all: equal scores
-        for (int j = 0; j < kLanes; ++j) out_g[j] = any ? -INFINITY : 0.f;
-        continue;
-      }
       const float* qg = q + g * D;
       f32v acc[kLanes] = {};
       for (int64_t d = 0; d < dv; d += kLanes) {
