@@ -49,8 +49,10 @@ Goals on a GPU (bfloat16 on both sides; ``GPU_GOALS``):
   * InternVL2.5-8B shapes, batch 1: ours >= 85% of the measured read bandwidth and >= 4x transformers
   * InternVL2.5-1B shapes, batch 1: ours >= 5x transformers
   * batch 8: ours >= 3x transformers
-XLA's flags (``XLA_FLAGS``, e.g. ``--xla_gpu_enable_triton_gemm=false``) are read when JAX starts, so a comparison of
-flags is one process per setting (bench/gpu_check.sh); the header prints the flags in force.
+Ours compiles its decode programs with ``internvl_jax.generate.DECODE_COMPILER_OPTIONS`` (on a GPU, no Triton
+GEMMs); ``--also-xla-defaults`` adds, per dtype, a runner "ours DTYPE xla-defaults" whose decode programs get XLA's
+own defaults (``decode_compiler_options={}``), so that one process compares the two settings. The header prints
+both and ``XLA_FLAGS`` (a flag named there wins over the table).
 
 Device: JAX runs on its default device; torch on ``--torch-device`` (auto: CUDA when JAX runs on a GPU and torch
 sees one, else the CPU with ``torch.set_num_threads(os.cpu_count())``). On a GPU both share the card:
@@ -89,6 +91,8 @@ def parse_args():
     p.add_argument("--attention", default="auto",
                    help="ours' attention impl for the ViT and the prefill (internvl_jax.layers.ATTENTION_IMPLS; "
                         "auto: per KV head on a CPU, cuDNN through jax.nn.dot_product_attention on a GPU)")
+    p.add_argument("--also-xla-defaults", action="store_true",
+                   help="also time ours with XLA's default options for the decode programs (decode_compiler_options={})")
     p.add_argument("--probe-gb", type=float, default=None,
                    help="size of the float32 array of the bandwidth probe, GB (default: 2 on a CPU, 8 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -189,9 +193,9 @@ def prompt_batch(config, batch: int, text_tokens: int, seed: int):
     return ids, pixels
 
 
-def ours_runner(model, params, ids, pixels, jdtype):
-    """call(n) -> int [B, n] tokens, with ``internvl_jax.generate.generate``; ``call.timings`` holds the last
-    call's prefill and decode seconds."""
+def ours_runner(model, params, ids, pixels, jdtype, decode_options=None):
+    """call(n) -> int [B, n] tokens, with ``internvl_jax.generate.generate`` (``decode_options``: its
+    ``decode_compiler_options``); ``call.timings`` holds the last call's prefill and decode seconds."""
     import jax.numpy as jnp
 
     from internvl_jax.generate import generate
@@ -200,7 +204,7 @@ def ours_runner(model, params, ids, pixels, jdtype):
 
     def call(n):
         return generate(model, params, input_ids=ids, pixel_values=pix, tile_mask=mask, max_new_tokens=n,
-                        timings=call.timings)
+                        timings=call.timings, decode_compiler_options=decode_options)
 
     call.timings = {}
     return call
@@ -245,7 +249,7 @@ def main():
 
     from convert.load import from_state_dict
     from internvl_jax.config import to_hf_dict
-    from internvl_jax.generate import cache_length, unrolled_params
+    from internvl_jax.generate import cache_length, platform_decode_options, unrolled_params
     from internvl_jax.model import InternVL
     from internvl_jax.presets import get_preset
 
@@ -261,7 +265,8 @@ def main():
     n_new = args.new_tokens
     print(f"jax {jax.__version__} on {jax.devices()[0]} | torch {torch.__version__} on {tdevice} "
           f"({torch.get_num_threads()} threads) | transformers {transformers.__version__} | {cores} cores")
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; ours' decode programs compile with "
+          f"{platform_decode_options(jax.default_backend())}" + (" and XLA's defaults {}" if args.also_xla_defaults else ""))
     if tdevice == "cuda":
         print(f"torch's GPU: {torch.cuda.get_device_name()}")
     if jax.default_backend() == "cpu":
@@ -297,6 +302,9 @@ def main():
     for batch in args.batches:
         ids, pixels = prompt_batch(cfg, batch, args.text_tokens, args.seed)
         runners = {f"ours {d}": ours_runner(m, p, ids, pixels, jdtypes[d]) for d, (m, p) in ours.items()}
+        if args.also_xla_defaults:
+            runners.update({f"ours {d} xla-defaults": ours_runner(m, p, ids, pixels, jdtypes[d], {})
+                            for d, (m, p) in ours.items()})
         runners.update({f"transformers {d}": transformers_runner(r, ids, pixels) for d, r in refs.items()})
         print(f"\n=== batch {batch} ===")
         times = {name: {1: [], n_new: []} for name in runners}
@@ -357,7 +365,7 @@ def main():
                     frac += f" (+ KV cache {res['cache_bytes'] / 1e6:.0f} MB/step, {slots} slots)"
             how = (f"decode loop {res['step'] * 1e3:.1f} ms/step; t_N - t_1 gives {res['difference'] * 1e3:.1f}"
                    if loop_steps[name] else f"t_N - t_1: {res['step'] * 1e3:.1f} ms/step")
-            print(f"{name:>22}: prefill {res['prefill'] * 1e3:7.0f} ms | decode {res['tok_s']:6.1f} tokens/s "
+            print(f"{name:>26}: prefill {res['prefill'] * 1e3:7.0f} ms | decode {res['tok_s']:6.1f} tokens/s "
                   f"({how}){frac}")
         for d in ours:
             if f"transformers {d}" in tokens:
@@ -370,6 +378,18 @@ def main():
     print("\n=== goals ===")
     print(f"bandwidth probe readings: {', '.join(f'{x:.1f}' for x in probe.readings)} GB/s")
     (gpu_goals if gpu else cpu_goals)(results, args)
+    if args.also_xla_defaults:
+        compare_decode_options(results)
+
+
+def compare_decode_options(results: dict):
+    """Per dtype and batch: ours with the platform's decode options against ours with XLA's defaults."""
+    for (name, batch), res in results.items():
+        other = results.get((f"{name} xla-defaults", batch))
+        if name.startswith("ours") and other:
+            print(f"decode options, {name.split()[1]} batch {batch}: platform's {res['tok_s']:.1f} tokens/s "
+                  f"({res['bw_frac']:.0%} of bandwidth) vs XLA defaults {other['tok_s']:.1f} ({other['bw_frac']:.0%}) "
+                  f"= {res['tok_s'] / other['tok_s']:.2f}x")
 
 
 def goal(text, met):

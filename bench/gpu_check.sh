@@ -3,11 +3,11 @@
 #
 #   bash bench/gpu_check.sh            # logs into $OUT (default /tmp/gpu_check), one per step
 #
-# 1. bench/generate.py, InternVL2.5-1B shapes, ours vs transformers (sdpa), batch 1 and 8, XLA's default flags
+# 1. bench/generate.py, InternVL2.5-1B shapes, ours vs transformers (sdpa), batch 1 and 8; ours also with XLA's
+#    default options for its decode programs (--also-xla-defaults): whether the GPU entry of
+#    internvl_jax.generate.DECODE_COMPILER_OPTIONS (no Triton GEMMs, so cuBLAS) is the faster setting
 # 2. the same with InternVL2.5-8B shapes
-# 3. + 4. ours alone on both shapes with --xla_gpu_enable_triton_gemm=false (XLA reads its flags when JAX starts,
-#    hence a process per setting): whether cuBLAS beats XLA's Triton GEMMs on the decode products
-# 5. bench/forward.py, InternVL2.5-1B shapes, ours vs transformers
+# 3. bench/forward.py, InternVL2.5-1B shapes, ours vs transformers
 #
 # The steps run in this order of importance. Each gets at most its own budget and what is left of DEADLINE_S
 # (default 560 s, under the device tool's 600 s per command): a slow step costs the later ones their turn, never
@@ -28,17 +28,17 @@ P1=${PRESETS_1B:-InternVL2_5-1B}
 P8=${PRESETS_8B:-InternVL2_5-8B}
 R=${REPEATS:-3}
 
-run() {  # run NAME BUDGET_S XLA_FLAGS SCRIPT ARGS...
-    local name=$1 budget=$2 flags=$3
-    shift 3
+run() {  # run NAME BUDGET_S SCRIPT ARGS...
+    local name=$1 budget=$2
+    shift 2
     local left=$((DEADLINE_S - ($(date +%s) - START)))
     ((budget > left)) && budget=$left
     if ((budget < 20)); then
         echo "=== $name: skipped, ${left}s left" | tee "$OUT/$name.log"
         return
     fi
-    echo "=== $name (at most ${budget}s, XLA_FLAGS='$flags'): $*" | tee "$OUT/$name.log"
-    XLA_FLAGS=$flags timeout "$budget" "$PY" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    echo "=== $name (at most ${budget}s): $*" | tee "$OUT/$name.log"
+    timeout "$budget" "$PY" "$@" 2>&1 | tee -a "$OUT/$name.log"
     echo "=== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - START))s in all" | tee -a "$OUT/$name.log"
 }
 
@@ -46,12 +46,9 @@ run() {  # run NAME BUDGET_S XLA_FLAGS SCRIPT ARGS...
   "$PY" -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__,
 torch.cuda.is_available(), '| transformers', transformers.__version__)" 2>&1; } | tee "$OUT/machine.log"
 
-NO_TRITON=--xla_gpu_enable_triton_gemm=false
-run generate-1b 200 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R"
-run generate-8b 260 "" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R"
-run generate-1b-no-triton 120 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 \
-    --repeats "$R" --skip-transformers
-run generate-8b-no-triton 160 "$NO_TRITON" bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 \
-    --repeats "$R" --skip-transformers
-run forward-1b 90 "" bench/forward.py --preset "$P1" --dtype bfloat16
+run generate-1b 210 bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R" \
+    --also-xla-defaults
+run generate-8b 280 bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R" \
+    --also-xla-defaults
+run forward-1b 70 bench/forward.py --preset "$P1" --dtype bfloat16
 echo "done in $(($(date +%s) - START))s; logs in $OUT"

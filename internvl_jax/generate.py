@@ -6,11 +6,18 @@ already converted by :func:`unrolled_params` (then nothing is copied). Rows of d
 an ``attention_mask`` (either padding side); their real tokens are moved to the end of each row (left padding),
 so that every row writes its k-th generated token at the same cache slot ``P + k`` (P the bucketed prompt
 length). Prompt lengths and cache sizes are bucketed, so many prompts reuse a few compiled programs.
+
+The decode programs are compiled with XLA options of their own (``DECODE_COMPILER_OPTIONS``, per platform, or
+``decode_compiler_options=``): a decode step is a chain of matrix-vector products, which on a GPU wants other
+GEMM kernels than the prefill, and per-program options need no ``XLA_FLAGS`` before JAX starts.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import time
+import warnings
 from functools import partial
 
 import jax
@@ -22,7 +29,8 @@ from .decoder import CACHE_AXES, unrolled_params as _decoder_unrolled_params
 from .layers import as_dtype
 from .model import InternVL, check_image_tokens
 
-__all__ = ["CACHE_AXES", "generate", "generate_stream", "init_cache", "sample_logits", "unrolled_params"]
+__all__ = ["CACHE_AXES", "DECODE_COMPILER_OPTIONS", "generate", "generate_stream", "init_cache", "platform_decode_options",
+           "sample_logits", "unrolled_params"]
 
 
 def _bucket(n: int, minimum: int = 64) -> int:
@@ -116,10 +124,6 @@ def _step(model, params, start, slot, token, pos, cache, rng, sampling):
     return _pick(logits[:, 0], key, sampling), pos + 1, cache, rng
 
 
-_decode_step = jax.jit(_step, static_argnames=("model", "sampling"), donate_argnames=("cache",))
-
-
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling"))
 def _decode_loop(model, params, start, slot, token, pos, cache, rng, eos, pad, *, max_new_tokens, sampling):
     """The whole decode on the device (``lax.while_loop``), stopping once every row produced an eos token.
     ``slot``: the cache slot of the first generated token (the bucketed prompt length)."""
@@ -137,6 +141,50 @@ def _decode_loop(model, params, start, slot, token, pos, cache, rng, eos, pad, *
 
     state = (jnp.int32(1), token, pos, cache, rng, out, jnp.isin(token, eos))
     return jax.lax.while_loop(cond, body, state)[5]
+
+
+# Per platform (``jax.Device.platform``), the XLA compiler options of the decode programs. GPU: XLA's Triton GEMMs
+# read batch-1 decode weights at ~35% of an H100's bandwidth, cuBLAS at 84% (issue 5's anchor: a plain jitted
+# decoder with the InternVL2.5-8B shapes, 65 vs 150 tokens/s); bench/generate.py --also-xla-defaults times ours
+# with both settings in one process, to confirm or revise this entry.
+DECODE_COMPILER_OPTIONS: dict[str, dict] = {"gpu": {"xla_gpu_enable_triton_gemm": False}}
+
+
+def platform_decode_options(platform: str, xla_flags: str | None = None) -> dict:
+    """The decode programs' XLA options on ``platform``: its ``DECODE_COMPILER_OPTIONS`` entry, less any option
+    that ``xla_flags`` (default: the ``XLA_FLAGS`` environment variable) names, so that a flag the user set wins."""
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    named = {f.lstrip("-").split("=")[0] for f in flags.split()}
+    return {k: v for k, v in DECODE_COMPILER_OPTIONS.get(platform, {}).items() if k not in named}
+
+
+@functools.cache
+def _decode_programs(options: tuple) -> tuple:
+    """(one step, the whole loop), jitted with these XLA compiler options ((name, value) pairs)."""
+    opts = dict(options) or None
+    step = jax.jit(_step, static_argnames=("model", "sampling"), donate_argnames=("cache",), compiler_options=opts)
+    loop = jax.jit(_decode_loop, static_argnames=("model", "max_new_tokens", "sampling"), compiler_options=opts)
+    return step, loop
+
+
+@functools.cache
+def _known_to_xla(options: tuple) -> tuple:
+    """``options`` if this XLA accepts them, else () with a warning: a renamed option in the platform table must not
+    stop every decode (options a caller gives are not checked: their error is theirs to see)."""
+    try:
+        jax.jit(lambda x: x, compiler_options=dict(options))(0)
+    except jax.errors.JaxRuntimeError as e:
+        warnings.warn(f"decoding with XLA's default options: this XLA rejects DECODE_COMPILER_OPTIONS' {dict(options)} "
+                      f"({e})", stacklevel=4)
+        return ()
+    return options
+
+
+def _programs_for(options: dict | None) -> tuple:
+    """The decode programs for ``options`` (None: this platform's :func:`platform_decode_options`)."""
+    if options is None:
+        return _decode_programs(_known_to_xla(tuple(sorted(platform_decode_options(jax.default_backend()).items()))))
+    return _decode_programs(tuple(sorted(options.items())))
 
 
 def _prepare(model, params, input_ids, attention_mask, positions, tile_mask, max_new_tokens, pad_token_id):
@@ -185,6 +233,7 @@ def generate(
     eos_token_id=None,
     pad_token_id: int = 0,
     timings: dict | None = None,
+    decode_compiler_options: dict | None = None,
 ) -> np.ndarray:
     """Generate ``max_new_tokens`` tokens per row: int32 [B, max_new_tokens], rows padded with ``pad_token_id``
     after their end-of-sequence token (``eos_token_id``: one id or several). The loop stops when every row ended.
@@ -195,6 +244,8 @@ def generate(
     position + 1. Greedy unless ``do_sample`` (then temperature, top_k, top_p, seed).
     timings: a dict to receive ``prefill_s`` (host preparation, vision, prefill, until the first token exists) and
     ``decode_s`` (the decode loop, until every token is on the host), wall-clock seconds.
+    decode_compiler_options: XLA options of the decode loop, e.g. ``{"xla_gpu_enable_triton_gemm": True}``;
+    default this platform's (:func:`platform_decode_options`); ``{}`` for XLA's own defaults.
     """
     t0 = time.perf_counter()
     sampling = _sampling(do_sample, temperature, top_k, top_p)
@@ -206,8 +257,9 @@ def generate(
         token.block_until_ready()
         t1 = time.perf_counter()
     eos = jnp.asarray(np.atleast_1d(-1 if eos_token_id is None else eos_token_id), jnp.int32)
-    out = np.asarray(_decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, rng, eos,
-                                  jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, sampling=sampling))
+    decode_loop = _programs_for(decode_compiler_options)[1]
+    out = np.asarray(decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, rng, eos,
+                                 jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, sampling=sampling))
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
     return out
@@ -215,7 +267,8 @@ def generate(
 
 def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, pixel_values=None, tile_mask=None,
                     positions=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id=None):
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id=None,
+                    decode_compiler_options: dict | None = None):
     """Like :func:`generate`, but yields each step's tokens (int32 [B]) as soon as they exist; rows that ended keep
     yielding their eos token. Stops when every row produced an eos token or after ``max_new_tokens`` steps."""
     sampling = _sampling(do_sample, temperature, top_k, top_p)
@@ -224,6 +277,7 @@ def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, 
     token, pos, cache, rng = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache,
                                       jax.random.PRNGKey(seed), sampling=sampling)
     eos = np.atleast_1d(-1 if eos_token_id is None else eos_token_id)
+    decode_step = _programs_for(decode_compiler_options)[0]
     done = np.zeros(ids.shape[0], bool)
     for step in range(1, max_new_tokens + 1):
         host = np.asarray(token)
@@ -232,5 +286,5 @@ def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, 
         done |= np.isin(host, eos)
         if done.all() or step == max_new_tokens:
             return
-        token, pos, cache, rng = _decode_step(model, params, start, jnp.int32(ids.shape[1] + step - 1), token, pos,
-                                              cache, rng, sampling=sampling)
+        token, pos, cache, rng = decode_step(model, params, start, jnp.int32(ids.shape[1] + step - 1), token, pos,
+                                             cache, rng, sampling=sampling)

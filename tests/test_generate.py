@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from convert.load import load_pretrained
-from internvl_jax.generate import generate, generate_stream, greedy_tokens, init_cache, sample_logits, unrolled_params
+from internvl_jax.generate import (DECODE_COMPILER_OPTIONS, generate, generate_stream, greedy_tokens, init_cache,
+                                   platform_decode_options, sample_logits, unrolled_params)
 from internvl_jax.processing.positions import v2pe_positions
 from reference import TOL_LOGITS, image_batch, max_diff, tiny_internvl
 
@@ -147,3 +148,43 @@ def test_streaming_yields_the_same_tokens(loaded):
     whole = generate(model, params, input_ids=ids, max_new_tokens=8)
     streamed = np.stack(list(generate_stream(model, params, input_ids=ids, max_new_tokens=8)), axis=1)
     np.testing.assert_array_equal(streamed, whole)
+
+
+def _dumped_programs(folder) -> set:
+    """Names of the jitted functions XLA compiled with ``xla_dump_to=folder`` (module_NNNN.jit_NAME.*)."""
+    return {f.name.split(".")[1] for f in folder.glob("module_*.txt")}
+
+
+def test_decode_programs_compile_with_their_own_xla_options(loaded, tmp_path, monkeypatch):
+    """decode_compiler_options, or else the platform's DECODE_COMPILER_OPTIONS entry, reach the decode programs'
+    compilation and no other: XLA dumps exactly the programs compiled with ``xla_dump_to``."""
+    _, model, params = loaded
+    ids = np.random.default_rng(7).integers(1, 250, (2, 9))
+    expected = generate(model, params, input_ids=ids, max_new_tokens=5)
+    got = generate(model, params, input_ids=ids, max_new_tokens=5,
+                   decode_compiler_options={"xla_dump_to": str(tmp_path / "given")})
+    np.testing.assert_array_equal(got, expected)
+    assert _dumped_programs(tmp_path / "given") == {"jit__decode_loop"}
+    monkeypatch.setitem(DECODE_COMPILER_OPTIONS, jax.default_backend(), {"xla_dump_to": str(tmp_path / "table")})
+    streamed = np.stack(list(generate_stream(model, params, input_ids=ids, max_new_tokens=5)), axis=1)
+    np.testing.assert_array_equal(streamed, expected)
+    dumped = _dumped_programs(tmp_path / "table")  # with the table's options checked by a trivial program
+    assert "jit__step" in dumped and "jit__prefill" not in dumped
+
+
+def test_gpu_decode_compiles_without_triton_gemms_unless_xla_flags_say_otherwise():
+    assert platform_decode_options("gpu", "") == {"xla_gpu_enable_triton_gemm": False}
+    assert platform_decode_options("gpu", "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/x") == {}
+    assert platform_decode_options("cpu", "") == {}
+    for options in DECODE_COMPILER_OPTIONS.values():  # real XLA option names: an unknown one fails to compile
+        assert jax.jit(lambda x: x + 1, compiler_options=options)(1) == 2
+
+
+def test_an_option_this_xla_does_not_know_leaves_decoding_to_its_defaults(loaded, monkeypatch):
+    _, model, params = loaded
+    ids = np.random.default_rng(8).integers(1, 250, (1, 9))
+    expected = generate(model, params, input_ids=ids, max_new_tokens=4)
+    monkeypatch.setitem(DECODE_COMPILER_OPTIONS, jax.default_backend(), {"xla_renamed_in_a_later_release": False})
+    with pytest.warns(UserWarning, match="xla_renamed_in_a_later_release"):
+        got = generate(model, params, input_ids=ids, max_new_tokens=4)
+    np.testing.assert_array_equal(got, expected)
