@@ -23,8 +23,6 @@ Every valid query must see at least one key (true for causal self-attention: it 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import flax.linen as nn
@@ -32,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from . import layers
+from .target import traced_platform
 
 IMPLS = ("xla", "batched", "per_kv_head", "dot_product", "blockwise", "splash")
 
@@ -136,7 +135,7 @@ def dot_product_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, s
     call = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, scale=scale, is_causal=causal)
     if implementation is None:
         out = None
-        if _target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        if traced_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             try:  # cuDNN rejects some shapes (head dims, mask forms) at trace time; XLA takes everything
                 out = call(implementation="cudnn")
             except (ValueError, NotImplementedError, RuntimeError, TypeError):
@@ -267,25 +266,6 @@ def _splash_kernel(heads: int, lp: int, sp: int, causal: bool, block_q: int, blo
                                             interpret=interpret)
 
 
-_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_platform", default=None)
-
-
-@contextlib.contextmanager
-def target_platform(platform: str):
-    """Trace attention for ``platform`` (``"tpu"``, ...) whatever the default backend: ahead-of-time compiles for
-    a TPU slice from a CPU host need the real splash kernel, not its interpreter. ``sharding.activate`` enters
-    it with its mesh's platform."""
-    token = _PLATFORM.set(platform)
-    try:
-        yield
-    finally:
-        _PLATFORM.reset(token)
-
-
-def _target_platform() -> str:
-    return _PLATFORM.get() or jax.default_backend()
-
-
 def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, causal: bool,
                      block_q: int = 512, block_kv: int = 512, interpret: bool | None = None):
     """The Pallas TPU splash-attention kernel (``jax.experimental.pallas.ops.tpu.splash_attention``).
@@ -295,7 +275,7 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale:
     scale, so q is pre-scaled. Lengths are padded to multiples of 128 with segment id 0 (padding keys then match
     only padding queries, whose rows are zeroed); block sizes are the largest multiples of 128 up to ``block_q`` /
     ``block_kv`` dividing the padded lengths. ``interpret``: run the kernel in the Pallas interpreter (default:
-    unless the target is a TPU, see :func:`target_platform`; slow, for tests).
+    unless the target is a TPU, see :func:`internvl_jax.target.target_platform`; slow, for tests).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -303,7 +283,7 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale:
     s, kv = k.shape[1], k.shape[2]
     g = h // kv
     if interpret is None:
-        interpret = _target_platform() != "tpu"
+        interpret = traced_platform() != "tpu"
     lp, sp = -(-l // SPLASH_ALIGN) * SPLASH_ALIGN, -(-s // SPLASH_ALIGN) * SPLASH_ALIGN
     zero_rows = q_segment_ids is not None
     if q_segment_ids is None and (lp != l or sp != s):  # the padding needs segment ids to be masked

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from internvl_jax.attention import target_platform
+from internvl_jax.target import target_platform
 
 from .mesh import mesh_shape
 from .rules import MESH_AXES, RULES, Rules, get_rules

@@ -11,6 +11,7 @@ import pytest
 
 from internvl_jax import kernels
 from internvl_jax.layers import dot_out_in
+from internvl_jax.target import target_platform
 
 # float32 sums of K products: within K * eps of sum |x w| (a bound, not a loosened tolerance)
 REL = lambda k: k * np.finfo(np.float32).eps  # noqa: E731
@@ -163,5 +164,26 @@ def test_attention_fallback_without_the_kernel_meets_the_same_bound(monkeypatch)
     assert "internvl_cache_attention" not in fallback.lower(q, k, v, mask).as_text()
     for got in (with_kernel, fallback(q, k, v, mask)):  # both within the bound of the float64 reference
         assert_near_reference(got, q, k, v, mask)
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def test_traces_for_a_gpu_or_tpu_never_build_the_kernels(monkeypatch):
+    # JAX traces the CPU branch of a platform-dependent function for every platform; on a GPU or TPU host that
+    # branch must neither build the CPU kernels nor keep a trace that a later CPU trace would reuse
+    asked = []
+    monkeypatch.setattr(kernels, "cpu_kernels_enabled", lambda: asked.append(1) or True)
+    jax.clear_caches()
+    x, w = jnp.ones((1, 32), jnp.bfloat16), jnp.ones((8, 32), jnp.bfloat16)
+    q, kv, mask = jnp.ones((1, 1, 4, 16)), jnp.ones((1, 2, 8, 16)), jnp.ones((1, 8), bool)
+    for platform in ("gpu", "tpu"):
+        with target_platform(platform):
+            jax.jit(lambda x, w: kernels.few_row_product(x, w)).trace(x, w)
+            jax.jit(lambda *a: kernels.decode_attention(*a, scale=SCALE)).trace(q, kv, kv, mask)
+    assert asked == []
+    assert "internvl_matvec" in jax.jit(lambda x, w: kernels.few_row_product(x, w)).lower(x, w).as_text()
+    assert "internvl_cache_attention" in jax.jit(lambda *a: kernels.decode_attention(*a, scale=SCALE)).lower(
+        q, kv, kv, mask).as_text()
+    assert len(asked) == 2
     monkeypatch.undo()
     jax.clear_caches()

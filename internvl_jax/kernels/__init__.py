@@ -12,6 +12,10 @@ The library is built once per source, compiler, jaxlib and CPU (``-march=native`
 ``$INTERNVL_JAX_CACHE`` (default ``~/.cache/internvl_jax``)/kernels, under a temporary name renamed at the end,
 so that concurrent processes never load a half-written file. ``INTERNVL_JAX_CPU_KERNELS=0`` turns the kernels
 off; ``CXX`` names the compiler (default ``c++``). A failed build warns once and falls back to XLA.
+
+JAX traces a platform-dependent function's CPU branch whatever the platform it compiles for; the kernels are
+built and called only in a trace for the CPU (:func:`internvl_jax.target.traced_platform`: the default backend, or
+``target_platform("cpu")``), so that GPU and TPU hosts never build them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ..target import traced_platform
 
 __all__ = ["MAX_ROWS", "cpu_kernels_enabled", "decode_attention", "few_row_product", "xla_decode_attention",
            "xla_product"]
@@ -123,7 +129,9 @@ def _cpu_product(x, w):
 @jax.custom_vjp
 def few_row_product(x, w):
     """x [M, K] . w [N, K]^T -> float32 [M, N], x and w of one dtype; the CPU kernel on the CPU (see module)."""
-    return jax.lax.platform_dependent(x, w, cpu=_cpu_product, default=xla_product)
+    # the branch is chosen here, not inside it: JAX caches a branch's trace by its function
+    cpu = _cpu_product if traced_platform() == "cpu" else xla_product
+    return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla_product)
 
 
 def _forward(x, w):
@@ -169,7 +177,8 @@ def _cpu_decode_attention(q, k, v, mask, *, scale: float):
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _decode_attention(q, k, v, mask, scale):
-    return jax.lax.platform_dependent(q, k, v, mask, cpu=partial(_cpu_decode_attention, scale=scale),
+    cpu = _cpu_decode_attention if traced_platform() == "cpu" else xla_decode_attention
+    return jax.lax.platform_dependent(q, k, v, mask, cpu=partial(cpu, scale=scale),
                                       default=partial(xla_decode_attention, scale=scale))
 
 
