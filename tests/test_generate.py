@@ -1,6 +1,7 @@
 """Generation: greedy decoding equals transformers token for token; the KV cache equals full recomputation;
 sampling is reproducible and respects top-k / top-p."""
 
+import importlib
 import time
 
 import jax
@@ -13,6 +14,7 @@ from convert.load import load_pretrained
 from internvl_jax.generate import (DECODE_COMPILER_OPTIONS, generate, generate_stream, greedy_tokens, init_cache,
                                    platform_decode_options, sample_logits, unrolled_params)
 from internvl_jax.processing.positions import v2pe_positions
+from internvl_jax.target import target_platform
 from reference import TOL_LOGITS, image_batch, max_diff, tiny_internvl
 
 NEW = 32
@@ -188,3 +190,23 @@ def test_an_option_this_xla_does_not_know_leaves_decoding_to_its_defaults(loaded
     with pytest.warns(UserWarning, match="xla_renamed_in_a_later_release"):
         got = generate(model, params, input_ids=ids, max_new_tokens=4)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_generation_lowers_for_gpu_and_tpu_without_the_cpu_kernels(loaded, platform, lowering):
+    """The prefill and the decode loop, traced for another platform on this CPU host, lower for it and call none of
+    the CPU kernels (the custom calls ``internvl_*``)."""
+    generation = importlib.import_module("internvl_jax.generate")  # the package exports the function of that name
+    _, model, params = loaded
+    ids, _, pixels, mask = image_batch([[2]], length=24, max_tiles=6)
+    sampling = generation._sampling(False, 1.0, 0, 1.0)
+    with target_platform(platform):
+        model, params, ids, start, positions, cache = generation._prepare(model, params, ids, None, None, mask, 8, 0)
+        prefill = generation._prefill.trace(model, params, ids, start, positions, pixels, mask, cache,
+                                            jax.random.PRNGKey(0), sampling=sampling)
+        loop = generation._programs_for(None)[1].trace(
+            model, params, start, jnp.int32(ids.shape[1]), jnp.zeros((1,), jnp.int32), positions[:, -1] + 1, cache,
+            jax.random.PRNGKey(0), jnp.asarray([-1]), jnp.int32(0), max_new_tokens=8, sampling=sampling)
+        for traced in (prefill, loop):
+            text = traced.lower(lowering_platforms=(lowering,)).as_text()
+            assert "internvl_" not in text
