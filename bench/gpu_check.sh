@@ -14,8 +14,9 @@
 # the logs of the earlier ones. Compiling ours (prefill and decode, per batch size) is most of each step's time,
 # and is the guess in these budgets: no GPU has run them yet. PRESETS_1B / PRESETS_8B /
 # REPEATS change the shapes and rounds (e.g. PRESETS_1B=tiny-qwen2 PRESETS_8B=tiny-llama to try the script on a
-# CPU). GENERATE_ARGS is added to every generate step, e.g. "--attention batched" (plain XLA) should cuDNN refuse
-# a shape only when compiling, which the trace-time fallback in internvl_jax.attention cannot catch.
+# CPU). GENERATE_ARGS is added to every generate step. A generate step that fails (not by its timeout) with a cuDNN
+# error in its log is run again once with "--attention batched" (plain XLA), as NAME-batched: cuDNN refusing a shape
+# only when compiling is what the trace-time fallback in internvl_jax.attention cannot catch.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -39,16 +40,28 @@ run() {  # run NAME BUDGET_S SCRIPT ARGS...
     fi
     echo "=== $name (at most ${budget}s): $*" | tee "$OUT/$name.log"
     timeout "$budget" "$PY" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - START))s in all" | tee -a "$OUT/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "=== $name: exit $status after $(($(date +%s) - START))s in all" | tee -a "$OUT/$name.log"
+    return "$status"
+}
+
+generate() {  # generate NAME BUDGET_S ARGS...: bench/generate.py, rerun once on plain XLA attention if cuDNN failed
+    local name=$1 budget=$2
+    shift 2
+    run "$name" "$budget" bench/generate.py ${GENERATE_ARGS:-} "$@"
+    local status=$?
+    # not after a timeout (124) or a kill (137): a rerun would take the time of the steps after it
+    if ((status != 0 && status != 124 && status != 137)) &&
+        grep -Eqi "cudnn.*(error|fail|status|unsupported|not supported)" "$OUT/$name.log"; then
+        run "$name-batched" "$budget" bench/generate.py ${GENERATE_ARGS:-} "$@" --attention batched
+    fi
 }
 
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1
   "$PY" -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__,
 torch.cuda.is_available(), '| transformers', transformers.__version__)" 2>&1; } | tee "$OUT/machine.log"
 
-run generate-1b 210 bench/generate.py ${GENERATE_ARGS:-} --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R" \
-    --also-xla-defaults
-run generate-8b 280 bench/generate.py ${GENERATE_ARGS:-} --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R" \
-    --also-xla-defaults
+generate generate-1b 210 --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R" --also-xla-defaults
+generate generate-8b 280 --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R" --also-xla-defaults
 run forward-1b 70 bench/forward.py --preset "$P1" --dtype bfloat16
 echo "done in $(($(date +%s) - START))s; logs in $OUT"
