@@ -28,6 +28,7 @@ from .config import InternVLConfig
 from .decoder import CACHE_AXES, unrolled_params as _decoder_unrolled_params
 from .layers import as_dtype
 from .model import InternVL, check_image_tokens
+from .target import traced_platform
 
 __all__ = ["CACHE_AXES", "DECODE_COMPILER_OPTIONS", "generate", "generate_stream", "init_cache", "platform_decode_options",
            "sample_logits", "unrolled_params"]
@@ -181,9 +182,10 @@ def _known_to_xla(options: tuple) -> tuple:
 
 
 def _programs_for(options: dict | None) -> tuple:
-    """The decode programs for ``options`` (None: this platform's :func:`platform_decode_options`)."""
+    """The decode programs for ``options`` (None: the :func:`platform_decode_options` of the platform traced for,
+    :func:`internvl_jax.target.traced_platform`)."""
     if options is None:
-        return _decode_programs(_known_to_xla(tuple(sorted(platform_decode_options(jax.default_backend()).items()))))
+        return _decode_programs(_known_to_xla(tuple(sorted(platform_decode_options(traced_platform()).items()))))
     return _decode_programs(tuple(sorted(options.items())))
 
 
