@@ -172,6 +172,8 @@ def _decode_programs(options: tuple) -> tuple:
 def _known_to_xla(options: tuple) -> tuple:
     """``options`` if this XLA accepts them, else () with a warning: a renamed option in the platform table must not
     stop every decode (options a caller gives are not checked: their error is theirs to see)."""
+    if not options:
+        return options
     try:
         jax.jit(lambda x: x, compiler_options=dict(options))(0)
     except jax.errors.JaxRuntimeError as e:
