@@ -37,8 +37,15 @@ def parse_args():
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the n x n x n matmul probe for the machine's rate (default 2048 on CPU, 8192 on GPU)")
     p.add_argument("--torch-device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--attention", default="auto",
+                   help="ours' attention impl (internvl_jax.layers.ATTENTION_IMPLS; auto: the backend's choice)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args()
+    from internvl_jax.layers import ATTENTION_IMPLS
+
+    if args.attention not in ATTENTION_IMPLS:
+        p.error(f"unknown --attention {args.attention!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +138,7 @@ def main():
 
     from convert.load import from_state_dict
     from internvl_jax.config import to_hf_dict
+    from internvl_jax.model import InternVL
     from internvl_jax.presets import get_preset
 
     cores = os.cpu_count()
@@ -153,6 +161,7 @@ def main():
         ref = transformers.InternVLForConditionalGeneration._from_config(
             transformers.InternVLConfig(**to_hf_dict(preset)), attn_implementation="sdpa", dtype=tdtype).eval()
     model, params = from_state_dict(ref.state_dict(), ref.config, dtype=jdtype)
+    model = InternVL(model.config.replace(attention_impl=args.attention))
     cfg = model.config
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     print(f"model: {args.preset} shapes, {n_params / 1e6:.1f}M params, built + handed to ours in "

@@ -14,9 +14,9 @@
 # the logs of the earlier ones. Compiling ours (prefill and decode, per batch size) is most of each step's time,
 # and is the guess in these budgets: no GPU has run them yet. PRESETS_1B / PRESETS_8B /
 # REPEATS change the shapes and rounds (e.g. PRESETS_1B=tiny-qwen2 PRESETS_8B=tiny-llama to try the script on a
-# CPU). GENERATE_ARGS is added to every generate step. A generate step that fails (not by its timeout) with a cuDNN
-# error in its log is run again once with "--attention batched" (plain XLA), as NAME-batched: cuDNN refusing a shape
-# only when compiling is what the trace-time fallback in internvl_jax.attention cannot catch.
+# CPU). GENERATE_ARGS is added to every generate step. A step that fails (not by its timeout) with a cuDNN error in
+# its log is run again once with "--attention batched" (plain XLA), as NAME-batched: cuDNN refusing a shape only when
+# compiling is what the trace-time fallback in internvl_jax.attention cannot catch.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -45,15 +45,15 @@ run() {  # run NAME BUDGET_S SCRIPT ARGS...
     return "$status"
 }
 
-generate() {  # generate NAME BUDGET_S ARGS...: bench/generate.py, rerun once on plain XLA attention if cuDNN failed
+retrying() {  # retrying NAME BUDGET_S SCRIPT ARGS...: run, then once more on plain XLA attention if cuDNN failed
     local name=$1 budget=$2
     shift 2
-    run "$name" "$budget" bench/generate.py ${GENERATE_ARGS:-} "$@"
+    run "$name" "$budget" "$@"
     local status=$?
     # not after a timeout (124) or a kill (137): a rerun would take the time of the steps after it
     if ((status != 0 && status != 124 && status != 137)) &&
         grep -Eqi "cudnn.*(error|fail|status|unsupported|not supported)" "$OUT/$name.log"; then
-        run "$name-batched" "$budget" bench/generate.py ${GENERATE_ARGS:-} "$@" --attention batched
+        run "$name-batched" "$budget" "$@" --attention batched
     fi
 }
 
@@ -61,7 +61,8 @@ generate() {  # generate NAME BUDGET_S ARGS...: bench/generate.py, rerun once on
   "$PY" -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__,
 torch.cuda.is_available(), '| transformers', transformers.__version__)" 2>&1; } | tee "$OUT/machine.log"
 
-generate generate-1b 210 --preset "$P1" --dtypes bfloat16 --batches 1,8 --repeats "$R" --also-xla-defaults
-generate generate-8b 280 --preset "$P8" --dtypes bfloat16 --batches 1,8 --repeats "$R" --also-xla-defaults
-run forward-1b 70 bench/forward.py --preset "$P1" --dtype bfloat16
+GEN=(bench/generate.py ${GENERATE_ARGS:-} --dtypes bfloat16 --batches 1,8 --repeats "$R" --also-xla-defaults)
+retrying generate-1b 210 "${GEN[@]}" --preset "$P1"
+retrying generate-8b 280 "${GEN[@]}" --preset "$P8"
+retrying forward-1b 70 bench/forward.py --preset "$P1" --dtype bfloat16
 echo "done in $(($(date +%s) - START))s; logs in $OUT"
