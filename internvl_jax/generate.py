@@ -151,11 +151,10 @@ def _decode_loop(model, params, start, slot, token, pos, cache, rng, eos, pad, *
 DECODE_COMPILER_OPTIONS: dict[str, dict] = {"gpu": {"xla_gpu_enable_triton_gemm": False}}
 
 
-def platform_decode_options(platform: str, xla_flags: str | None = None) -> dict:
+def platform_decode_options(platform: str) -> dict:
     """The decode programs' XLA options on ``platform``: its ``DECODE_COMPILER_OPTIONS`` entry, less any option
-    that ``xla_flags`` (default: the ``XLA_FLAGS`` environment variable) names, so that a flag the user set wins."""
-    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    named = {f.lstrip("-").split("=")[0] for f in flags.split()}
+    that the ``XLA_FLAGS`` environment variable names, so that a flag the user set wins."""
+    named = {f.lstrip("-").split("=")[0] for f in os.environ.get("XLA_FLAGS", "").split()}
     return {k: v for k, v in DECODE_COMPILER_OPTIONS.get(platform, {}).items() if k not in named}
 
 

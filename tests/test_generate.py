@@ -174,10 +174,12 @@ def test_decode_programs_compile_with_their_own_xla_options(loaded, tmp_path, mo
     assert "jit__step" in dumped and "jit__prefill" not in dumped
 
 
-def test_gpu_decode_compiles_without_triton_gemms_unless_xla_flags_say_otherwise():
-    assert platform_decode_options("gpu", "") == {"xla_gpu_enable_triton_gemm": False}
-    assert platform_decode_options("gpu", "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/x") == {}
-    assert platform_decode_options("cpu", "") == {}
+def test_gpu_decode_compiles_without_triton_gemms_unless_xla_flags_say_otherwise(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert platform_decode_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert platform_decode_options("cpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/tmp/x")
+    assert platform_decode_options("gpu") == {}
     for options in DECODE_COMPILER_OPTIONS.values():  # real XLA option names: an unknown one fails to compile
         assert jax.jit(lambda x: x + 1, compiler_options=options)(1) == 2
 
@@ -193,9 +195,11 @@ def test_an_option_this_xla_does_not_know_leaves_decoding_to_its_defaults(loaded
 
 
 @pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])
-def test_generation_lowers_for_gpu_and_tpu_without_the_cpu_kernels(loaded, platform, lowering):
-    """The prefill and the decode loop, traced for another platform on this CPU host, lower for it and call none of
-    the CPU kernels (the custom calls ``internvl_*``)."""
+def test_generation_traces_and_lowers_for_gpu_and_tpu(loaded, platform, lowering):
+    """The prefill and the decode loop (with the platform's decode options), traced for another platform on this CPU
+    host, lower for it, and no CPU kernel (custom call ``internvl_*``) is called outside a per-platform switch.
+    Whether tracing for them builds the kernels is tests/test_kernels.py's question: lowering drops the CPU branch
+    of a switch either way."""
     generation = importlib.import_module("internvl_jax.generate")  # the package exports the function of that name
     _, model, params = loaded
     ids, _, pixels, mask = image_batch([[2]], length=24, max_tiles=6)
