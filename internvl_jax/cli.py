@@ -1,4 +1,4 @@
-"""The ``internvl-jax`` command line: ``info``, ``convert``, ``export``, ``chat``, ``plan`` and ``demo``."""
+"""The ``internvl-jax`` command line: ``info``, ``convert``, ``export``, ``chat``, ``plan``, ``train`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -53,48 +53,70 @@ def cmd_info(args) -> None:
     print(f"parameters: {count(tree)}")
 
 
+def _use_cpu_devices(n: int) -> None:
+    """Simulate ``n`` devices on a CPU host. XLA reads the flag when the backend starts (the first computation),
+    so it works after ``import jax`` as long as nothing has run yet; GPU and TPU hosts ignore it."""
+    flag = f"--xla_force_host_platform_device_count={n}"
+    if n and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+def _run_training(config_name: str, overrides: list[str]):
+    """Load, override, set up and run a train config; returns (config, result)."""
+    import logging
+
+    from train.config import apply_overrides, load_train_config, prepare
+
+    cfg = apply_overrides(load_train_config(config_name), overrides)
+    _use_cpu_devices(cfg.cpu_devices)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from train.trainer import train
+
+    cfg = prepare(cfg)
+    try:
+        return cfg, train(cfg)
+    except KeyboardInterrupt:
+        raise SystemExit(f"internvl-jax train: interrupted; rerun the same command to resume {cfg.workdir} from its "
+                         "last checkpoint") from None
+
+
+def cmd_train(args) -> None:
+    cfg, result = _run_training(args.config, args.overrides)
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"trained {cfg.name} to step {int(result.state.step)} in {cfg.workdir}"
+          + (f": loss {last['loss']:.4f}" if "loss" in last else "")
+          + (f", held-out loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+
+
 def cmd_demo(args) -> None:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    import tempfile
 
-    from .model import InternVL, check_image_tokens, init_params, param_count
-    from .presets import get_preset
-    from .processing import image_tiles, plan_tiles, tile_bucket
-    from .samples import photo_like
+    workdir = args.workdir or tempfile.mkdtemp(prefix="internvl-demo-")
+    overrides = [f"workdir={workdir}"] + ([f"steps={args.steps}"] if args.steps else [])
+    print(f"demo: synthetic visual question answering in {workdir}; the train config is `demo` "
+          f"(internvl-jax train demo workdir={workdir} resumes it)")
+    cfg, result = _run_training("demo", overrides)
+    from convert.load import load_pretrained
 
-    config = get_preset(args.preset)
-    print(f"model: {args.preset} ({param_count(config):,} parameters, random weights, seed {args.seed})")
-    for line in describe(config):
-        print("  " + line)
-    params = init_params(config, jax.random.PRNGKey(args.seed))
-    image = photo_like(4 * config.image_size, 2 * config.image_size, seed=args.seed)
-    plan = plan_tiles(image.shape[1], image.shape[0], max_tiles=4, tile_size=config.image_size)
-    tiles = image_tiles(image, plan, config.image_size)
-    bucket = tile_bucket(len(tiles))
-    pixels = np.zeros((1, bucket, *tiles.shape[1:]), np.float32)
-    pixels[0, : len(tiles)] = np.asarray(tiles)
-    tile_mask = np.arange(bucket)[None] < len(tiles)
-    n_img = len(tiles) * config.tokens_per_tile
-    rng = np.random.default_rng(args.seed)
-    text = lambda n: rng.integers(0, config.image_token_id - 1, n)  # noqa: E731
-    ids = np.concatenate([text(5), np.full(n_img, config.image_token_id), text(args.text_tokens)])[None].astype(np.int32)
-    print(f"input: generated {image.shape[1]}x{image.shape[0]} image -> {plan.cols}x{plan.rows} tiles + thumbnail "
-          f"(bucket of {bucket} slots), {ids.shape[1]} tokens ({n_img} IMG_CONTEXT)")
-    model = InternVL(config)
-    forward = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m))
-    t0 = time.perf_counter()
-    forward.lower(params, ids, pixels, tile_mask).compile()
-    compile_s = time.perf_counter() - t0
-    check_image_tokens(ids, tile_mask, config.image_token_id, config.tokens_per_tile)
-    t0 = time.perf_counter()
-    logits = forward(params, ids, pixels, tile_mask).block_until_ready()
-    run_s = time.perf_counter() - t0
-    last = np.asarray(logits[0, -1])
-    top = np.argsort(-last)[:5]
-    print(f"compiled in {compile_s:.2f} s, forward in {run_s * 1e3:.1f} ms on {jax.devices()[0].platform}")
-    print(f"logits: shape {tuple(logits.shape)} {logits.dtype}, finite: {bool(jnp.isfinite(logits).all())}")
-    print("next-token top-5: " + ", ".join(f"{int(t)} ({float(jax.nn.softmax(last)[t]):.3f})" for t in top))
+    from train.demo import heldout_accuracy, heldout_records
+    from .chat import chat
+    from .generate import unrolled_params
+    from .processing.processor import Processor
+
+    export = os.path.join(cfg.workdir, "export")
+    model, params = load_pretrained(export)
+    params = unrolled_params(params, model.config)
+    processor = Processor.from_pretrained(export)
+    records = heldout_records(cfg)
+    print(f"exported checkpoint {export} reloaded; answering {len(records)} held-out questions by greedy decoding")
+    accuracy, per_kind = heldout_accuracy(model, params, processor, records)
+    print("per question kind: " + ", ".join(f"{k} {v:.1%}" for k, v in per_kind.items()))
+    for r in records[: args.show]:
+        q, truth = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        answer = chat(model, params, processor, q, images=[r["image"]], generation_config={"max_new_tokens": 4})
+        print(f"  {os.path.basename(r['image'])}: {q.splitlines()[-1]} -> {answer} (truth: {truth})")
+    print(f"held-out accuracy: {accuracy:.3f}")
 
 
 def cmd_convert(args) -> None:
@@ -195,10 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     chat.set_defaults(func=cmd_chat)
-    demo = sub.add_parser("demo", help="build a tiny random model and run it on a generated image (no downloads)")
-    demo.add_argument("--preset", default="tiny-qwen2", help="model preset (default: tiny-qwen2)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed for weights and text (default: 0)")
-    demo.add_argument("--text-tokens", type=int, default=16, help="text tokens after the image (default: 16)")
+    train = sub.add_parser(
+        "train", help="train or fine-tune (resumes when WORKDIR holds checkpoints)",
+        description="Run a train config: a preset name or a .py file defining CONFIG = TrainConfig(...), then "
+                    "key=value overrides (dotted keys: steps=100 optim.lr=1e-5 data.meta=meta.json).")
+    train.add_argument("config", help="a preset (demo, internvl2_5_stage1, ...; train/configs/) or a config .py file")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. workdir=runs/a")
+    train.set_defaults(func=cmd_train)
+    demo = sub.add_parser(
+        "demo", help="generate a synthetic visual QA set, train a tiny InternVL on 8 simulated CPU devices, "
+                     "report held-out accuracy (no downloads)")
+    demo.add_argument("--workdir", default=None, help="the run's folder (default: a new temporary folder)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo config's)")
+    demo.add_argument("--show", type=int, default=4, help="held-out questions answered through chat (default: 4)")
     demo.set_defaults(func=cmd_demo)
     from sharding.plan import add_parser as add_plan_parser
 

@@ -172,13 +172,23 @@ class Decoder(nn.Module):
         x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
         return constrain(x, ("batch", "length", "embed"))
 
+    def head(self, x):
+        """Final-norm hidden states [B, L, E] -> float32 logits [B, L, V] (the tied table or ``lm_head``)."""
+        if self.cfg.tie_word_embeddings:
+            logits = dot_out_in(x, self.embed_tokens, self.dtype, jnp.float32)  # the table is [out, in] already
+        else:
+            logits = self.lm_head(x)
+        return constrain(logits, ("batch", "length", "vocab"))
+
     def __call__(self, input_ids=None, *, embeddings=None, positions=None, segment_ids=None, cache=None,
-                 cache_index=None, cache_start=None, last_only: bool = False):
+                 cache_index=None, cache_start=None, last_only: bool = False, return_hidden: bool = False):
         """input_ids int [B, L], or embeddings [B, L, E] (e.g. with image features merged in);
         positions: [B, L] int or float (V2PE); segment_ids: int [B, L], 0 = padding, packed samples differ.
 
         Without ``positions``, positions count from 0 in every segment (or along the row).
-        Returns float32 logits [B, L, V] ([B, 1, V] of the last position only with ``last_only``).
+        Returns float32 logits [B, L, V] ([B, 1, V] of the last position only with ``last_only``); with
+        ``return_hidden``, the final-norm hidden states [B, L, E] instead (training: a chunked loss applies
+        :meth:`head` a piece at a time, so the [B, L, V] logits never exist at once).
 
         KV cache (``unrolled`` only): ``cache`` is one (k, v) pair per layer, each [B, K, S, D] (see
         ``internvl_jax.generate.init_cache``); the L tokens of every row go to slots ``cache_index`` ..
@@ -218,11 +228,9 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if c.tie_word_embeddings:
-            logits = dot_out_in(x, self.embed_tokens, self.dtype, jnp.float32)  # the table is [out, in] already
-        else:
-            logits = self.lm_head(x)
-        logits = constrain(logits, ("batch", "length", "vocab"))
+        if return_hidden:
+            return x
+        logits = self.head(x)
         return logits if cache is None else (logits, cache)
 
 

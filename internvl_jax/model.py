@@ -86,11 +86,12 @@ class InternVL(nn.Module):
         return self.projector(h.reshape(n, -1, h.shape[-1]))
 
     def __call__(self, input_ids, pixel_values=None, tile_mask=None, positions=None, segment_ids=None, cache=None,
-                 cache_index=None, cache_start=None, last_only: bool = False):
+                 cache_index=None, cache_start=None, last_only: bool = False, return_hidden: bool = False):
         """input_ids int [B, L]; pixel_values [B, T, H, W, 3]; tile_mask bool [B, T] (default: all valid);
         positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed samples differ).
         ``last_only``: logits of the last position only. With a KV ``cache`` (generation, ``unrolled``), returns
-        (logits, cache); see :class:`~internvl_jax.decoder.Decoder`."""
+        (logits, cache); see :class:`~internvl_jax.decoder.Decoder`. ``return_hidden``: the final-norm hidden
+        states [B, L, E] instead of logits (:meth:`head` makes logits of any piece of them)."""
         c = self.config
         if pixel_values is not None and tile_mask is None:
             tile_mask = jnp.ones(pixel_values.shape[:2], bool)
@@ -104,8 +105,12 @@ class InternVL(nn.Module):
             x = merge_image_features(x, input_ids == c.image_token_id, feats, tile_mask)
         return self.language_model(
             embeddings=x, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index,
-            cache_start=cache_start, last_only=last_only,
+            cache_start=cache_start, last_only=last_only, return_hidden=return_hidden,
         )
+
+    def head(self, hidden):
+        """Final-norm hidden states [..., E] -> float32 logits [..., V]."""
+        return self.language_model.head(hidden)
 
 
 def _dummy_inputs(config: InternVLConfig):

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from internvl_jax.generate import CACHE_AXES, _step as _decode, init_cache
 from internvl_jax.model import InternVL, _dummy_inputs, abstract_params
 from internvl_jax.presets import get_preset
-from train.loss import cross_entropy
+from train.step import abstract_batch, batch_shardings, train_step_spec
 
 from .mesh import _resolve, make_mesh
 from .place import (
@@ -51,7 +51,7 @@ from .place import (
 )
 from .rules import MESH_AXES, Rules, get_rules
 from .topology import (
-    GiB, TARGET_ATTENTION, Chip, CompiledStats, Slice, compile_for, parse_slice, torus_shape, tpu_devices,
+    GiB, TARGET_ATTENTION, Chip, CompiledStats, Slice, Step, parse_slice, torus_shape, tpu_devices,
 )
 
 # optimizer name -> optax transformation (the learning rate does not change shapes or memory)
@@ -86,43 +86,10 @@ def target_config(preset, *, dtype: str = "bfloat16", remat: str = "full", platf
     return config.replace(dtype=dtype, param_dtype=dtype, remat=remat, attention_impl=TARGET_ATTENTION[platform])
 
 
-@dataclass(frozen=True)
-class Step:
-    """A function with abstract arguments (``ShapeDtypeStruct`` pytrees), their shardings, the output shardings
-    and the donated argument numbers: everything :func:`sharding.topology.compile_for` needs."""
-
-    fn: Callable
-    args: tuple
-    in_shardings: tuple
-    out_shardings: object
-    donate: tuple = ()
-
-    def compile(self, mesh: Mesh, rules: str | Rules):
-        """(compiled, :class:`~sharding.topology.CompiledStats`) for the devices of ``mesh``."""
-        return compile_for(self.fn, self.args, self.in_shardings, self.out_shardings, donate_argnums=self.donate,
-                           mesh=mesh, rules=rules)
-
-
 def default_tiles(config, seq_len: int) -> int:
     """Image tiles per row when none are given: the release's tile budget (plus thumbnail), at most as many as
     fill half of the sequence with image tokens."""
     return min(config.max_dynamic_patch + config.use_thumbnail, seq_len // 2 // config.tokens_per_tile)
-
-
-def abstract_batch(config, rows: int, seq_len: int, tiles: int) -> dict:
-    """A training batch's shapes: input_ids and labels int32 [rows, seq_len], pixel_values [rows, tiles, S, S, 3]
-    in the compute dtype and tile_mask bool [rows, tiles] (no images when ``tiles`` is 0)."""
-    s = config.image_size
-    batch = {"input_ids": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32),
-             "labels": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)}
-    if tiles:
-        batch["pixel_values"] = jax.ShapeDtypeStruct((rows, tiles, s, s, 3), jnp.dtype(config.dtype))
-        batch["tile_mask"] = jax.ShapeDtypeStruct((rows, tiles), jnp.bool_)
-    return batch
-
-
-def _batch_shardings(batch, mesh: Mesh, rules):
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, batch_spec(len(x.shape), rules)), batch)
 
 
 def _logits(model, params, batch):
@@ -136,28 +103,14 @@ def forward_step(config, mesh: Mesh, rules: str | Rules, *, rows: int, seq_len: 
     model = InternVL(config)
     out = NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length", "vocab"), get_rules(rules)))
     return Step(lambda p, b: _logits(model, p, b), (nn.unbox(boxed), batch),
-                (shardings(boxed, mesh, rules), _batch_shardings(batch, mesh, rules)), out)
+                (shardings(boxed, mesh, rules), batch_shardings(batch, mesh, rules)), out)
 
 
 def train_step(config, mesh: Mesh, rules: str | Rules, *, rows: int, seq_len: int, tiles: int,
                optimizer: str = "adamw") -> Step:
-    """``(params, opt_state, batch) -> (params, opt_state, loss)``: next-token cross entropy
-    (:func:`train.loss.cross_entropy`), its gradients and an optimizer update, with the optimizer state sharded
-    like the params (optax keeps flax's logical-axis boxes in ``eval_shape``) and both donated."""
-    model, tx = InternVL(config), OPTIMIZERS[optimizer]()
-    boxed = _boxed_params(config)
-    boxed_opt = jax.eval_shape(tx.init, boxed)
-    batch = abstract_batch(config, rows, seq_len, tiles)
-
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: cross_entropy(_logits(model, p, batch), batch["labels"]))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    param_sh, opt_sh = shardings(boxed, mesh, rules), shardings(boxed_opt, mesh, rules)
-    return Step(step, (nn.unbox(boxed), nn.unbox(boxed_opt), batch),
-                (param_sh, opt_sh, _batch_shardings(batch, mesh, rules)),
-                (param_sh, opt_sh, NamedSharding(mesh, PartitionSpec())), donate=(0, 1))
+    """The trainer's step (:func:`train.step.make_train_step`: weighted cross entropy over the global batch,
+    gradients, an optimizer update) with ``(state, batch)`` abstract and sharded by the rules, state donated."""
+    return train_step_spec(config, mesh, rules, OPTIMIZERS[optimizer](), rows=rows, seq_len=seq_len, tiles=tiles)
 
 
 def abstract_cache(config, rows: int, length: int):

@@ -200,3 +200,20 @@ def compile_for(fn: Callable, args: tuple, in_shardings, out_shardings, *, donat
         with activate(mesh, rules):
             compiled = jitted.lower(*abstract_args).compile()
     return compiled, compiled_stats(compiled)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A function with abstract arguments (``ShapeDtypeStruct`` pytrees), their shardings, the output shardings
+    and the donated argument numbers: everything :func:`compile_for` needs."""
+
+    fn: Callable
+    args: tuple
+    in_shardings: tuple
+    out_shardings: object
+    donate: tuple = ()
+
+    def compile(self, mesh, rules):
+        """(compiled, :class:`~sharding.topology.CompiledStats`) for the devices of ``mesh``."""
+        return compile_for(self.fn, self.args, self.in_shardings, self.out_shardings, donate_argnums=self.donate,
+                           mesh=mesh, rules=rules)

@@ -1,0 +1,215 @@
+"""Train configs: typed, frozen dataclasses; one Python file per named preset in ``train/configs/``; ``key=value``
+overrides from the command line, type-checked.
+
+``internvl-jax train CONFIG [key=value ...]``: CONFIG is a preset name (``demo``, ``internvl2_5_stage1``, ...: the
+files of ``train/configs``) or the path of a Python file that defines ``CONFIG = TrainConfig(...)``. Keys are
+dotted field paths (``steps=100``, ``optim.lr=1e-5``, ``data.max_tokens=8192``); an unknown key or a value of the
+wrong type is a :class:`ConfigError` naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import os
+import pkgutil
+import types
+import typing
+from dataclasses import dataclass, field
+
+from internvl_jax.config import InternVLConfig
+
+from .optim import OptimConfig
+
+
+class ConfigError(ValueError):
+    """A train config that cannot be loaded or an override that does not fit it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The input: meta files, row shapes, packing and loss weighting."""
+
+    meta: str = ""  # the InternVL meta JSON of the training data (relative paths: from the current folder)
+    eval_meta: str = ""  # held-out data in the same format ("" = no evaluation)
+    rows: int = 8  # global rows per optimizer step (all processes together; split by accum_steps)
+    max_tokens: int = 4096  # tokens per row: the static L (the original's max_packed_tokens)
+    max_tiles: int = 13  # tile slots per row: the static T (the packer's tile budget)
+    packing: bool = True  # several samples per row; False: one sample per row (plain SFT)
+    split_long: bool = True  # split a sample longer than a row as the original does; False: skip it
+    loss_weighting: str = "square"  # token | sample | square (1/sqrt(x) per sub-sample of x supervised tokens)
+    max_dynamic_patch: int = 0  # tiles per image (0: the model's; a dataset's meta entry overrides both)
+    v2pe: str = ""  # "" integer positions; "random" a stride per image (V2PE training); a number: a fixed stride
+    min_num_frames: int = 8  # video frames per training sample, drawn in [min, max] as the original
+    max_num_frames: int = 32
+    workers: int = 0  # grain worker processes for decoding (0: in the training process)
+    eval_samples: int = 64  # held-out samples per evaluation
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """The original's freezing flags (``internvl_chat_finetune.py``), turned into ``train.optim`` path rules by
+    :func:`train.optim.stage_rules`; ``optim.lr_rules`` of the config come first and win."""
+
+    freeze_backbone: bool = False  # the ViT
+    freeze_mlp: bool = False  # the projector
+    freeze_llm: bool = False  # the language model
+    unfreeze_vit_layers: int = 0  # with freeze_backbone: train ViT layers[k:] (-k: the last k)
+    unfreeze_lm_head: bool = False  # with freeze_llm: really train the head (the original's flag has no effect)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``init`` names a checkpoint (either safetensors layout or a ``convert`` orbax folder) to
+    start from, with its tokenizer and template; without it, ``preset`` is initialised at random and
+    ``tokenizer`` names the tokenizer folder."""
+
+    name: str = "custom"
+    workdir: str = ""  # output folder: metrics.jsonl, checkpoints/, export/; an existing run here resumes
+    init: str = ""
+    preset: str = ""
+    model: InternVLConfig | None = None  # a model config written in the preset file (wins over ``preset``)
+    tokenizer: str = ""
+    steps: int = 1000
+    accum_steps: int = 1  # gradient accumulation micro-batches per step
+    seed: int = 0
+    # the model's runtime settings (the params are float32 master weights; compute in ``dtype``)
+    dtype: str = "bfloat16"
+    remat: str = "full"
+    attention: str = "auto"
+    drop_path: float = -1.0  # the ViT's drop_path_rate (-1: the checkpoint's)
+    image_size: int = 0  # force_image_size: tiles of this size, position table interpolated (0: the checkpoint's)
+    vocab_chunk: int = 1024  # positions whose logits are made at once by the loss (0: all)
+    # the mesh: data,fsdp,tensor sizes (-1: the rest of the devices) and the sharding rule preset
+    mesh: str = "1,-1,1"
+    rules: str = "fsdp"
+    cpu_devices: int = 0  # on a CPU host, simulate this many devices (set before JAX starts; the demo: 8)
+    setup: str = ""  # "module:function" run first with the config, returning the config to run (see prepare())
+    # bookkeeping
+    log_every: int = 10  # console lines (metrics.jsonl gets every step)
+    eval_every: int = 0  # held-out loss every N steps (0: at the end only, when eval data is given)
+    save_every: int = 500
+    keep: int = 3
+    max_nonfinite: int = 10  # stop after this many skipped updates (non-finite loss or gradient)
+    export: str = ""  # "" | hf | original: safetensors of the final params in <workdir>/export
+    tensorboard: bool = False
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Presets and files
+# ------------------------------------------------------------------------------------------------------------
+
+def preset_names() -> list[str]:
+    """The named configs: the modules of ``train/configs``."""
+    from . import configs
+
+    return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if not m.name.startswith("_"))
+
+
+def load_train_config(name_or_path: str) -> TrainConfig:
+    """A preset by name, or ``CONFIG`` of a Python file."""
+    if name_or_path.endswith(".py"):
+        if not os.path.isfile(name_or_path):
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        spec = importlib.util.spec_from_file_location("_train_config", name_or_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    elif name_or_path in preset_names():
+        module = importlib.import_module(f"train.configs.{name_or_path}")
+    else:
+        close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown train config {name_or_path!r}{hint}; presets: {', '.join(preset_names())}, or "
+                          "the path of a .py file defining CONFIG")
+    config = getattr(module, "CONFIG", None)
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{name_or_path} defines no CONFIG = TrainConfig(...)")
+    return config
+
+
+def prepare(config: TrainConfig) -> TrainConfig:
+    """``config`` after its ``setup`` hook (``"module:function"``, called with the config, returning the config to
+    run; the demo writes its synthetic data there), or as it is without one."""
+    if not config.setup:
+        return config
+    module, _, name = config.setup.partition(":")
+    try:
+        hook = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"setup={config.setup!r}: expected module:function of an importable function") from None
+    return hook(config)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# key=value overrides
+# ------------------------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _parse(text: str, kind, key: str):
+    """``text`` as a value of the annotated type ``kind`` (int, float, bool, str, a tuple of them, or Optional)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        items = [t for t in text.split(",") if t.strip()]
+        inner = args[0] if args else str
+        return tuple(_parse(t.strip(), inner, key) for t in items)
+    try:
+        if kind is bool:
+            if text.lower() not in _TRUE | _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"{key}: cannot set a field of type {kind} from the command line")
+    raise ConfigError(f"{key}={text}: expected {getattr(kind, '__name__', kind)}")
+
+
+def _set(obj, path: list[str], text: str, full: str):
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    key = path[0]
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {full!r}{hint}; {type(obj).__name__} has: {', '.join(names)}")
+    current = getattr(obj, key)
+    if dataclasses.is_dataclass(current):
+        if len(path) == 1:
+            raise ConfigError(f"{full} is a group of settings; set one of its keys, e.g. {full}."
+                              f"{dataclasses.fields(current)[0].name}=...")
+        return dataclasses.replace(obj, **{key: _set(current, path[1:], text, full)})
+    if len(path) > 1:
+        raise ConfigError(f"unknown config key {full!r}: {'.'.join(path[:1])} is not a group of settings")
+    return dataclasses.replace(obj, **{key: _parse(text, hints[key], full)})
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``["steps=10", "optim.lr=1e-4", ...]`` applied in order."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. steps=100 or optim.lr=1e-5")
+        config = _set(config, key.strip().split("."), value.strip(), key.strip())
+    return config

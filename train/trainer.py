@@ -1,0 +1,284 @@
+"""The trainer: ``train(config)`` runs a :class:`~train.config.TrainConfig` on the mesh of ``sharding``.
+
+One run = model and params (from ``init`` loaded straight into their shardings, or ``preset`` initialised in
+them), the optimizer of ``train.optim`` (frozen parameters hold no state), the grain input of ``train.data``
+(each process reads its own rows; ``sharding.shard_batch`` makes the global batch), the jitted and donated step
+of ``train.step``, and ``train.checkpoint``. A workdir that holds checkpoints resumes from the latest: params,
+optimizer state, step, rng and the data iterator, so the resumed run sees exactly the batches and gives exactly
+the losses of an uninterrupted one.
+
+Per step, ``<workdir>/metrics.jsonl`` gets one JSON object (step, loss, grad_norm, lr, weight_sum, tokens,
+tokens_per_s, mfu when the device peak is known, fill rates, skipped samples, ...), written as the step
+completes; the console gets a progress bar and a line every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sharding
+from internvl_jax.model import InternVL, abstract_params
+from sharding.distributed import is_main_process, main_process_logger
+from sharding.plan import model_flops
+from sharding.topology import CHIPS
+
+from . import optim
+from .checkpoint import Checkpoints
+from .config import ConfigError, TrainConfig
+from .inputs import Inputs, build_inputs
+from .state import TrainState, abstract_state
+from .step import batch_shardings, loss_sum, make_train_step
+
+log = main_process_logger("internvl_jax.train")
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (too many non-finite losses)."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves: its final state, the model, the processor and the last metrics."""
+
+    state: TrainState
+    model: InternVL
+    inputs: Inputs
+    metrics: list[dict]
+    resumed_from: int | None
+
+
+def device_peak_flops() -> float | None:
+    """Dense bf16 FLOP/s of one device of this host, when known (TPU chips, H100/H200/A100); else None."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in GPU_PEAK_FLOPS.items():
+        if name in kind:
+            return peak
+    for chip in CHIPS.values():
+        if jax.devices()[0].platform == "tpu" and chip.name.lower() in kind.lower().replace(" ", ""):
+            return chip.peak_flops
+    return None
+
+
+def _mesh(cfg: TrainConfig):
+    try:
+        sizes = [int(s) for s in cfg.mesh.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3:
+        raise ConfigError(f"mesh={cfg.mesh!r}: expected data,fsdp,tensor sizes such as 1,-1,1")
+    if cfg.rules not in sharding.RULES:
+        raise ConfigError(f"rules={cfg.rules!r}: expected one of {', '.join(sharding.RULES)}")
+    return sharding.make_mesh(*sizes)
+
+
+def _model_config(cfg: TrainConfig, base):
+    """The checkpoint's or preset's config with this run's runtime settings (float32 master weights)."""
+    vision = base.vision if cfg.drop_path < 0 else dataclasses.replace(base.vision, drop_path_rate=cfg.drop_path)
+    return base.replace(vision=vision, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat,
+                        attention_impl=cfg.attention, force_image_size=cfg.image_size or base.force_image_size)
+
+
+def optim_config(cfg: TrainConfig, config) -> optim.OptimConfig:
+    """``cfg.optim`` with the freezing flags of ``cfg.freeze`` appended to its path rules."""
+    f = cfg.freeze
+    rules = optim.stage_rules(f.freeze_backbone, f.freeze_mlp, f.freeze_llm, f.unfreeze_vit_layers,
+                              f.unfreeze_lm_head, tied_head=config.text.tie_word_embeddings, extra=cfg.optim.lr_rules)
+    return dataclasses.replace(cfg.optim, lr_rules=rules)
+
+
+def _initial_params(cfg: TrainConfig, mesh):
+    """(model config, params in their shardings)."""
+    if cfg.init:
+        from convert.load import load_pretrained
+
+        model, params = load_pretrained(cfg.init, dtype=jnp.float32, mesh=mesh, rules=cfg.rules)
+        return _model_config(cfg, model.config), params
+    if cfg.model is None and not cfg.preset:
+        raise ConfigError("give init=PATH (a checkpoint to start from) or preset=NAME (random initialisation)")
+    from internvl_jax.presets import get_preset
+
+    config = _model_config(cfg, cfg.model or get_preset(cfg.preset))
+    model = InternVL(config)
+    from internvl_jax.model import _dummy_inputs
+
+    params = sharding.init_sharded(lambda r: model.init(r, *_dummy_inputs(config))["params"], mesh, cfg.rules,
+                                   jax.random.PRNGKey(cfg.seed))
+    return config, params
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (process 0), appended one object per step, flushed as written; optional TensorBoard."""
+
+    def __init__(self, workdir: str, tensorboard: bool):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.file = open(self.path, "a") if is_main_process() else None
+        self.tb = None
+        if tensorboard and is_main_process():
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard=true needs the tensorboardX package (pip install tensorboardX)") from None
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _host(metrics) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(model, params, inputs: Inputs, mesh, rules, *, vocab_chunk) -> dict:
+    """Held-out loss: the weighted loss over ``inputs``' evaluation batches (no update)."""
+    fn = jax.jit(lambda p, b: (loss_sum(model, p, b, vocab_chunk=vocab_chunk), jnp.sum(b["loss_weights"])))
+    total = weights = 0.0
+    with sharding.activate(mesh, rules):
+        for batch in inputs.eval_batches():
+            s, w = fn(params, sharding.shard_batch(batch, mesh, rules))
+            total, weights = total + float(s), weights + float(w)
+    return {"eval_loss": total / max(weights, 1e-12)}
+
+
+def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
+    """Run (or resume) ``cfg``; returns the final state. ``on_step(record)`` is called with each step's metrics."""
+    if not cfg.workdir:
+        raise ConfigError("workdir is not set: give workdir=DIR (metrics, checkpoints and exports go there)")
+    if cfg.steps < 1:
+        raise ConfigError(f"steps={cfg.steps}: expected a positive number of optimizer steps")
+    os.makedirs(cfg.workdir, exist_ok=True)
+    mesh = _mesh(cfg)
+    config, params = _initial_params(cfg, mesh)
+    model = InternVL(config)
+    inputs = build_inputs(cfg, config)
+    ocfg = optim_config(cfg, config)
+    tx = optim.build_optimizer(ocfg, params, cfg.steps)
+    trainable = optim.trainable_mask(ocfg, params)
+    lr_fn = optim.schedule(ocfg, cfg.steps)
+    boxed = abstract_params(config, boxed=True)
+    state_sh = sharding.shardings(abstract_state(boxed, tx), mesh, cfg.rules)
+    with sharding.activate(mesh, cfg.rules):
+        state = jax.jit(lambda p, k: TrainState.create(p, tx, k), out_shardings=state_sh,
+                        donate_argnums=(0,))(params, jax.random.PRNGKey(cfg.seed + 1))
+    del params
+    checkpoints = Checkpoints(cfg.workdir, save_every=cfg.save_every, keep=cfg.keep)
+    resumed = checkpoints.latest_step()
+    host = {"skipped_samples": {}}
+    if resumed is not None:
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                                          state_sh)
+        del state
+        state, meta = checkpoints.restore(resumed, abstract, inputs.iterator)
+        host = meta.get("host", host)
+        log.info("resumed from step %d of %s", resumed, checkpoints.directory)
+    step_fn = make_train_step(model, tx, lr_fn, trainable=trainable,
+                              grad_view=lambda g: optim.trainable_grads(ocfg, g, g), accum_steps=cfg.accum_steps,
+                              vocab_chunk=cfg.vocab_chunk or None, drop_path=config.vision.drop_path_rate > 0)
+    batch_sh = batch_shardings(inputs.abstract_batch, mesh, cfg.rules)
+    with sharding.activate(mesh, cfg.rules):
+        step_fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                          donate_argnums=(0,))
+    metrics_log = MetricsLog(cfg.workdir, cfg.tensorboard)
+    start = int(jax.device_get(state.step))
+    peak = device_peak_flops()
+    flops = model_flops(config, cfg.data.rows, cfg.data.max_tokens, cfg.data.max_tiles, devices=1)
+    run_meta = {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    records = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.name}", unit="step",
+               disable=not (cfg.progress and is_main_process()), dynamic_ncols=True)
+    try:
+        t_last = time.perf_counter()
+        batch, stats = inputs.next() if start < cfg.steps else (None, None)
+        for step in range(start, cfg.steps):
+            with sharding.activate(mesh, cfg.rules):
+                state, metrics = step_fn(state, sharding.shard_batch(batch, mesh, cfg.rules))
+            for reason, n in stats.get("skipped", {}).items():
+                host["skipped_samples"][reason] = host["skipped_samples"].get(reason, 0) + n
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                # the iterator has yielded exactly step + 1 batches: the state the checkpoint must hold
+                checkpoints.save(step + 1, state, inputs.iterator, {**run_meta, "host": host},
+                                 force=step + 1 == cfg.steps)
+            if step + 1 < cfg.steps:
+                next_batch, next_stats = inputs.next()  # host work while the device runs this step
+            m = _host(metrics)
+            now = time.perf_counter()
+            seconds, t_last = now - t_last, now
+            record = {"step": step + 1, **m, "seconds": seconds,
+                      "tokens_per_s": cfg.data.rows * cfg.data.max_tokens / seconds,
+                      "token_fill": stats.get("token_fill"), "tile_fill": stats.get("tile_fill"),
+                      "samples": stats.get("samples"), "skipped_samples": sum(host["skipped_samples"].values())}
+            if peak:
+                record["mfu"] = flops / seconds / (peak * jax.device_count())
+            if not m["finite"]:
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); the update was skipped",
+                            step + 1, m["loss"], m["grad_norm"])
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and inputs.has_eval:
+                record.update(evaluate(model, state.params, inputs, mesh, cfg.rules, vocab_chunk=cfg.vocab_chunk or None))
+            records.append(record)
+            metrics_log.write(record)
+            if on_step:
+                on_step(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                log.info("step %d/%d: loss %.4f, grad norm %.3f, lr %.3e, %.0f tokens/s", step + 1, cfg.steps,
+                         m["loss"], m["grad_norm"], m["lr"], record["tokens_per_s"])
+            skipped = int(jax.device_get(state.skipped))
+            if skipped > cfg.max_nonfinite:
+                checkpoints.wait()
+                raise TrainingStopped(f"{skipped} updates were skipped for a non-finite loss or gradient (more than "
+                                      f"max_nonfinite={cfg.max_nonfinite}); the last good state is in the checkpoints")
+            if step + 1 < cfg.steps:
+                batch, stats = next_batch, next_stats
+    finally:
+        bar.close()
+        checkpoints.close()
+        metrics_log.close()
+        inputs.close()
+    if cfg.eval_every == 0 and inputs.has_eval:
+        final = evaluate(model, state.params, inputs, mesh, cfg.rules, vocab_chunk=cfg.vocab_chunk or None)
+        log.info("held-out loss: %.4f", final["eval_loss"])
+        if records:
+            records[-1].update(final)
+    if cfg.export:
+        export(state.params, config, os.path.join(cfg.workdir, "export"), cfg.export, inputs)
+    return RunResult(state, model, inputs, records, resumed)
+
+
+def export(params, config, dst: str, layout: str, inputs: Inputs) -> None:
+    """The params as safetensors in ``layout`` (hf | original) with the tokenizer files, through the export path."""
+    from convert.export import export_checkpoint
+
+    host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    export_checkpoint(host_params, config.replace(dtype="float32", param_dtype="float32", remat="none",
+                                                  attention_impl="auto"),
+                      dst, layout=layout, overwrite=True, side_files_from=inputs.tokenizer_dir)
+    log.info("exported to %s (%s layout)", dst, layout)
+
+
+def _silence_absl() -> None:
+    logging.getLogger("absl").setLevel(logging.WARNING)
