@@ -26,6 +26,7 @@ import numpy as np
 
 import sharding
 from sharding.plan import forward_step, model_flops, target_config, train_step
+from train.state import TrainState
 
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense
 
@@ -62,39 +63,58 @@ def device_peak(dtype, n: int = 2048) -> tuple[float, str]:
     return 5 * 2 * n**3 / (time.perf_counter() - t0), f"measured {n}^3 {jnp.dtype(dtype).name} matmul"
 
 
-def random_inputs(step, config, mesh, rules, seed: int = 0):
-    """Concrete arguments for a plan step: params (and optimizer state) initialised in their shardings, random
-    token ids, labels, pixels and all-valid tiles."""
+def random_batch(spec: dict, config, seed: int = 0) -> dict:
+    """Host arrays of a training batch of ``spec``'s shapes (``train.step.abstract_batch``): one sample per row,
+    its image tokens (every tile valid, 256 positions per tile) first and unsupervised, the rest random text
+    supervised with weight 1; positions restart at 0 in every row, segment id 1 throughout."""
     rng = np.random.default_rng(seed)
-    batch = {}
-    for name, spec in step.args[-1].items():
-        if name in ("input_ids", "labels"):
-            batch[name] = rng.integers(0, config.text.vocab_size, spec.shape).astype(np.int32)
-        elif name == "pixel_values":
-            batch[name] = rng.standard_normal(spec.shape).astype(spec.dtype)
-        else:
-            batch[name] = np.ones(spec.shape, bool)
-    if "tile_mask" in batch:  # every row's image tokens match its tiles: the first tiles x 256 positions
-        batch["input_ids"][:, : batch["tile_mask"].shape[1] * config.tokens_per_tile] = config.image_token_id
-    batch = sharding.shard_batch(batch, mesh, rules)
-    init = jax.jit(lambda k: jax.tree_util.tree_map(
-        lambda s: jax.random.normal(k, s.shape, s.dtype) * 0.02, step.args[0]), out_shardings=step.in_shardings[0])
-    params = init(jax.random.PRNGKey(seed))
-    if len(step.args) == 2:
-        return params, batch
-    opt = jax.jit(lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), step.args[1]),
-                  out_shardings=step.in_shardings[1])()
-    return params, opt, batch
+    rows, length = spec["input_ids"].shape
+    ids = rng.integers(0, config.text.vocab_size, (rows, length)).astype(np.int32)
+    ids[ids == config.image_token_id] = 0
+    batch = {"input_ids": ids, "labels": np.roll(ids, -1, axis=1),
+             "positions": np.broadcast_to(np.arange(length), (rows, length)).astype(spec["positions"].dtype),
+             "segment_ids": np.ones((rows, length), np.int32)}
+    supervised = np.ones((rows, length), bool)
+    supervised[:, -1] = False  # the last position has no next token
+    if "tile_mask" in spec:
+        tiles = spec["tile_mask"].shape[1]
+        image = tiles * config.tokens_per_tile
+        ids[:, :image] = config.image_token_id
+        supervised[:, : image] = False
+        batch["pixel_values"] = rng.standard_normal(spec["pixel_values"].shape).astype(spec["pixel_values"].dtype)
+        batch["tile_mask"] = np.ones((rows, tiles), bool)
+    batch["labels"] = np.where(supervised, batch["labels"], -100).astype(np.int32)  # train.loss.IGNORE
+    batch["loss_weights"] = supervised.astype(np.float32)
+    return batch
 
 
-def timed(compiled, args, repeats: int) -> float:
-    """Median seconds per call; donated inputs are replaced by the step's outputs between calls."""
+def random_inputs(step, config, mesh, rules, seed: int = 0):
+    """Concrete arguments for a plan step, in its shardings: ``(params, batch)`` for the forward,
+    ``(TrainState, batch)`` for the train step (params random, optimizer moments and counters zero, which is what
+    ``optax.adamw``'s init gives)."""
+    batch = sharding.shard_batch(random_batch(step.args[-1], config, seed), mesh, rules)
+    normal = lambda k, tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda s: jax.random.normal(k, s.shape, s.dtype) * 0.02, tree)
+    zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+    if isinstance(step.args[0], TrainState):
+        init = lambda k: TrainState(  # noqa: E731
+            step=jnp.zeros((), jnp.int32), params=normal(k, step.args[0].params),
+            opt_state=zeros(step.args[0].opt_state), rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32))
+    else:
+        init = lambda k: normal(k, step.args[0])  # noqa: E731
+    first = jax.jit(init, out_shardings=step.in_shardings[0])(jax.random.PRNGKey(seed))
+    return first, batch
+
+
+def timed(compiled, args, repeats: int, train: bool) -> float:
+    """Median seconds per call; a train step's donated state is replaced by the state it returns between calls
+    (``(state, batch) -> (state, metrics)``)."""
     times = []
     out = compiled(*args)
     jax.block_until_ready(out)
     for _ in range(repeats):
-        if len(args) == 3:  # train step: (params, opt_state, batch) -> (params, opt_state, loss)
-            args = (out[0], out[1], args[2])
+        if train:
+            args = (out[0], args[1])
         t0 = time.perf_counter()
         out = compiled(*args)
         jax.block_until_ready(out)
@@ -119,7 +139,7 @@ def main():
         t0 = time.perf_counter()
         compiled, stats = step.compile(mesh, args.rules)
         compile_s = time.perf_counter() - t0
-        seconds = timed(compiled, random_inputs(step, config, mesh, args.rules), args.repeats)
+        seconds = timed(compiled, random_inputs(step, config, mesh, args.rules), args.repeats, build is train_step)
         mfu = flops / seconds / (peak * (1 if jax.default_backend() == "cpu" else n))  # CPU devices share cores
         print(f"{name}: {seconds:.3f} s, {args.rows * seq_len / seconds:,.0f} tokens/s, "
               f"{flops / seconds / 1e12:.2f} TFLOP/s = MFU {mfu:.1%} (compiled in {compile_s:.1f} s; "

@@ -65,9 +65,11 @@ def _run_training(config_name: str, overrides: list[str]):
     """Load, override, set up and run a train config; returns (config, result)."""
     import logging
 
-    from train.config import apply_overrides, load_train_config, prepare
+    from train.config import apply_overrides, load_train_config, prepare, validate
 
     cfg = apply_overrides(load_train_config(config_name), overrides)
+    if not cfg.setup:  # a setup hook fills in what it writes (the demo's data); check the rest after it
+        validate(cfg)
     _use_cpu_devices(cfg.cpu_devices)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)

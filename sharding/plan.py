@@ -47,7 +47,7 @@ from train.step import abstract_batch, batch_shardings, train_step_spec
 
 from .mesh import _resolve, make_mesh
 from .place import (
-    ShardingError, _first_indivisible, batch_spec, mesh_axes_size, partition_specs, shardings, working_meshes,
+    ShardingError, _is_box, _first_indivisible, batch_spec, mesh_axes_size, partition_specs, shardings, working_meshes,
 )
 from .rules import MESH_AXES, Rules, get_rules
 from .topology import (
@@ -59,6 +59,30 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adamw": lambda: optax.adamw(1e-4, weight_decay=0.1),  # two moments per parameter
     "sgd": lambda: optax.sgd(1e-4, momentum=0.9),  # one momentum per parameter
 }
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """What a plan trains with: ``tx`` and the trainable mask (None: everything trains)."""
+
+    name: str
+    tx: optax.GradientTransformation
+    trainable: object = None
+
+
+def make_optimizer(config, optimizer: str = "adamw", stage: str | None = None) -> Optimizer:
+    """A plain optimizer of ``OPTIMIZERS``, or the trainer's optimizer of the train config ``stage`` (its freezing
+    rules: frozen parameters hold no optimizer state and get no gradient)."""
+    if stage is None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        return Optimizer(optimizer, OPTIMIZERS[optimizer]())
+    from train.config import load_train_config, optim_config
+    from train.optim import build_optimizer, trainable_mask
+
+    ocfg = optim_config(load_train_config(stage), config)
+    params = abstract_params(config)
+    return Optimizer(f"adamw of stage {stage}", build_optimizer(ocfg, params, 1000), trainable_mask(ocfg, params))
 
 REMATS = ("full", "dots_no_batch", "dots", "none")  # most to least recomputation (internvl_jax.layers.REMAT_POLICIES)
 _PROJ = {"none", "dots", "dots_no_batch"}  # policies that keep projection (matmul without batch dims) outputs
@@ -107,10 +131,12 @@ def forward_step(config, mesh: Mesh, rules: str | Rules, *, rows: int, seq_len: 
 
 
 def train_step(config, mesh: Mesh, rules: str | Rules, *, rows: int, seq_len: int, tiles: int,
-               optimizer: str = "adamw") -> Step:
+               optimizer: str | Optimizer = "adamw") -> Step:
     """The trainer's step (:func:`train.step.make_train_step`: weighted cross entropy over the global batch,
     gradients, an optimizer update) with ``(state, batch)`` abstract and sharded by the rules, state donated."""
-    return train_step_spec(config, mesh, rules, OPTIMIZERS[optimizer](), rows=rows, seq_len=seq_len, tiles=tiles)
+    opt = optimizer if isinstance(optimizer, Optimizer) else make_optimizer(config, optimizer)
+    return train_step_spec(config, mesh, rules, opt.tx, rows=rows, seq_len=seq_len, tiles=tiles,
+                           trainable=opt.trainable)
 
 
 def abstract_cache(config, rows: int, length: int):
@@ -271,7 +297,7 @@ def program_flops(step: Step) -> float:
 
 
 def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, seq_len: int, tiles: int,
-             optimizer: str = "adamw") -> Estimate:
+             optimizer: str | Optimizer = "adamw") -> Estimate:
     """Per-device bytes of training and inference for ``config`` (its dtype and remat) on a mesh of ``sizes``
     with ``rows`` global rows of ``seq_len`` tokens and ``tiles`` image tiles each. Raises
     :class:`~sharding.ShardingError` when the mesh does not divide a parameter or the batch."""
@@ -282,7 +308,12 @@ def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, se
     if rows % shards:
         raise ShardingError(f"{rows} rows do not divide over the {shards} batch shards of mesh {sizes}")
     params = tree_bytes_per_device(boxed, rules, sizes)
-    opt = tree_bytes_per_device(jax.eval_shape(OPTIMIZERS[optimizer]().init, boxed), rules, sizes)
+    optimizer = optimizer if isinstance(optimizer, Optimizer) else make_optimizer(config, optimizer)
+    opt = tree_bytes_per_device(jax.eval_shape(optimizer.tx.init, boxed), rules, sizes)
+    grads = params
+    if optimizer.trainable is not None:  # frozen parameters get no gradient
+        grads = tree_bytes_per_device(jax.tree_util.tree_map(lambda x, t: x if t else None, boxed,
+                                                             optimizer.trainable, is_leaf=_is_box), rules, sizes)
     item = jnp.dtype(config.dtype).itemsize
     t, v = config.text, config.vision
     vit_tokens = (config.image_size // v.patch_size) ** 2 + 1
@@ -295,7 +326,7 @@ def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, se
     batch = abstract_batch(config, rows, seq_len, tiles)
     inputs = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values()) // shards
     cache = tree_bytes_per_device(abstract_cache(config, rows, seq_len), rules, sizes)
-    return Estimate(params, params, opt, llm_kept + vit_kept + max(llm_work, vit_work) + logits, inputs, cache,
+    return Estimate(params, grads, opt, llm_kept + vit_kept + max(llm_work, vit_work) + logits, inputs, cache,
                     model_flops(config, rows, seq_len, tiles, math.prod(sizes.values())))
 
 
@@ -407,11 +438,12 @@ class Plan:
 
 
 def _gib(b: int) -> str:
-    return f"{b / GiB:.2f} GiB"
+    """Bytes for the report: GiB, or MiB below 1 GiB (a frozen stage's optimizer state is a few MiB per device)."""
+    return f"{b / GiB:.2f} GiB" if b >= GiB or b == 0 else f"{b / 2**20:.1f} MiB"
 
 
 def _smallest(config, chip: Chip, rules: Rules, rows: int | None, rows_per_shard: int, seq_len: int, tiles: int,
-              optimizer: str, boxed):
+              optimizer: Optimizer, boxed):
     """The fewest power-of-two chips (and the most sharded mesh there) whose estimate fits: ``rows`` global rows
     if given, else ``rows_per_shard`` per batch shard."""
     n = 1
@@ -432,7 +464,7 @@ def _smallest(config, chip: Chip, rules: Rules, rows: int | None, rows_per_shard
 def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rules: str = "fsdp",
          seq_len: int = 2048, batch: int | None = None, tiles: int | None = None, remat: str = "full",
          dtype: str = "bfloat16", optimizer: str = "adamw", step_time: float | None = None,
-         compile: bool = True) -> Plan:
+         compile: bool = True, stage: str | None = None) -> Plan:
     """Plan training (and inference) of ``preset`` on the slice ``chips`` (e.g. ``v5p-64``, ``v5p:4x4x2``,
     ``v5e-16``, ``h100-8``; see :mod:`sharding.topology`).
 
@@ -443,14 +475,13 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
     """
     if remat not in REMATS:
         raise ValueError(f"unknown remat policy {remat!r}; use one of {', '.join(REMATS)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
 
     target = parse_slice(chips)
     table = get_rules(rules)
     config = target_config(preset, dtype=dtype, remat=remat, platform=target.chip.platform)
+    optimizer = make_optimizer(config, optimizer, stage)
     boxed = _boxed_params(config)
     sizes = parse_mesh(mesh, target.chips, boxed, table)
     shards = _divisor(("batch",), table, sizes)
@@ -468,7 +499,7 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
         seconds = time.perf_counter() - t0
         flops = program_flops(step) / target.chips
     smallest = _smallest(config, target.chip, table, batch, max(1, rows // shards), seq_len, tiles, optimizer, boxed)
-    return Plan(preset, config, target, rules, sizes, rows, seq_len, tiles, optimizer, est, compiled, seconds,
+    return Plan(preset, config, target, rules, sizes, rows, seq_len, tiles, optimizer.name, est, compiled, seconds,
                 flops, step_time, smallest)
 
 
@@ -493,6 +524,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="params and compute dtype (default: bfloat16)")
     p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="optimizer (default: adamw)")
+    p.add_argument("--stage", default=None,
+                   help="a train config (e.g. internvl2_5_stage1): the trainer's optimizer with its frozen parameters, "
+                        "which hold no optimizer state and get no gradients")
     p.add_argument("--step-time", type=float, default=None, help="target seconds per step: prints the MFU it needs")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="estimate only (TPU slices otherwise compile the train step ahead of time)")
@@ -503,6 +537,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> None:
     """Print the plan of parsed ``plan`` arguments."""
     result = plan(args.preset, chips=args.chips, mesh=args.mesh, rules=args.rules, seq_len=args.seq_len,
-                  batch=args.batch, tiles=args.tiles, remat=args.remat, dtype=args.dtype, optimizer=args.optimizer,
+                  batch=args.batch, tiles=args.tiles, remat=args.remat, dtype=args.dtype, optimizer=args.optimizer, stage=args.stage,
                   step_time=args.step_time, compile=args.compile)
     print("\n".join(result.lines()))

@@ -27,10 +27,17 @@ def test_info_reads_a_checkpoint_folder(tmp_path):
     assert f"parameters: {param_count(get_preset('InternVL3-1B'))}" in out.stdout
 
 
-def test_demo_runs_the_tiny_model_on_a_generated_image():
-    out = run("demo")
-    assert out.returncode == 0, out.stderr
-    assert "2x1 tiles + thumbnail" in out.stdout and "finite: True" in out.stdout
+def test_train_bad_input_is_one_line_without_traceback(tmp_path):
+    cases = {("train", "demo", "optim.lrr=1"): "did you mean 'lr'",
+             ("train", "nope"): "unknown train config",
+             ("train", "demo", "steps=many"): "steps=many: expected int",
+             ("train", "internvl2_5_stage2", f"workdir={tmp_path}"): "give init=PATH",
+             ("train", "internvl2_5_stage2", f"workdir={tmp_path}", f"init={tmp_path}"): "data.meta is not set"}
+    for args, message in cases.items():
+        out = run(*args)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert message in out.stderr, out.stderr
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):

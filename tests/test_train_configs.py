@@ -3,7 +3,7 @@
 Each stage preset must load, be headed by the command that runs it, carry the hyper-parameters of the original's
 script (the table below, taken from OpenGVLab/InternVL at 2410d1d; see each preset's docstring for the script
 paths), and freeze exactly its stage's parts of a real release parameter tree (InternVL2_5-8B, abstract: nothing
-is allocated) through ``train.trainer.optim_config`` and ``train.optim``.
+is allocated) through ``train.config.optim_config`` and ``train.optim``.
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ def release():
 
 
 def _trainable_by_path(cfg: TrainConfig, config, params) -> dict[str, bool]:
-    from train.trainer import optim_config
+    from train.config import optim_config
 
     mask = optim.trainable_mask(optim_config(cfg, config), params)
     return dict(zip(jax.tree.leaves(optim.paths(params)), jax.tree.leaves(mask)))
 
 
 def _multipliers_by_path(cfg: TrainConfig, config, params) -> dict:
-    from train.trainer import optim_config
+    from train.config import optim_config
 
     mults = optim.lr_multipliers(optim_config(cfg, config), params)
     return dict(zip(jax.tree.leaves(optim.paths(params)), jax.tree.leaves(mults)))

@@ -151,3 +151,20 @@ def test_the_trainers_step_compiles_for_tpu_slices(target, rules):
     compiled, stats = step.compile(mesh, rules)
     assert stats.alias_bytes > 0  # the state is updated in place
     assert compiled.as_text().count("tpu_custom_call") >= 4  # splash forward + backward, ViT and decoder
+
+
+def test_plan_of_an_mlp_only_stage_holds_adam_moments_for_the_projector_alone():
+    from sharding import plan as P
+
+    config = P.target_config("InternVL2_5-8B", platform="gpu")
+    boxed = P._boxed_params(config)
+    sizes = {"data": 1, "fsdp": 8, "tensor": 1}
+    stage = P.estimate(config, sizes, "fsdp", rows=8, seq_len=2048, tiles=4,
+                       optimizer=P.make_optimizer(config, stage="internvl2_5_stage1"))
+    full = P.estimate(config, sizes, "fsdp", rows=8, seq_len=2048, tiles=4,
+                      optimizer=P.make_optimizer(config, stage="internvl2_5_stage2"))
+    projector = P.tree_bytes_per_device({"projector": boxed["projector"]}, sharding.get_rules("fsdp"), sizes)
+    assert stage.grads == projector and full.grads == full.params
+    # two float moments per projector parameter (bf16 params: moments in the params' dtype) plus Adam's counters
+    assert 2 * projector <= stage.opt_state <= 2 * projector + 64
+    assert full.opt_state >= 2 * full.params

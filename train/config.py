@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from internvl_jax.config import InternVLConfig
 
-from .optim import OptimConfig
+from .optim import OptimConfig, stage_rules
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,41 @@ class TrainConfig:
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+def optim_config(cfg: TrainConfig, config: InternVLConfig) -> OptimConfig:
+    """``cfg.optim`` with the freezing flags of ``cfg.freeze`` appended to its path rules (``config``: the model,
+    for whether its head is tied)."""
+    f = cfg.freeze
+    rules = stage_rules(f.freeze_backbone, f.freeze_mlp, f.freeze_llm, f.unfreeze_vit_layers, f.unfreeze_lm_head,
+                        tied_head=config.text.tie_word_embeddings, extra=cfg.optim.lr_rules)
+    return dataclasses.replace(cfg.optim, lr_rules=rules)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for a config that cannot run, before anything is loaded."""
+    checks = [
+        (bool(cfg.workdir), "workdir is not set: give workdir=DIR (metrics, checkpoints and exports go there)"),
+        (cfg.steps >= 1, f"steps={cfg.steps}: expected a positive number of optimizer steps"),
+        (cfg.accum_steps >= 1, f"accum_steps={cfg.accum_steps}: expected >= 1"),
+        (bool(cfg.init or cfg.preset or cfg.model),
+         "give init=PATH (a checkpoint to start from) or preset=NAME (random initialisation)"),
+        (bool(cfg.data.meta), "data.meta is not set: give data.meta=PATH of an InternVL meta JSON"),
+        (cfg.data.loss_weighting in ("token", "sample", "square"),
+         f"data.loss_weighting={cfg.data.loss_weighting!r}: expected token, sample or square"),
+        (cfg.data.rows % cfg.accum_steps == 0,
+         f"data.rows={cfg.data.rows} does not split into accum_steps={cfg.accum_steps} micro-batches"),
+        (cfg.export in ("", "hf", "original"), f"export={cfg.export!r}: expected '', hf or original"),
+        (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r}: expected float32 or bfloat16"),
+        (cfg.save_every >= 1 and cfg.keep >= 1, f"save_every={cfg.save_every}, keep={cfg.keep}: expected >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.data.meta and not os.path.isfile(cfg.data.meta):
+        raise ConfigError(f"data.meta={cfg.data.meta}: no such file")
+    if cfg.init and not os.path.isdir(cfg.init):
+        raise ConfigError(f"init={cfg.init}: no such checkpoint folder")
 
 
 # ------------------------------------------------------------------------------------------------------------

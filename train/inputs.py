@@ -91,13 +91,9 @@ class Inputs:
 def build_inputs(cfg: TrainConfig, config) -> Inputs:
     """The run's input for this process (``jax.process_index()`` of ``jax.process_count()``)."""
     d = cfg.data
-    if not d.meta:
-        raise ConfigError("data.meta is not set: give data.meta=PATH of an InternVL meta JSON")
     processes = jax.process_count()
     if d.rows % processes:
         raise ConfigError(f"data.rows={d.rows} does not split over {processes} processes")
-    if d.loss_weighting not in ("token", "sample", "square"):
-        raise ConfigError(f"data.loss_weighting={d.loss_weighting!r}: expected token, sample or square")
     processor, tokenizer_dir = processor_for(cfg, config)
     v2pe = _v2pe(d.v2pe)
     settings = SampleSettings.from_config(

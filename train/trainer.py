@@ -34,7 +34,7 @@ from sharding.topology import CHIPS
 
 from . import optim
 from .checkpoint import Checkpoints
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, optim_config, validate
 from .inputs import Inputs, build_inputs
 from .state import TrainState, abstract_state
 from .step import batch_shardings, loss_sum, make_train_step
@@ -89,14 +89,6 @@ def _model_config(cfg: TrainConfig, base):
                         attention_impl=cfg.attention, force_image_size=cfg.image_size or base.force_image_size)
 
 
-def optim_config(cfg: TrainConfig, config) -> optim.OptimConfig:
-    """``cfg.optim`` with the freezing flags of ``cfg.freeze`` appended to its path rules."""
-    f = cfg.freeze
-    rules = optim.stage_rules(f.freeze_backbone, f.freeze_mlp, f.freeze_llm, f.unfreeze_vit_layers,
-                              f.unfreeze_lm_head, tied_head=config.text.tie_word_embeddings, extra=cfg.optim.lr_rules)
-    return dataclasses.replace(cfg.optim, lr_rules=rules)
-
-
 def _initial_params(cfg: TrainConfig, mesh):
     """(model config, params in their shardings)."""
     if cfg.init:
@@ -104,8 +96,6 @@ def _initial_params(cfg: TrainConfig, mesh):
 
         model, params = load_pretrained(cfg.init, dtype=jnp.float32, mesh=mesh, rules=cfg.rules)
         return _model_config(cfg, model.config), params
-    if cfg.model is None and not cfg.preset:
-        raise ConfigError("give init=PATH (a checkpoint to start from) or preset=NAME (random initialisation)")
     from internvl_jax.presets import get_preset
 
     config = _model_config(cfg, cfg.model or get_preset(cfg.preset))
@@ -164,10 +154,7 @@ def evaluate(model, params, inputs: Inputs, mesh, rules, *, vocab_chunk) -> dict
 
 def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     """Run (or resume) ``cfg``; returns the final state. ``on_step(record)`` is called with each step's metrics."""
-    if not cfg.workdir:
-        raise ConfigError("workdir is not set: give workdir=DIR (metrics, checkpoints and exports go there)")
-    if cfg.steps < 1:
-        raise ConfigError(f"steps={cfg.steps}: expected a positive number of optimizer steps")
+    validate(cfg)
     os.makedirs(cfg.workdir, exist_ok=True)
     mesh = _mesh(cfg)
     config, params = _initial_params(cfg, mesh)

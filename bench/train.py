@@ -1,0 +1,500 @@
+"""Trainer benchmark: the whole trainer against the bare train step and PyTorch eager, on the same batches, in one run.
+
+    python bench/train.py                                  # small 448 px model, 2 rows x 2048 tokens, 12 steps (~6 min)
+    python bench/train.py --steps 20 --rows 4 --workers 2  # more rows, two grain decoding processes
+    python bench/train.py --skip-torch                     # trainer and bare step only
+    python bench/train.py --preset InternVL2_5-1B --dtype bfloat16 --rows 8 --steps 10   # the GPU run
+
+The setting: a model with the real tile geometry (448 px tiles of 14 px patches, 1025 ViT tokens and 256 LLM tokens
+per tile) but small widths and depths (``small_config``: a 2-layer ViT of width 128 and a 2-layer Qwen2 of width
+256; ``--preset NAME`` takes a release's shapes instead), the word-level tokenizer of ``train/demo_data.py`` (its
+vocabulary and ``<IMG_CONTEXT>`` id are the model's; a release preset keeps its larger vocabulary, of which the
+tokenizer uses the first ids), and a synthetic meta-format dataset of ``--images`` JPEG photos
+(``internvl_jax.samples.photo_like``) of varied sizes and aspect ratios, with JPEG-quality augmentation on, so
+that dynamic tiling (up to ``--max-patch`` tiles plus the thumbnail) and the per-tile re-encoding run on real JPEG
+bytes. Conversations: one or two photos (or none, one sample in ten), questions and long answers of words the
+tokenizer knows.
+
+Four measurements, in this order, on the same ``--steps`` batches:
+
+1. input alone: the run's grain pipeline (``train.inputs.build_inputs`` of the same config: decoding, tiling,
+   augmentation, tokenising, packing, ``--workers`` processes) builds the batches into memory, timed per batch;
+2. bare step: the trainer's step (``train.step.train_step_spec`` with the trainer's optimiser, schedule and
+   trainable mask from ``train.optim``, as ``bench/step.py`` compiles it), params initialised as the trainer does,
+   on those batches already on the device, each call blocked on; run again after the trainer (3.), since this
+   machine's speed drifts, and the mean of the two is the reference;
+3. trainer: ``train.trainer.train`` of the same config: the grain pipeline feeding it live, ``shard_batch``, the
+   jitted donated step, metrics to ``metrics.jsonl`` and the console, asynchronous orbax checkpoints every
+   ``--save-every`` steps; its step time is the mean of ``metrics.jsonl``'s ``seconds`` (the wall time of one loop
+   iteration, host work included) over steps 2..N (step 1 compiles). Its host work per step is timed by wrapping
+   ``Inputs.next`` and ``Checkpoints.save`` (nothing else changes); its losses must equal the bare step's, which
+   saw the same batches from the same initial state;
+4. PyTorch eager: ``transformers.InternVLForConditionalGeneration`` (sdpa attention) of the same shapes with its
+   own random weights, ``torch.optim.AdamW`` with the same hyper-parameters and global-norm clipping, the same
+   loss (``sum(loss_weights * CE) / sum(loss_weights)``, float32 logits) on the same packed batches: each packed
+   row is one sequence with the per-sample restarting positions, under a plain causal mask (samples of a row see
+   each other, which costs the same as the block-diagonal mask ours applies), the valid tiles of the batch in
+   order; step 1 is a warm-up.
+
+Tokens/s count every position of the rows (rows x max tokens, as the trainer's metrics do); the fill printed
+beside it says how many were real. Goals: trainer / bare step >= 0.95 (input and checkpoints never the bottleneck)
+and trainer / PyTorch >= 1.0. Model FLOPs per step are ``sharding.plan.model_flops`` (every tile slot counted,
+as the ViT runs them all); MFU is against the device's peak as ``bench/step.py`` finds it (a measured matmul rate
+on a CPU). On a CPU every side shares the same cores with the input pipeline and the checkpoint writer, so note
+the machine's load (printed at the start and the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Run as a script, this file's folder comes first on sys.path, where "train" is this file, not the train package.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+GOAL_BARE, GOAL_TORCH = 0.95, 1.0
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="'small' (see small_config) or a release preset's shapes")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps of each side (the first is excluded)")
+    p.add_argument("--rows", type=int, default=2, help="rows per step")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens per packed row (the static L)")
+    p.add_argument("--max-tiles", type=int, default=8, help="tile slots per row (the static T)")
+    p.add_argument("--max-patch", type=int, default=4, help="max_dynamic_patch: tiles per image besides the thumbnail")
+    p.add_argument("--workers", type=int, default=0, help="grain decoding processes (0: in the training process)")
+    p.add_argument("--save-every", type=int, default=4, help="asynchronous checkpoint every N steps")
+    p.add_argument("--images", type=int, default=48, help="JPEG photos in the synthetic dataset")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype of both sides (default: float32 on a CPU, bfloat16 on a GPU); params float32")
+    p.add_argument("--remat", default="none", help="remat policy of ours (PyTorch keeps every activation)")
+    p.add_argument("--attention", default="auto", help="ours' attention implementation (InternVLConfig.attention_impl)")
+    p.add_argument("--skip-torch", action="store_true", help="trainer and bare step only")
+    p.add_argument("--workdir", default=None, help="where data, metrics and checkpoints go (default: a temporary folder)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.steps < 3:
+        p.error("--steps must be at least 3 (step 1 compiles, and a mean needs two more)")
+    return args
+
+
+def _load_sibling(name: str):
+    """bench/<name>.py as a module (the benches are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+# The setting: model, tokenizer, data
+# ----------------------------------------------------------------------------------------------
+
+
+def small_config(tokenizer, max_patch: int):
+    """InternVL2.5-1B's geometry (448 px tiles, 14 px patches, pixel shuffle 0.5: 256 tokens per tile; Qwen2 with
+    biased qkv) with a 2-layer ViT of width 128 (2 heads) and a 2-layer LLM of width 256 (4 heads of 64, 2 KV
+    heads); vocabulary and ``<IMG_CONTEXT>`` from ``tokenizer`` (a ``tokenizers.Tokenizer``)."""
+    from internvl_jax.presets import get_preset
+    from internvl_jax.processing.templates import IMG_CONTEXT_TOKEN
+
+    base = get_preset("InternVL2_5-1B")
+    vision = dataclasses.replace(base.vision, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
+    text = dataclasses.replace(base.text, vocab_size=tokenizer.get_vocab_size(), hidden_size=256, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=1024)
+    return base.replace(vision=vision, text=text, image_token_id=tokenizer.token_to_id(IMG_CONTEXT_TOKEN),
+                        max_dynamic_patch=max_patch)
+
+
+def preset_config(name: str, tokenizer, max_patch: int):
+    """A release preset's shapes; its ``image_token_id`` becomes the tokenizer's (the vocabulary stays: the
+    tokenizer's ids are its first rows)."""
+    from internvl_jax.presets import get_preset
+    from internvl_jax.processing.templates import IMG_CONTEXT_TOKEN
+
+    base = get_preset(name)
+    if base.text.vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(f"--preset {name}: vocabulary {base.text.vocab_size} < the tokenizer's {tokenizer.get_vocab_size()}")
+    return base.replace(image_token_id=tokenizer.token_to_id(IMG_CONTEXT_TOKEN), max_dynamic_patch=max_patch)
+
+
+# (width, height) of the photos before a +-10% jitter: phone and camera shapes, portrait, panoramas, small crops
+PHOTO_SIZES = ((640, 480), (1024, 768), (800, 800), (1280, 720), (600, 900), (1600, 900), (448, 448),
+               (720, 1280), (1200, 400), (336, 500), (960, 640), (500, 375))
+
+
+def _words(tokenizer) -> list[str]:
+    """The tokenizer's word pieces (``" word"``), so that every generated text encodes without ``<unk>``."""
+    return sorted(p for p in tokenizer.get_vocab() if p.startswith(" ") and p[1:].isalpha())
+
+
+def write_dataset(folder: str, n: int, max_patch: int, seed: int) -> str:
+    """``n`` JPEG photos under folder/images and a JSONL of conversations in the InternVL meta format; returns the
+    meta path. Each record: one photo (8 in 10), two photos (1 in 10) or none, two or three turns; answers of
+    20-200 known words."""
+    from PIL import Image
+
+    from internvl_jax.samples import photo_like
+    from train.demo_data import build_demo_tokenizer
+
+    rng = np.random.default_rng(seed)
+    words = _words(build_demo_tokenizer())
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    names = []
+    for i in range(n):
+        w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+        w, h = (int(x * rng.uniform(0.9, 1.1)) for x in (w, h))
+        names.append(f"{i:04d}.jpg")
+        Image.fromarray(photo_like(w, h, seed=seed * 100003 + i)).save(
+            os.path.join(folder, "images", names[-1]), "JPEG", quality=90)
+
+    def text(lo, hi):
+        return "".join(rng.choice(words, int(rng.integers(lo, hi)))).strip()
+
+    path = os.path.join(folder, "photos.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(4 * n):  # each photo in ~4 records
+            kind = rng.choice(["one", "two", "text"], p=[0.8, 0.1, 0.1])
+            images = {"one": 1, "two": 2, "text": 0}[kind]
+            turns = []
+            for t in range(int(rng.integers(2, 4))):
+                turns += [{"from": "human", "value": ("<image>\n" * images if t == 0 else "") + text(5, 20) + "?"},
+                          {"from": "gpt", "value": text(20, 200)}]
+            record = {"id": i, "conversations": turns}
+            if images:
+                picks = [names[int(j)] for j in rng.choice(n, images, replace=False)]
+                record["image"] = picks[0] if images == 1 else picks
+            f.write(json.dumps(record) + "\n")
+    meta = os.path.join(folder, "meta.json")
+    with open(meta, "w", encoding="utf-8") as f:
+        json.dump({"bench_photos": {"root": os.path.join(folder, "images"), "annotation": path, "data_augment": True,
+                                    "max_dynamic_patch": max_patch, "repeat_time": 1, "length": 4 * n}}, f, indent=2)
+    return meta
+
+
+def train_config(args, model, meta: str, tokenizer: str, workdir: str, dtype: str):
+    """The TrainConfig every side runs (the bare step and PyTorch take its optimiser settings)."""
+    from train.config import DataConfig, TrainConfig
+    from train.optim import OptimConfig
+
+    return TrainConfig(
+        name="bench", workdir=workdir, model=model, tokenizer=tokenizer, steps=args.steps, seed=args.seed,
+        dtype=dtype, remat=args.remat, attention=args.attention, mesh="1,-1,1", rules="fsdp",
+        log_every=max(1, args.steps // 3), save_every=args.save_every, keep=2, progress=False,
+        data=DataConfig(meta=meta, rows=args.rows, max_tokens=args.max_tokens, max_tiles=args.max_tiles,
+                        loss_weighting="square", workers=args.workers),
+        optim=OptimConfig(lr=1e-4, warmup_steps=2, weight_decay=0.05, max_grad_norm=1.0))
+
+
+def run_config(cfg, model):
+    """The model config the trainer runs (float32 master params, the run's compute dtype, remat, attention)."""
+    return model.replace(dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat, attention_impl=cfg.attention)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sides
+# ----------------------------------------------------------------------------------------------
+
+
+def prebuild(cfg, config):
+    """(host batches, host stats, seconds per batch): the run's pipeline, drained of ``cfg.steps`` batches."""
+    from train.inputs import build_inputs
+
+    inputs = build_inputs(cfg, config)
+    batches, stats, times = [], [], []
+    try:
+        for _ in range(cfg.steps):
+            t0 = time.perf_counter()
+            batch, s = inputs.next()
+            times.append(time.perf_counter() - t0)
+            batches.append(batch)
+            stats.append(s)
+    finally:
+        inputs.close()
+    return batches, stats, times
+
+
+class BareStep:
+    """The trainer's step compiled as ``bench/step.py`` compiles it, from the trainer's initial state."""
+
+    def __init__(self, cfg, config):
+        import jax
+
+        import sharding
+        from internvl_jax.model import InternVL, _dummy_inputs
+        from train import optim
+        from train.config import optim_config
+        from train.state import TrainState
+        from train.step import train_step_spec
+
+        self.mesh = sharding.make_mesh(*(int(s) for s in cfg.mesh.split(",")))
+        self.rules, self.cfg, self.config = cfg.rules, cfg, config
+        model = InternVL(config)
+        self.init = lambda: sharding.init_sharded(  # noqa: E731 - the trainer's initialisation, same seed
+            lambda r: model.init(r, *_dummy_inputs(config))["params"], self.mesh, cfg.rules, jax.random.PRNGKey(cfg.seed))
+        ocfg = optim_config(cfg, config)
+        params = self.init()
+        self.tx = optim.build_optimizer(ocfg, params, cfg.steps)
+        self.spec = train_step_spec(
+            config, self.mesh, cfg.rules, self.tx, rows=cfg.data.rows, seq_len=cfg.data.max_tokens,
+            tiles=cfg.data.max_tiles, lr_fn=optim.schedule(ocfg, cfg.steps), trainable=optim.trainable_mask(ocfg, params),
+            grad_view=lambda g: optim.trainable_grads(ocfg, g, g), vocab_chunk=cfg.vocab_chunk or None)
+        t0 = time.perf_counter()
+        self.compiled, self.stats = self.spec.compile(self.mesh, cfg.rules)
+        self.compile_s = time.perf_counter() - t0
+        self.create = jax.jit(lambda p, k: TrainState.create(p, self.tx, k), out_shardings=self.spec.in_shardings[0],
+                              donate_argnums=(0,))
+
+    def run(self, batches) -> tuple[list[float], list[float]]:
+        """(seconds per step, losses) over the device batches, from the initial state."""
+        import jax
+
+        import sharding
+
+        with sharding.activate(self.mesh, self.rules):
+            state = self.create(self.init(), jax.random.PRNGKey(self.cfg.seed + 1))
+        times, losses = [], []
+        for batch in batches:
+            t0 = time.perf_counter()
+            state, metrics = self.compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t0)
+            losses.append(float(metrics["loss"]))
+        return times, losses
+
+
+class Timed:
+    """Wraps a method of a class with a timer for the duration of a ``with`` block (calls' seconds in ``calls``)."""
+
+    def __init__(self, cls, name: str):
+        self.cls, self.name, self.calls = cls, name, []
+
+    def __enter__(self):
+        self.original = getattr(self.cls, self.name)
+        original, calls = self.original, self.calls
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                calls.append(time.perf_counter() - t0)
+
+        setattr(self.cls, self.name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.cls, self.name, self.original)
+
+
+def run_trainer(cfg):
+    """(metrics records, host seconds per ``Inputs.next``, per ``Checkpoints.save``, wall seconds)."""
+    from train.checkpoint import Checkpoints
+    from train.inputs import Inputs
+    from train.trainer import train
+
+    t0 = time.perf_counter()
+    with Timed(Inputs, "next") as nxt, Timed(Checkpoints, "save") as save:
+        result = train(cfg)
+    return result, nxt.calls, save.calls, time.perf_counter() - t0
+
+
+def torch_batches(batches, device, dtype):
+    """Our host batches as PyTorch inputs: ids, positions, labels, weights [B, L]; the valid tiles [N, 3, S, S]."""
+    import torch
+
+    out = []
+    for b in batches:
+        tiles = np.asarray(b["pixel_values"], np.float32)[np.asarray(b["tile_mask"])]
+        out.append({
+            "input_ids": torch.tensor(b["input_ids"], dtype=torch.long, device=device),
+            "position_ids": torch.tensor(np.asarray(b["positions"]), dtype=torch.long, device=device),
+            "labels": torch.tensor(b["labels"], dtype=torch.long, device=device),
+            "loss_weights": torch.tensor(b["loss_weights"], dtype=torch.float32, device=device),
+            "pixel_values": torch.tensor(tiles.transpose(0, 3, 1, 2), device=device, dtype=dtype),
+        })
+    return out
+
+
+def run_torch(config, ocfg, params, batches, device: str, dtype: str) -> tuple[list[float], list[float]]:
+    """(seconds per step, losses) of transformers + torch AdamW over the batches (the first call included; drop
+    it), from our initial ``params`` (host arrays, through the hf export table)."""
+    import torch
+    import transformers
+
+    from convert.keymaps import LAYOUTS
+    from convert.load import export_tensors
+    from internvl_jax.config import to_hf_dict
+
+    tdtype = getattr(torch, dtype)
+    with torch.device(device):
+        model = transformers.InternVLForConditionalGeneration._from_config(
+            transformers.InternVLConfig(**to_hf_dict(config)), attn_implementation="sdpa", dtype=tdtype)
+    state = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in export_tensors(params, config, LAYOUTS["hf"])}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"bench/train.py: our params do not fill the transformers model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps,
+                            weight_decay=ocfg.weight_decay)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times, losses = [], []
+    for b in torch_batches(batches, device, tdtype):
+        sync()
+        t0 = time.perf_counter()
+        pixels = b["pixel_values"] if len(b["pixel_values"]) else None  # a batch of text-only rows
+        logits = model(input_ids=b["input_ids"], pixel_values=pixels, position_ids=b["position_ids"]).logits
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100,
+                                               reduction="none")
+        w = b["loss_weights"].flatten()
+        loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+        loss.backward()
+        if ocfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def side_line(name: str, seconds: float, tokens: int, flops: float, peak: float, extra: str = "") -> str:
+    return (f"{name:<22} {seconds:7.3f} s/step  {tokens / seconds:9,.0f} tokens/s  {flops / seconds / 1e12:6.3f} "
+            f"TFLOP/s = MFU {flops / seconds / peak:5.1%}{extra}")
+
+
+def ratio_line(name: str, value: float, goal: float) -> str:
+    return f"{name} = {value:.3f}   (goal >= {goal:.2f}: {'met' if value >= goal else 'NOT met'})"
+
+
+def main():
+    args = parse_args()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares a GPU with JAX
+    import jax
+
+    import sharding
+    from sharding.plan import model_flops
+    from train.config import optim_config
+    from train.demo_data import build_demo_tokenizer, write_demo_tokenizer
+
+    gpu = jax.default_backend() == "gpu"
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
+    print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; load average "
+          f"{load_average()}; workdir {workdir}")
+
+    # --- the setting -----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    tok = build_demo_tokenizer()
+    tokenizer = write_demo_tokenizer(os.path.join(workdir, "tokenizer"))
+    model = small_config(tok, args.max_patch) if args.preset == "small" else preset_config(args.preset, tok, args.max_patch)
+    meta = write_dataset(os.path.join(workdir, "data"), args.images, args.max_patch, args.seed)
+    cfg = train_config(args, model, meta, tokenizer, os.path.join(workdir, "run"), dtype)
+    config = run_config(cfg, model)
+    t, v = config.text, config.vision
+    print(f"model: {args.preset}: ViT {v.num_layers} x {v.hidden_size} ({v.image_size} px tiles, {v.patch_size} px "
+          f"patches, {config.tokens_per_tile} tokens per tile), LLM {t.num_layers} x {t.hidden_size}, vocabulary "
+          f"{t.vocab_size}; {dtype} compute, float32 params, remat {cfg.remat}, attention {cfg.attention}")
+    print(f"data: {args.images} JPEG photos, {4 * args.images} conversations, max_dynamic_patch {args.max_patch} + "
+          f"thumbnail, JPEG augmentation on (written in {time.perf_counter() - t0:.1f} s); {args.rows} rows x "
+          f"{args.max_tokens} tokens, {args.max_tiles} tile slots per row, {args.workers} workers; "
+          f"{args.steps} steps, checkpoint every {args.save_every}")
+    tokens = args.rows * args.max_tokens
+    flops = model_flops(config, args.rows, args.max_tokens, args.max_tiles, devices=1)
+    step_mod = _load_sibling("step")
+    peak, peak_what = step_mod.device_peak(jax.numpy.dtype(dtype))
+    peak *= 1 if jax.default_backend() == "cpu" else jax.device_count()
+    print(f"model FLOPs per step {flops:.3e}; peak {peak / 1e12:.2f} TFLOP/s ({peak_what})")
+
+    # --- 1. input alone ------------------------------------------------------------------------------
+    host, stats, input_times = prebuild(cfg, config)
+    fill = statistics.mean(s["token_fill"] for s in stats)
+    tile_fill = statistics.mean(s["tile_fill"] for s in stats)
+    samples = sum(s["samples"] for s in stats)
+    print(f"input alone: {statistics.mean(input_times[1:]):.3f} s per batch (first {input_times[0]:.2f} s); "
+          f"{samples} samples in {args.steps} batches, token fill {fill:.1%}, tile fill {tile_fill:.1%}")
+
+    # --- 2. bare step ----------------------------------------------------------------------------------
+    bare = BareStep(cfg, config)
+    device_batches = [sharding.shard_batch(b, bare.mesh, cfg.rules) for b in host]
+    bare_times, bare_losses = bare.run(device_batches)
+    print(f"bare step compiled in {bare.compile_s:.1f} s (arguments {bare.stats.argument_bytes / 2**30:.2f} GiB, "
+          f"temporaries {bare.stats.temp_bytes / 2**30:.2f} GiB); steps: " + " ".join(f"{x:.2f}" for x in bare_times))
+
+    # --- 3. trainer --------------------------------------------------------------------------------------
+    result, next_calls, save_calls, wall = run_trainer(cfg)
+    records = result.metrics
+    assert result.model.config == config, "bench/train.py's model config differs from the trainer's"
+    seconds = [r["seconds"] for r in records]
+    trainer_s = statistics.mean(seconds[1:])
+    saves = [r["step"] for r in records if r["step"] % cfg.save_every == 0 or r["step"] == cfg.steps]
+    after_save = [r["seconds"] for r in records[1:] if r["step"] - 1 in saves]
+    print(f"trainer: wall {wall:.1f} s for {args.steps} steps (compile and the final checkpoint included); steps: "
+          + " ".join(f"{x:.2f}" for x in seconds))
+    print(f"trainer host time per step (overlapping the device step): Inputs.next {statistics.mean(next_calls[1:]):.3f} s; "
+          f"Checkpoints.save (called at steps {saves}) {statistics.mean(save_calls):.3f} s to start a save; steps "
+          f"right after a save {statistics.mean(after_save) if after_save else float('nan'):.3f} s, the others "
+          f"{statistics.mean(x for r, x in zip(records[1:], seconds[1:]) if r['step'] - 1 not in saves):.3f} s")
+    losses = [r["loss"] for r in records]
+    diff = max(abs(a - b) for a, b in zip(losses, bare_losses))
+    print(f"losses: trainer {losses[0]:.4f} -> {losses[-1]:.4f}; max |trainer - bare step| {diff:.2e}")
+
+    bare_times2, _ = bare.run(device_batches)
+    print("bare step again: " + " ".join(f"{x:.2f}" for x in bare_times2))
+    bare_s = statistics.mean([statistics.mean(bare_times[1:]), statistics.mean(bare_times2[1:])])
+
+    # --- 4. PyTorch --------------------------------------------------------------------------------------
+    torch_s = None
+    if not args.skip_torch:
+        import torch
+        import transformers
+
+        torch.set_num_threads(os.cpu_count())
+        device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        torch_times, torch_losses = run_torch(config, optim_config(cfg, config), jax.device_get(bare.init()), host,
+                                              device, dtype)
+        torch_s = statistics.mean(torch_times[1:])
+        print(f"PyTorch {torch.__version__} eager on {device} ({torch.get_num_threads()} threads), transformers "
+              f"{transformers.__version__}: steps " + " ".join(f"{x:.2f}" for x in torch_times))
+        print(f"PyTorch's first loss {torch_losses[0]:.6f} vs ours {losses[0]:.6f} (the same params and batch; "
+              "later steps differ by the learning-rate schedule: ours warms up, torch's lr is constant)")
+
+    # --- report -----------------------------------------------------------------------------------------
+    print(f"\nsteps 2..{args.steps}, {tokens} positions per step ({fill:.0%} real tokens); load average {load_average()}")
+    print(side_line("trainer", trainer_s, tokens, flops, peak))
+    print(side_line("bare step", bare_s, tokens, flops, peak,
+                    f"  (before {statistics.mean(bare_times[1:]):.3f} s, after {statistics.mean(bare_times2[1:]):.3f} s)"))
+    if torch_s:
+        print(side_line("PyTorch eager", torch_s, tokens, flops, peak))
+    print(ratio_line("trainer / bare step", bare_s / trainer_s, GOAL_BARE))
+    if torch_s:
+        print(ratio_line("trainer / pytorch", torch_s / trainer_s, GOAL_TORCH))
+
+
+if __name__ == "__main__":
+    main()
