@@ -32,8 +32,9 @@ STEPS, SAVE_EVERY = 10, 4  # checkpoints at 4, 8 and 10 (the last step is always
 KILLED_AFTER = 5  # the between-checkpoints kill: once metrics.jsonl shows step 5 (resumes from 4, repeats 5..)
 KILLED_SAVE = 8  # the during-a-save kill: the save of step 8 (resumes from 4)
 # the demo with fewer rows, no export, and the held-out loss (which the demo's setup hook always asks for) on
-# a single batch: each run takes seconds of training and a JIT compile
-SETTINGS = ("data.rows=8", "data.eval_samples=1", "export=", "progress=false")
+# a single batch: each run takes seconds of training and a JIT compile. Drop path on, so that every step draws
+# from the state's rng (the demo trains without it, and its resume would not show the rng restored).
+SETTINGS = ("data.rows=8", "data.eval_samples=1", "drop_path=0.1", "export=", "progress=false")
 TIMING = ("seconds", "tokens_per_s", "mfu")  # wall-clock fields: the only ones allowed to differ
 RUN_TIMEOUT = 300
 
@@ -204,7 +205,11 @@ def _digest(batch: dict) -> str:
 
 def _probe(argv: list[str]) -> int:
     import asyncio
+    import logging
 
+    # the CLI's logging setup, done before importing orbax (which installs a WARNING root handler, so that the
+    # CLI's own basicConfig would be a no-op and "resumed from step N" would not reach stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from orbax.checkpoint.path import atomicity
 
     import train.checkpoint

@@ -168,3 +168,19 @@ def test_plan_of_an_mlp_only_stage_holds_adam_moments_for_the_projector_alone():
     # two float moments per projector parameter (bf16 params: moments in the params' dtype) plus Adam's counters
     assert 2 * projector <= stage.opt_state <= 2 * projector + 64
     assert full.opt_state >= 2 * full.params
+
+
+def test_a_new_image_size_resizes_the_position_table_once_as_the_on_the_fly_interpolation():
+    from train.config import TrainConfig
+    from train.trainer import _model_config, _resize_positions
+
+    config = _model_config(TrainConfig(image_size=56, dtype="float32", remat="none", attention="batched"), CFG)
+    resized = _resize_positions(PARAMS, config)
+    assert resized["vision"]["embeddings"]["pos_embed"].shape == (1, 1 + 4 * 4, 32)
+    assert config.image_size == 56 and config.force_image_size is None
+    tiles = np.random.default_rng(1).standard_normal((3, 56, 56, 3)).astype(np.float32)
+    ours = InternVL(config).apply({"params": resized}, tiles, method=InternVL.encode_images)
+    # the 28 px model forced to 56 px interpolates its 2x2 table on every call, with the same bicubic weights
+    forced = InternVL(CFG.replace(force_image_size=56)).apply({"params": PARAMS}, tiles, method=InternVL.encode_images)
+    assert ours.shape == (3, 4, 64)
+    assert _rel(ours, forced) <= TOL

@@ -83,10 +83,31 @@ def _mesh(cfg: TrainConfig):
 
 
 def _model_config(cfg: TrainConfig, base):
-    """The checkpoint's or preset's config with this run's runtime settings (float32 master weights)."""
+    """The checkpoint's or preset's config with this run's runtime settings (float32 master weights). A new
+    ``image_size`` becomes the ViT's own size: its position table is resized once (:func:`_resize_positions`) and
+    then trained at that size, as the original's ``resize_pos_embeddings``."""
     vision = base.vision if cfg.drop_path < 0 else dataclasses.replace(base.vision, drop_path_rate=cfg.drop_path)
+    if cfg.image_size:
+        vision = dataclasses.replace(vision, image_size=cfg.image_size)
     return base.replace(vision=vision, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat,
-                        attention_impl=cfg.attention, force_image_size=cfg.image_size or base.force_image_size)
+                        attention_impl=cfg.attention, force_image_size=None if cfg.image_size else base.force_image_size)
+
+
+def _resize_positions(params, config):
+    """The ViT position table [1, 1 + g*g, C] of ``params`` resized (bicubic) to the grid of ``config``'s image
+    size, the class position kept; params that already fit are returned as they are."""
+    from internvl_jax.vision import resize_position_embedding
+
+    table = params["vision"]["embeddings"]["pos_embed"]
+    grid = config.vision.image_size // config.vision.patch_size
+    if table.shape[1] == 1 + grid * grid:
+        return params
+    resized = jnp.concatenate([table[:, :1].astype(jnp.float32),
+                               resize_position_embedding(table[0, 1:], grid, grid)[None]], axis=1)
+    log.info("ViT position table resized from %d to %d positions (image size %d)", table.shape[1],
+             resized.shape[1], config.vision.image_size)
+    embeddings = {**params["vision"]["embeddings"], "pos_embed": resized.astype(table.dtype)}
+    return {**params, "vision": {**params["vision"], "embeddings": embeddings}}
 
 
 def _initial_params(cfg: TrainConfig, mesh):
@@ -95,7 +116,8 @@ def _initial_params(cfg: TrainConfig, mesh):
         from convert.load import load_pretrained
 
         model, params = load_pretrained(cfg.init, dtype=jnp.float32, mesh=mesh, rules=cfg.rules)
-        return _model_config(cfg, model.config), params
+        config = _model_config(cfg, model.config)
+        return config, _resize_positions(params, config)
     from internvl_jax.presets import get_preset
 
     config = _model_config(cfg, cfg.model or get_preset(cfg.preset))
