@@ -269,8 +269,9 @@ class BareStep:
 
         import sharding
 
+        params = self.init()  # outside activate(), as the trainer: unboxing under active rules adds constraints
         with sharding.activate(self.mesh, self.rules):
-            state = self.create(self.init(), jax.random.PRNGKey(self.cfg.seed + 1))
+            state = self.create(params, jax.random.PRNGKey(self.cfg.seed + 1))
         times, losses = [], []
         for batch in batches:
             t0 = time.perf_counter()
@@ -348,7 +349,10 @@ def run_torch(config, ocfg, params, batches, device: str, dtype: str) -> tuple[l
     with torch.device(device):
         model = transformers.InternVLForConditionalGeneration._from_config(
             transformers.InternVLConfig(**to_hf_dict(config)), attn_implementation="sdpa", dtype=tdtype)
-    state = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in export_tensors(params, config, LAYOUTS["hf"])}
+    layout = LAYOUTS["hf"]  # export writes save_pretrained's names; the modules have their in-memory ones
+    names = {layout.canonical(k): k for k in model.state_dict()}
+    state = {names.get(layout.canonical(k), k): torch.tensor(np.asarray(v, np.float32))
+             for k, v in export_tensors(params, config, layout)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"bench/train.py: our params do not fill the transformers model: missing {missing[:5]}, "

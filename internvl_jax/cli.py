@@ -71,6 +71,11 @@ def _run_training(config_name: str, overrides: list[str]):
     if not cfg.setup:  # a setup hook fills in what it writes (the demo's data); check the rest after it
         validate(cfg)
     _use_cpu_devices(cfg.cpu_devices)
+    from sharding.distributed import initialize
+
+    # joins the other processes when INTERNVL_COORDINATOR & co. are set, or by JAX's own cluster detection (TPU
+    # pods, SLURM) when INTERNVL_DISTRIBUTED=auto; alone otherwise
+    initialize(auto=os.environ.get("INTERNVL_DISTRIBUTED") == "auto")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     from train.trainer import train
