@@ -76,7 +76,7 @@ def _run_training(config_name: str, overrides: list[str]):
     # joins the other processes when INTERNVL_COORDINATOR & co. are set, or by JAX's own cluster detection (TPU
     # pods, SLURM) when INTERNVL_DISTRIBUTED=auto; alone otherwise
     initialize(auto=os.environ.get("INTERNVL_DISTRIBUTED") == "auto")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax installs a root handler
     logging.getLogger("absl").setLevel(logging.WARNING)
     from train.trainer import train
 

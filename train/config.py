@@ -45,7 +45,7 @@ class DataConfig:
     min_num_frames: int = 8  # video frames per training sample, drawn in [min, max] as the original
     max_num_frames: int = 32
     workers: int = 0  # grain worker processes for decoding (0: in the training process)
-    eval_samples: int = 64  # held-out samples per evaluation
+    eval_samples: int = 64  # held-out samples per evaluation (0: no evaluation)
 
 
 @dataclass(frozen=True)

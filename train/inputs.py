@@ -107,7 +107,7 @@ def build_inputs(cfg: TrainConfig, config) -> Inputs:
     pipeline = make_pipeline(meta_sources(specs), MetaPrepare(specs, settings), pack,
                              batch_size=d.rows // processes, seed=cfg.seed, workers=d.workers)
     eval_dataset = None
-    if d.eval_meta:
+    if d.eval_meta and d.eval_samples > 0:
         eval_specs = read_meta(d.eval_meta)
         sources = [Source(s.name, s.records[: d.eval_samples]) for s in meta_sources(eval_specs)]
         eval_settings = dataclasses.replace(settings, data_augment=False)
