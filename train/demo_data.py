@@ -1,6 +1,7 @@
 """The demo's data: a synthetic visual question-answering set, its word-level tokenizer and its tiny model.
 
-Every image shows one to three flat shapes (circle, square, triangle) of distinct colours on a light background.
+Every image shows one to three flat shapes (circle, square, triangle) of distinct colours on a grey background
+(the ImageNet mean, which normalises to ~0).
 Images come in several sizes and aspect ratios (1:1, 3:2, 2:1, 3:1 and their portrait forms), so that the dynamic
 tiling rule picks different grids for them with ``max_dynamic_patch`` = :data:`MAX_TILES` (1x1, 2x2, 2x1, 1x2,
 3x1, 1x3), plus the thumbnail. Questions of four kinds, each answered by one word of :data:`ANSWERS`:
@@ -54,7 +55,7 @@ COLOURS = {
     "yellow": (240, 205, 30),
     "purple": (145, 55, 185),
 }
-BACKGROUND = (245, 245, 245)
+BACKGROUND = (124, 116, 104)  # the ImageNet mean: background pixels normalise to ~0, so the shapes dominate the ViT input
 COUNT_WORDS = ("one", "two", "three")
 QUESTION_KINDS = ("colour", "shape", "count", "position")
 ANSWERS = (*COLOURS, *SHAPES, *COUNT_WORDS, "left", "right", "top", "bottom")
