@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -287,7 +285,3 @@ def export(params, config, dst: str, layout: str, inputs: Inputs) -> None:
                                                   attention_impl="auto"),
                       dst, layout=layout, overwrite=True, side_files_from=inputs.tokenizer_dir)
     log.info("exported to %s (%s layout)", dst, layout)
-
-
-def _silence_absl() -> None:
-    logging.getLogger("absl").setLevel(logging.WARNING)
