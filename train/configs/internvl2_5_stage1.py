@@ -44,30 +44,13 @@ frozen, as in the original). ``freeze.unfreeze_lm_head=true`` really trains the 
 no effect).
 """
 
-from train.config import DataConfig, FreezeConfig, TrainConfig
+from train.config import FreezeConfig
+from train.configs.internvl2_5_stage2 import CONFIG as STAGE2
 from train.optim import OptimConfig
 
-CONFIG = TrainConfig(
+CONFIG = STAGE2.replace(
     name="internvl2_5_stage1",
-    steps=1000,  # the script's max_steps 100000 is a cap with "Epoch: None"; set steps for your data
     drop_path=0.0,
-    image_size=448,
-    dtype="bfloat16",
-    remat="full",
-    save_every=100,
-    keep=3,
-    data=DataConfig(
-        rows=512,  # 512 GPUs x 1 packed row x 1 accumulation step
-        max_tokens=16384,  # --max_packed_tokens
-        max_tiles=48,  # --num_images_expected
-        packing=True,
-        split_long=True,
-        loss_weighting="square",
-        max_dynamic_patch=12,
-        min_num_frames=8,
-        max_num_frames=32,
-        workers=8,
-    ),
     freeze=FreezeConfig(freeze_backbone=True, freeze_mlp=False, freeze_llm=True),
     optim=OptimConfig(lr=2e-4, warmup_steps=100, weight_decay=0.05, schedule="cosine"),
-)
+)  # steps: the script's max_steps 100000 is a cap with "Epoch: None"; set steps for your data

@@ -35,30 +35,15 @@ LayerScale (``train.optim.DEFAULT_DECAY_RULES``). The released runs decayed all 
 the whole ViT trains already (as in the original, where it only re-enables layers under ``freeze_backbone``).
 """
 
-from train.config import DataConfig, FreezeConfig, TrainConfig
+import dataclasses
+
+from train.config import FreezeConfig
+from train.configs.internvl2_5_stage2 import CONFIG as STAGE2
 from train.optim import OptimConfig
 
-CONFIG = TrainConfig(
+CONFIG = STAGE2.replace(
     name="internvl2_5_stage1_5",
-    steps=1000,  # the script's max_steps 100000 is a cap with "Epoch: None"; set steps for your data
-    drop_path=0.1,
-    image_size=448,
-    dtype="bfloat16",
-    remat="full",
-    save_every=100,
-    keep=3,
-    data=DataConfig(
-        rows=1024,  # 512 GPUs x 1 packed row x 2 accumulation steps
-        max_tokens=16384,
-        max_tiles=48,
-        packing=True,
-        split_long=True,
-        loss_weighting="square",
-        max_dynamic_patch=12,
-        min_num_frames=8,
-        max_num_frames=32,
-        workers=8,
-    ),
+    data=dataclasses.replace(STAGE2.data, rows=1024),  # 512 GPUs x 1 packed row x 2 accumulation steps
     freeze=FreezeConfig(freeze_backbone=False, freeze_mlp=False, freeze_llm=True),
     optim=OptimConfig(lr=1e-5, warmup_steps=100, weight_decay=0.05, schedule="cosine"),
-)
+)  # steps: the script's max_steps 100000 is a cap with "Epoch: None"; set steps for your data
