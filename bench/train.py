@@ -51,6 +51,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -68,10 +69,10 @@ GOAL_BARE, GOAL_TORCH = 0.95, 1.0
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="'small' (see small_config) or a release preset's shapes")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps of each side (the first is excluded)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps of each side (the first is excluded)")
     p.add_argument("--rows", type=int, default=2, help="rows per step")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per packed row (the static L)")
-    p.add_argument("--max-tiles", type=int, default=8, help="tile slots per row (the static T)")
+    p.add_argument("--max-tiles", type=int, default=6, help="tile slots per row (the static T)")
     p.add_argument("--max-patch", type=int, default=4, help="max_dynamic_patch: tiles per image besides the thumbnail")
     p.add_argument("--workers", type=int, default=0, help="grain decoding processes (0: in the training process)")
     p.add_argument("--save-every", type=int, default=4, help="asynchronous checkpoint every N steps")
@@ -80,6 +81,10 @@ def parse_args():
                    help="compute dtype of both sides (default: float32 on a CPU, bfloat16 on a GPU); params float32")
     p.add_argument("--remat", default="none", help="remat policy of ours (PyTorch keeps every activation)")
     p.add_argument("--attention", default="auto", help="ours' attention implementation (InternVLConfig.attention_impl)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the three sides (ABBA order, against drift)")
+    p.add_argument("--torch-mask", default="causal", choices=["causal", "packed"],
+                   help="PyTorch's attention: causal over each whole row (sdpa's fastest path), or packed: the "
+                        "block-diagonal mask of the samples, as ours (the same losses; transformers materialises it)")
     p.add_argument("--skip-torch", action="store_true", help="trainer and bare step only")
     p.add_argument("--workdir", default=None, help="where data, metrics and checkpoints go (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -111,13 +116,14 @@ def load_average() -> str:
 
 def small_config(tokenizer, max_patch: int):
     """InternVL2.5-1B's geometry (448 px tiles, 14 px patches, pixel shuffle 0.5: 256 tokens per tile; Qwen2 with
-    biased qkv) with a 2-layer ViT of width 128 (2 heads) and a 2-layer LLM of width 256 (4 heads of 64, 2 KV
-    heads); vocabulary and ``<IMG_CONTEXT>`` from ``tokenizer`` (a ``tokenizers.Tokenizer``)."""
+    biased qkv) with a 2-layer ViT of width 64 (one head of 64, InternViT's head size) and a 2-layer LLM of width
+    256 (4 heads of 64, 2 KV heads); vocabulary and ``<IMG_CONTEXT>`` from ``tokenizer`` (a
+    ``tokenizers.Tokenizer``)."""
     from internvl_jax.presets import get_preset
     from internvl_jax.processing.templates import IMG_CONTEXT_TOKEN
 
     base = get_preset("InternVL2_5-1B")
-    vision = dataclasses.replace(base.vision, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512)
+    vision = dataclasses.replace(base.vision, hidden_size=64, num_layers=2, num_heads=1, intermediate_size=256)
     text = dataclasses.replace(base.text, vocab_size=tokenizer.get_vocab_size(), hidden_size=256, num_layers=2,
                                num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=1024)
     return base.replace(vision=vision, text=text, image_token_id=tokenizer.token_to_id(IMG_CONTEXT_TOKEN),
@@ -335,51 +341,78 @@ def torch_batches(batches, device, dtype):
     return out
 
 
-def run_torch(config, ocfg, params, batches, device: str, dtype: str) -> tuple[list[float], list[float]]:
-    """(seconds per step, losses) of transformers + torch AdamW over the batches (the first call included; drop
-    it), from our initial ``params`` (host arrays, through the hf export table)."""
-    import torch
-    import transformers
+class TorchSide:
+    """transformers + torch AdamW from our initial ``params`` (host arrays, through the hf export table), restarted
+    from them on every :meth:`run`."""
 
-    from convert.keymaps import LAYOUTS
-    from convert.load import export_tensors
-    from internvl_jax.config import to_hf_dict
+    def __init__(self, config, ocfg, params, device: str, dtype: str, mask: str):
+        import torch
+        import transformers
 
-    tdtype = getattr(torch, dtype)
-    with torch.device(device):
-        model = transformers.InternVLForConditionalGeneration._from_config(
-            transformers.InternVLConfig(**to_hf_dict(config)), attn_implementation="sdpa", dtype=tdtype)
-    layout = LAYOUTS["hf"]  # export writes save_pretrained's names; the modules have their in-memory ones
-    names = {layout.canonical(k): k for k in model.state_dict()}
-    state = {names.get(layout.canonical(k), k): torch.tensor(np.asarray(v, np.float32))
-             for k, v in export_tensors(params, config, layout)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"bench/train.py: our params do not fill the transformers model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps,
-                            weight_decay=ocfg.weight_decay)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times, losses = [], []
-    for b in torch_batches(batches, device, tdtype):
-        sync()
-        t0 = time.perf_counter()
-        pixels = b["pixel_values"] if len(b["pixel_values"]) else None  # a batch of text-only rows
-        logits = model(input_ids=b["input_ids"], pixel_values=pixels, position_ids=b["position_ids"]).logits
-        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100,
-                                               reduction="none")
-        w = b["loss_weights"].flatten()
-        loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
-        loss.backward()
-        if ocfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times, losses
+        from convert.keymaps import LAYOUTS
+        from convert.load import export_tensors
+        from internvl_jax.config import to_hf_dict
+
+        self.torch, self.device, self.ocfg, self.mask = torch, device, ocfg, mask
+        self.tdtype = getattr(torch, dtype)
+        with torch.device(device):
+            self.model = transformers.InternVLForConditionalGeneration._from_config(
+                transformers.InternVLConfig(**to_hf_dict(config)), attn_implementation="sdpa", dtype=self.tdtype)
+        layout = LAYOUTS["hf"]  # export writes save_pretrained's names; the modules have their in-memory ones
+        names = {layout.canonical(k): k for k in self.model.state_dict()}
+        self.initial = {names.get(layout.canonical(k), k): torch.tensor(np.asarray(v, np.float32))
+                        for k, v in export_tensors(params, config, layout)}
+        missing, unexpected = self.model.load_state_dict(self.initial, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"bench/train.py: our params do not fill the transformers model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        self.model.train()
+
+    def batches(self, batches):
+        """Our host batches as PyTorch inputs: ids, positions, labels, weights [B, L]; the valid tiles
+        [N, 3, S, S] in order (None for a batch of text-only rows)."""
+        torch, out = self.torch, []
+        for b in batches:
+            tiles = np.asarray(b["pixel_values"], np.float32)[np.asarray(b["tile_mask"])]
+            out.append({
+                "input_ids": torch.tensor(b["input_ids"], dtype=torch.long, device=self.device),
+                "position_ids": torch.tensor(np.asarray(b["positions"]), dtype=torch.long, device=self.device),
+                "labels": torch.tensor(b["labels"], dtype=torch.long, device=self.device),
+                "loss_weights": torch.tensor(b["loss_weights"], dtype=torch.float32, device=self.device),
+                "pixel_values": torch.tensor(tiles.transpose(0, 3, 1, 2), device=self.device, dtype=self.tdtype)
+                if len(tiles) else None,
+            })
+        return out
+
+    def run(self, batches) -> tuple[list[float], list[float]]:
+        """(seconds per step, losses) over ``self.batches(...)`` from the initial weights and a fresh AdamW."""
+        torch, ocfg, model = self.torch, self.ocfg, self.model
+        model.load_state_dict(self.initial, strict=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, betas=(ocfg.b1, ocfg.b2), eps=ocfg.eps,
+                                weight_decay=ocfg.weight_decay)
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        times, losses = [], []
+        for b in batches:
+            sync()
+            t0 = time.perf_counter()
+            # packed: restarting position ids and no cache make transformers build the block-diagonal causal mask
+            # of the packed samples (masking_utils.find_packed_sequence_indices); causal: positions 0..L-1 and a
+            # plain causal mask over the whole row
+            kw = {"position_ids": b["position_ids"]} if self.mask == "packed" else {}
+            logits = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], use_cache=False, **kw).logits
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(),
+                                                   ignore_index=-100, reduction="none")
+            w = b["loss_weights"].flatten()
+            loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
+            loss.backward()
+            if ocfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach().item())
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times, losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +432,10 @@ def ratio_line(name: str, value: float, goal: float) -> str:
 def main():
     args = parse_args()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares a GPU with JAX
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
+    # every round's trainer compiles the same step again (and grain workers the resize programs): from disk
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(workdir), "xla_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     import jax
 
     import sharding
@@ -408,7 +445,6 @@ def main():
 
     gpu = jax.default_backend() == "gpu"
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
     print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; load average "
           f"{load_average()}; workdir {workdir}")
 
@@ -418,7 +454,8 @@ def main():
     tokenizer = write_demo_tokenizer(os.path.join(workdir, "tokenizer"))
     model = small_config(tok, args.max_patch) if args.preset == "small" else preset_config(args.preset, tok, args.max_patch)
     meta = write_dataset(os.path.join(workdir, "data"), args.images, args.max_patch, args.seed)
-    cfg = train_config(args, model, meta, tokenizer, os.path.join(workdir, "run"), dtype)
+    run_dir = os.path.join(workdir, "run")
+    cfg = train_config(args, model, meta, tokenizer, run_dir, dtype)
     config = run_config(cfg, model)
     t, v = config.text, config.vision
     print(f"model: {args.preset}: ViT {v.num_layers} x {v.hidden_size} ({v.image_size} px tiles, {v.patch_size} px "
@@ -436,69 +473,97 @@ def main():
     print(f"model FLOPs per step {flops:.3e}; peak {peak / 1e12:.2f} TFLOP/s ({peak_what})")
 
     # --- 1. input alone ------------------------------------------------------------------------------
-    host, stats, input_times = prebuild(cfg, config)
+    from internvl_jax.processing.resample import render_image
+
+    _, _, cold_times = prebuild(cfg, config)  # compiles the resize programs of every shape bucket met
+    programs = render_image._cache_size()
+    host, stats, input_times = prebuild(cfg, config)  # the same batches again, every program compiled
     fill = statistics.mean(s["token_fill"] for s in stats)
     tile_fill = statistics.mean(s["tile_fill"] for s in stats)
     samples = sum(s["samples"] for s in stats)
-    print(f"input alone: {statistics.mean(input_times[1:]):.3f} s per batch (first {input_times[0]:.2f} s); "
-          f"{samples} samples in {args.steps} batches, token fill {fill:.1%}, tile fill {tile_fill:.1%}")
+    tiles = sum(int(np.asarray(b["tile_mask"]).sum()) for b in host)
+    print(f"input alone: {statistics.mean(input_times):.3f} s per batch ({sum(input_times) / tiles:.3f} s per tile) "
+          f"once the {programs} resize programs (one per shape bucket) are compiled; the first pass, compiling them, "
+          f"{statistics.mean(cold_times):.2f} s per batch; {samples} samples and {tiles} tiles in {args.steps} batches, "
+          f"token fill {fill:.1%}, tile fill {tile_fill:.1%}")
 
-    # --- 2. bare step ----------------------------------------------------------------------------------
+    # --- 2-4. rounds of bare step, trainer and PyTorch --------------------------------------------------
     bare = BareStep(cfg, config)
     device_batches = [sharding.shard_batch(b, bare.mesh, cfg.rules) for b in host]
-    bare_times, bare_losses = bare.run(device_batches)
     print(f"bare step compiled in {bare.compile_s:.1f} s (arguments {bare.stats.argument_bytes / 2**30:.2f} GiB, "
-          f"temporaries {bare.stats.temp_bytes / 2**30:.2f} GiB); steps: " + " ".join(f"{x:.2f}" for x in bare_times))
-
-    # --- 3. trainer --------------------------------------------------------------------------------------
-    result, next_calls, save_calls, wall = run_trainer(cfg)
-    records = result.metrics
-    assert result.model.config == config, "bench/train.py's model config differs from the trainer's"
-    seconds = [r["seconds"] for r in records]
-    trainer_s = statistics.mean(seconds[1:])
-    saves = [r["step"] for r in records if r["step"] % cfg.save_every == 0 or r["step"] == cfg.steps]
-    after_save = [r["seconds"] for r in records[1:] if r["step"] - 1 in saves]
-    print(f"trainer: wall {wall:.1f} s for {args.steps} steps (compile and the final checkpoint included); steps: "
-          + " ".join(f"{x:.2f}" for x in seconds))
-    print(f"trainer host time per step (overlapping the device step): Inputs.next {statistics.mean(next_calls[1:]):.3f} s; "
-          f"Checkpoints.save (called at steps {saves}) {statistics.mean(save_calls):.3f} s to start a save; steps "
-          f"right after a save {statistics.mean(after_save) if after_save else float('nan'):.3f} s, the others "
-          f"{statistics.mean(x for r, x in zip(records[1:], seconds[1:]) if r['step'] - 1 not in saves):.3f} s")
-    losses = [r["loss"] for r in records]
-    diff = max(abs(a - b) for a, b in zip(losses, bare_losses))
-    print(f"losses: trainer {losses[0]:.4f} -> {losses[-1]:.4f}; max |trainer - bare step| {diff:.2e}")
-
-    bare_times2, _ = bare.run(device_batches)
-    print("bare step again: " + " ".join(f"{x:.2f}" for x in bare_times2))
-    bare_s = statistics.mean([statistics.mean(bare_times[1:]), statistics.mean(bare_times2[1:])])
-
-    # --- 4. PyTorch --------------------------------------------------------------------------------------
-    torch_s = None
+          f"temporaries {bare.stats.temp_bytes / 2**30:.2f} GiB)")
+    torch_side = None
     if not args.skip_torch:
         import torch
         import transformers
 
         torch.set_num_threads(os.cpu_count())
         device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-        torch_times, torch_losses = run_torch(config, optim_config(cfg, config), jax.device_get(bare.init()), host,
-                                              device, dtype)
-        torch_s = statistics.mean(torch_times[1:])
+        torch_side = TorchSide(config, optim_config(cfg, config), jax.device_get(bare.init()), device, dtype,
+                               args.torch_mask)
+        torch_batches = torch_side.batches(host)
         print(f"PyTorch {torch.__version__} eager on {device} ({torch.get_num_threads()} threads), transformers "
-              f"{transformers.__version__}: steps " + " ".join(f"{x:.2f}" for x in torch_times))
-        print(f"PyTorch's first loss {torch_losses[0]:.6f} vs ours {losses[0]:.6f} (the same params and batch; "
-              "later steps differ by the learning-rate schedule: ours warms up, torch's lr is constant)")
+              f"{transformers.__version__}, sdpa attention, {args.torch_mask} mask")
+
+    def show(name, times):
+        print(f"  {name:<8}" + " ".join(f"{x:6.2f}" for x in times))
+
+    rounds = []
+    for r in range(args.rounds):
+        sides = ["bare", "trainer", "torch"] if r % 2 == 0 else ["torch", "trainer", "bare"]  # ABBA against drift
+        print(f"round {r + 1} ({', '.join(sides)}), load average {load_average()}; seconds per step:")
+        got = {}
+        for side in sides:
+            if side == "bare":
+                times, bare_losses = bare.run(device_batches)
+                got["bare"] = statistics.mean(times[1:])
+                show("bare", times)
+            elif side == "torch" and torch_side:
+                times, torch_losses = torch_side.run(torch_batches)
+                got["torch"] = statistics.mean(times[1:])
+                show("pytorch", times)
+            elif side == "trainer":
+                run = cfg.replace(workdir=f"{run_dir}{r + 1}")
+                shutil.rmtree(run.workdir, ignore_errors=True)  # a run left there would be resumed, not timed
+                result, next_calls, save_calls, wall = run_trainer(run)
+                assert result.model.config == config, "bench/train.py's model config differs from the trainer's"
+                records = result.metrics
+                seconds = [rec["seconds"] for rec in records]
+                got["trainer"] = statistics.mean(seconds[1:])
+                show("trainer", seconds)
+                saves = {rec["step"] for rec in records if rec["step"] % cfg.save_every == 0}
+                at_save = [x for rec, x in zip(records[1:], seconds[1:]) if rec["step"] in saves]
+                others = [x for rec, x in zip(records[1:], seconds[1:]) if rec["step"] not in saves]
+                print(f"    trainer: wall {wall:.1f} s (compile and the final save included); host calls per step: "
+                      f"Inputs.next {statistics.mean(next_calls[1:]):.3f} s, Checkpoints.save "
+                      f"{statistics.mean(save_calls):.3f} s (it waits for the step's state); save steps "
+                      f"{statistics.mean(at_save) if at_save else float('nan'):.2f} s, the others "
+                      f"{statistics.mean(others):.2f} s")
+                losses = [rec["loss"] for rec in records]
+        diff = max(abs(a - b) for a, b in zip(losses, bare_losses))
+        line = f"    losses: trainer {losses[0]:.4f} -> {losses[-1]:.4f}, max |trainer - bare step| {diff:.1e}"
+        if torch_side:
+            why = ("the same math" if args.torch_mask == "packed" else
+                   "its causal mask lets a row's samples see each other")
+            line += (f"; PyTorch's first {torch_losses[0]:.6f} vs ours {losses[0]:.6f} (same params and batch, {why}; "
+                     "later ones differ: ours warms the lr up and decays fewer tensors)")
+        print(line)
+        rounds.append(got)
 
     # --- report -----------------------------------------------------------------------------------------
-    print(f"\nsteps 2..{args.steps}, {tokens} positions per step ({fill:.0%} real tokens); load average {load_average()}")
+    mean = lambda key: statistics.mean(g[key] for g in rounds)  # noqa: E731
+    trainer_s, bare_s = mean("trainer"), mean("bare")
+    print(f"\nmeans of steps 2..{args.steps} over {args.rounds} rounds, {tokens} positions per step ({fill:.0%} real "
+          f"tokens); load average {load_average()}")
     print(side_line("trainer", trainer_s, tokens, flops, peak))
-    print(side_line("bare step", bare_s, tokens, flops, peak,
-                    f"  (before {statistics.mean(bare_times[1:]):.3f} s, after {statistics.mean(bare_times2[1:]):.3f} s)"))
-    if torch_s:
-        print(side_line("PyTorch eager", torch_s, tokens, flops, peak))
-    print(ratio_line("trainer / bare step", bare_s / trainer_s, GOAL_BARE))
-    if torch_s:
-        print(ratio_line("trainer / pytorch", torch_s / trainer_s, GOAL_TORCH))
-
+    print(side_line("bare step", bare_s, tokens, flops, peak))
+    if torch_side:
+        print(side_line("PyTorch eager", mean("torch"), tokens, flops, peak))
+    per_round = lambda a, b: ", ".join(f"{g[b] / g[a]:.3f}" for g in rounds)  # noqa: E731
+    print(ratio_line("trainer / bare step", bare_s / trainer_s, GOAL_BARE) + f"   per round {per_round('trainer', 'bare')}")
+    if torch_side:
+        print(ratio_line("trainer / pytorch", mean("torch") / trainer_s, GOAL_TORCH)
+              + f"   per round {per_round('trainer', 'torch')}")
 
 if __name__ == "__main__":
     main()
