@@ -5,9 +5,11 @@
     python bench/step.py --preset tiny-qwen2 --rows 8 --mesh 1,8,1 --rules fsdp_tp   # quick, 8 CPU devices
 
 Each row holds ``--tiles`` image tiles (256 tokens each) plus ``--text-tokens`` text tokens (default 6 + 512 =
-2048 tokens), random weights and data. The steps are ``sharding.plan.forward_step`` / ``train_step`` (cross entropy,
-gradients, optax AdamW with the state sharded like the params, params and state donated), compiled once, then
-timed (median of ``--repeats`` after one warm-up). Reported: step time, tokens/s, model FLOPs (6 per weight per
+2048 tokens), random weights and data (one sample per row: its image tokens first, unsupervised, then supervised
+text). The steps are ``sharding.plan.forward_step`` / ``train_step``: the latter is the trainer's step
+(``train.step``: ``(TrainState, batch) -> (state, metrics)``, the weighted cross entropy over the batch, gradients,
+optax AdamW with its state sharded like the params, the state donated), compiled once, then timed (median of
+``--repeats`` after one warm-up). Reported: step time, tokens/s, model FLOPs (6 per weight per
 token for the ViT and the LLM plus the attention matmuls, no rematerialisation; forward: a third) and MFU against
 the devices' peak: ``--peak-tflops`` per device if given, else the H100/H200 bf16 dense peak (989 TFLOP/s) on
 those GPUs, else a matmul rate measured here with a jitted ``jnp.dot`` in the same dtype (CPU: simulated devices
@@ -17,8 +19,15 @@ share the host's cores, so the peak is the host's, not multiplied by the device 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+
+# Run as a script, this file's folder comes first on sys.path, where "train" is bench/train.py, not the train package
+# (which sharding.plan imports).
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
 import jax
 import jax.numpy as jnp

@@ -1,47 +1,55 @@
 """Trainer benchmark: the whole trainer against the bare train step and PyTorch eager, on the same batches, in one run.
 
-    python bench/train.py                                  # small 448 px model, 2 rows x 2048 tokens, 12 steps (~6 min)
-    python bench/train.py --steps 20 --rows 4 --workers 2  # more rows, two grain decoding processes
-    python bench/train.py --skip-torch                     # trainer and bare step only
-    python bench/train.py --preset InternVL2_5-1B --dtype bfloat16 --rows 8 --steps 10   # the GPU run
+    python bench/trainer.py                                 # small 448 px model, 2 rows x 2048 tokens, 8 steps x 2 rounds
+    python bench/trainer.py --torch-mask packed --rounds 1  # PyTorch with the samples' block-diagonal mask, as ours
+    python bench/trainer.py --steps 12 --rows 4 --workers 1 # more rows, one grain decoding process
+    python bench/trainer.py --skip-torch --workdir /tmp/bt  # trainer and bare step; a rerun there reuses the XLA cache
+    python bench/trainer.py --preset InternVL2_5-1B --dtype bfloat16 --rows 8 --max-tiles 7 --steps 10  # the GPU run
 
-The setting: a model with the real tile geometry (448 px tiles of 14 px patches, 1025 ViT tokens and 256 LLM tokens
-per tile) but small widths and depths (``small_config``: a 2-layer ViT of width 128 and a 2-layer Qwen2 of width
+On the shared 2-core CPU (load average 7-9) the default run takes about 10 minutes, 4-5 when rerun in the same
+``--workdir`` (the first pass over the data compiles the image resize programs, ~4 s each).
+
+The setting: a model with the real tile geometry (448 px tiles of 14 px patches: 1025 ViT tokens and 256 LLM tokens
+per tile) but small widths and depths (:func:`small_config`: a 2-layer ViT of width 64 and a 2-layer Qwen2 of width
 256; ``--preset NAME`` takes a release's shapes instead), the word-level tokenizer of ``train/demo_data.py`` (its
 vocabulary and ``<IMG_CONTEXT>`` id are the model's; a release preset keeps its larger vocabulary, of which the
 tokenizer uses the first ids), and a synthetic meta-format dataset of ``--images`` JPEG photos
-(``internvl_jax.samples.photo_like``) of varied sizes and aspect ratios, with JPEG-quality augmentation on, so
-that dynamic tiling (up to ``--max-patch`` tiles plus the thumbnail) and the per-tile re-encoding run on real JPEG
-bytes. Conversations: one or two photos (or none, one sample in ten), questions and long answers of words the
-tokenizer knows.
+(``internvl_jax.samples.photo_like``) of varied sizes and aspect ratios, JPEG-quality augmentation on, so that
+decoding, dynamic tiling (up to ``--max-patch`` tiles plus the thumbnail) and the per-tile re-encoding run on real
+JPEG bytes. Conversations: one photo (8 in 10), two, or none, two or three turns of words the tokenizer knows.
 
-Four measurements, in this order, on the same ``--steps`` batches:
+Measured, on the same ``--steps`` batches:
 
 1. input alone: the run's grain pipeline (``train.inputs.build_inputs`` of the same config: decoding, tiling,
-   augmentation, tokenising, packing, ``--workers`` processes) builds the batches into memory, timed per batch;
+   augmentation, tokenising, packing, ``--workers`` processes) builds the batches into memory, twice: the first
+   pass compiles the resize program of every shape bucket it meets (``internvl_jax.processing.resample``), the
+   second is the steady state and gives the batches of the other sides;
 2. bare step: the trainer's step (``train.step.train_step_spec`` with the trainer's optimiser, schedule and
-   trainable mask from ``train.optim``, as ``bench/step.py`` compiles it), params initialised as the trainer does,
-   on those batches already on the device, each call blocked on; run again after the trainer (3.), since this
-   machine's speed drifts, and the mean of the two is the reference;
-3. trainer: ``train.trainer.train`` of the same config: the grain pipeline feeding it live, ``shard_batch``, the
-   jitted donated step, metrics to ``metrics.jsonl`` and the console, asynchronous orbax checkpoints every
-   ``--save-every`` steps; its step time is the mean of ``metrics.jsonl``'s ``seconds`` (the wall time of one loop
-   iteration, host work included) over steps 2..N (step 1 compiles). Its host work per step is timed by wrapping
-   ``Inputs.next`` and ``Checkpoints.save`` (nothing else changes); its losses must equal the bare step's, which
-   saw the same batches from the same initial state;
-4. PyTorch eager: ``transformers.InternVLForConditionalGeneration`` (sdpa attention) of the same shapes with its
-   own random weights, ``torch.optim.AdamW`` with the same hyper-parameters and global-norm clipping, the same
-   loss (``sum(loss_weights * CE) / sum(loss_weights)``, float32 logits) on the same packed batches: each packed
-   row is one sequence with the per-sample restarting positions, under a plain causal mask (samples of a row see
-   each other, which costs the same as the block-diagonal mask ours applies), the valid tiles of the batch in
-   order; step 1 is a warm-up.
+   trainable mask from ``train.optim``, compiled as ``bench/step.py`` compiles it), params initialised as the
+   trainer does, on those batches already on the device, each call blocked on;
+3. trainer: ``train.trainer.train`` of the same config in a fresh workdir: the grain pipeline feeding it live,
+   ``shard_batch``, the jitted donated step, metrics to ``metrics.jsonl``, asynchronous orbax checkpoints every
+   ``--save-every`` steps. Its step time is ``metrics.jsonl``'s ``seconds`` (the wall time of one loop
+   iteration, host work included). Its host calls are timed by wrapping ``Inputs.next`` and ``Checkpoints.save``
+   (nothing else changes; a save waits for the step's state, so its time includes the rest of that step). Its
+   losses must equal the bare step's (same batches, same initial state);
+4. PyTorch eager: ``transformers.InternVLForConditionalGeneration`` (sdpa attention) of the same shapes, loaded
+   with our initial params, ``torch.optim.AdamW`` with the same hyper-parameters and global-norm clipping, the same
+   loss (``sum(loss_weights * CE) / sum(loss_weights)``, float32 logits) on the same packed batches, the valid
+   tiles of each batch in order. Each packed row is one sequence: ``--torch-mask causal`` (default) puts a plain
+   causal mask over it (the samples of a row see each other: the same FLOPs as ours, and sdpa's fused causal
+   kernel, its fastest path), ``packed`` passes the restarting positions, from which transformers builds the
+   block-diagonal mask of the samples, as ours does (then its first loss equals ours).
 
-Tokens/s count every position of the rows (rows x max tokens, as the trainer's metrics do); the fill printed
-beside it says how many were real. Goals: trainer / bare step >= 0.95 (input and checkpoints never the bottleneck)
-and trainer / PyTorch >= 1.0. Model FLOPs per step are ``sharding.plan.model_flops`` (every tile slot counted,
-as the ViT runs them all); MFU is against the device's peak as ``bench/step.py`` finds it (a measured matmul rate
-on a CPU). On a CPU every side shares the same cores with the input pipeline and the checkpoint writer, so note
-the machine's load (printed at the start and the end).
+Each round runs 2-4 (``--rounds``, ABBA order: bare, trainer, PyTorch, then PyTorch, trainer, bare, ...), since this
+machine's speed drifts by 2x within minutes; a side's step time is the mean of its steps 2..N (step 1 compiles or
+warms up) averaged over the rounds. A persistent XLA compilation cache under the workdir makes the later rounds'
+trainer (and grain workers) load their programs instead of compiling them again. Tokens/s count every position of
+the rows (rows x max tokens, as the trainer's metrics do; the real-token fill is printed). Goals: trainer / bare
+step >= 0.95 (input and checkpoints never the bottleneck), trainer / PyTorch >= 1.0. Model FLOPs per step are
+``sharding.plan.model_flops`` (every tile slot counted: the ViT runs them all); MFU is against the device's peak as
+``bench/step.py`` finds it (a measured float32 matmul rate on a CPU). On a CPU every side shares the cores with the
+input pipeline, the checkpoint writer and anything else running: the load average is printed per round.
 """
 
 from __future__ import annotations
@@ -86,7 +94,8 @@ def parse_args():
                    help="PyTorch's attention: causal over each whole row (sdpa's fastest path), or packed: the "
                         "block-diagonal mask of the samples, as ours (the same losses; transformers materialises it)")
     p.add_argument("--skip-torch", action="store_true", help="trainer and bare step only")
-    p.add_argument("--workdir", default=None, help="where data, metrics and checkpoints go (default: a temporary folder)")
+    p.add_argument("--workdir", default=None,
+                   help="where data, metrics, checkpoints and the XLA cache go (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.steps < 3:
@@ -96,7 +105,8 @@ def parse_args():
 
 def _load_sibling(name: str):
     """bench/<name>.py as a module (the benches are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -138,7 +148,8 @@ def preset_config(name: str, tokenizer, max_patch: int):
 
     base = get_preset(name)
     if base.text.vocab_size < tokenizer.get_vocab_size():
-        raise ValueError(f"--preset {name}: vocabulary {base.text.vocab_size} < the tokenizer's {tokenizer.get_vocab_size()}")
+        raise ValueError(f"--preset {name}: its vocabulary of {base.text.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.get_vocab_size()}")
     return base.replace(image_token_id=tokenizer.token_to_id(IMG_CONTEXT_TOKEN), max_dynamic_patch=max_patch)
 
 
@@ -255,13 +266,15 @@ class BareStep:
         self.rules, self.cfg, self.config = cfg.rules, cfg, config
         model = InternVL(config)
         self.init = lambda: sharding.init_sharded(  # noqa: E731 - the trainer's initialisation, same seed
-            lambda r: model.init(r, *_dummy_inputs(config))["params"], self.mesh, cfg.rules, jax.random.PRNGKey(cfg.seed))
+            lambda r: model.init(r, *_dummy_inputs(config))["params"], self.mesh, cfg.rules,
+            jax.random.PRNGKey(cfg.seed))
         ocfg = optim_config(cfg, config)
         params = self.init()
         self.tx = optim.build_optimizer(ocfg, params, cfg.steps)
         self.spec = train_step_spec(
             config, self.mesh, cfg.rules, self.tx, rows=cfg.data.rows, seq_len=cfg.data.max_tokens,
-            tiles=cfg.data.max_tiles, lr_fn=optim.schedule(ocfg, cfg.steps), trainable=optim.trainable_mask(ocfg, params),
+            tiles=cfg.data.max_tiles, lr_fn=optim.schedule(ocfg, cfg.steps),
+            trainable=optim.trainable_mask(ocfg, params),
             grad_view=lambda g: optim.trainable_grads(ocfg, g, g), vocab_chunk=cfg.vocab_chunk or None)
         t0 = time.perf_counter()
         self.compiled, self.stats = self.spec.compile(self.mesh, cfg.rules)
@@ -364,7 +377,7 @@ class TorchSide:
                         for k, v in export_tensors(params, config, layout)}
         missing, unexpected = self.model.load_state_dict(self.initial, strict=False)
         if missing or unexpected:
-            raise RuntimeError(f"bench/train.py: our params do not fill the transformers model: missing {missing[:5]}, "
+            raise RuntimeError(f"bench/trainer.py: our params do not fill the transformers model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
         self.model.train()
 
@@ -452,7 +465,8 @@ def main():
     t0 = time.perf_counter()
     tok = build_demo_tokenizer()
     tokenizer = write_demo_tokenizer(os.path.join(workdir, "tokenizer"))
-    model = small_config(tok, args.max_patch) if args.preset == "small" else preset_config(args.preset, tok, args.max_patch)
+    model = (small_config(tok, args.max_patch) if args.preset == "small"
+             else preset_config(args.preset, tok, args.max_patch))
     meta = write_dataset(os.path.join(workdir, "data"), args.images, args.max_patch, args.seed)
     run_dir = os.path.join(workdir, "run")
     cfg = train_config(args, model, meta, tokenizer, run_dir, dtype)
@@ -484,7 +498,8 @@ def main():
     tiles = sum(int(np.asarray(b["tile_mask"]).sum()) for b in host)
     print(f"input alone: {statistics.mean(input_times):.3f} s per batch ({sum(input_times) / tiles:.3f} s per tile) "
           f"once the {programs} resize programs (one per shape bucket) are compiled; the first pass, compiling them, "
-          f"{statistics.mean(cold_times):.2f} s per batch; {samples} samples and {tiles} tiles in {args.steps} batches, "
+          f"{statistics.mean(cold_times):.2f} s per batch; {samples} samples and {tiles} tiles in {args.steps} "
+          "batches, "
           f"token fill {fill:.1%}, tile fill {tile_fill:.1%}")
 
     # --- 2-4. rounds of bare step, trainer and PyTorch --------------------------------------------------
@@ -526,7 +541,7 @@ def main():
                 run = cfg.replace(workdir=f"{run_dir}{r + 1}")
                 shutil.rmtree(run.workdir, ignore_errors=True)  # a run left there would be resumed, not timed
                 result, next_calls, save_calls, wall = run_trainer(run)
-                assert result.model.config == config, "bench/train.py's model config differs from the trainer's"
+                assert result.model.config == config, "bench/trainer.py's model config differs from the trainer's"
                 records = result.metrics
                 seconds = [rec["seconds"] for rec in records]
                 got["trainer"] = statistics.mean(seconds[1:])
@@ -560,7 +575,8 @@ def main():
     if torch_side:
         print(side_line("PyTorch eager", mean("torch"), tokens, flops, peak))
     per_round = lambda a, b: ", ".join(f"{g[b] / g[a]:.3f}" for g in rounds)  # noqa: E731
-    print(ratio_line("trainer / bare step", bare_s / trainer_s, GOAL_BARE) + f"   per round {per_round('trainer', 'bare')}")
+    print(ratio_line("trainer / bare step", bare_s / trainer_s, GOAL_BARE)
+          + f"   per round {per_round('trainer', 'bare')}")
     if torch_side:
         print(ratio_line("trainer / pytorch", mean("torch") / trainer_s, GOAL_TORCH)
               + f"   per round {per_round('trainer', 'torch')}")
