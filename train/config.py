@@ -203,22 +203,19 @@ def _parse(text: str, kind, key: str):
         items = [t for t in text.split(",") if t.strip()]
         inner = args[0] if args else str
         return tuple(_parse(t.strip(), inner, key) for t in items)
-    try:
-        if kind is bool:
-            if text.lower() not in _TRUE | _FALSE:
-                raise ValueError
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.lower() in _TRUE | _FALSE:
             return text.lower() in _TRUE
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is str:
-            return text
-    except ValueError:
-        pass
+    elif kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text}: expected {kind.__name__}") from None
     else:
         raise ConfigError(f"{key}: cannot set a field of type {kind} from the command line")
-    raise ConfigError(f"{key}={text}: expected {getattr(kind, '__name__', kind)}")
+    raise ConfigError(f"{key}={text}: expected {kind.__name__}")
 
 
 def _set(obj, path: list[str], text: str, full: str):

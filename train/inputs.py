@@ -69,7 +69,7 @@ class Inputs:
 
     def _host(self, batch: dict) -> dict:
         """Pixels in the compute dtype before they travel to the devices (half the bytes in bfloat16)."""
-        return {**batch, "pixel_values": batch["pixel_values"].astype(self.pixel_dtype)}
+        return {**batch, "pixel_values": batch["pixel_values"].astype(self.pixel_dtype, copy=False)}
 
     def next(self) -> tuple[dict, dict]:
         """(this process's rows of the next batch, host stats: token_fill, tile_fill, samples, skipped by reason)."""
