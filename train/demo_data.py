@@ -257,7 +257,7 @@ def _write_split(folder: str, split: str, n: int, seed: int, kinds, turns: int, 
             image = draw_scene(scene)
             target = os.path.join(folder, "images", name)
             if image_format == "jpg":
-                image.save(target, "JPEG", quality=quality)
+                image.save(target, "JPEG", quality=quality, subsampling=0)  # 4:4:4: small shapes keep crisp colour edges
             else:
                 image.save(target, "PNG")
             f.write(json.dumps(_record(scene, asked, name, written)) + "\n")
