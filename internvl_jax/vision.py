@@ -77,10 +77,11 @@ class VisionEmbeddings(nn.Module):
             self.param_dtype,
         )
         bias = self.param("patch_bias", param_with_axes(nn.initializers.zeros, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
-        cls = self.param("cls_token", param_with_axes(nn.initializers.zeros, (None, None, "vit_embed")), (1, 1, c.hidden_size), self.param_dtype)
+        # unit normal, as the original's torch.randn: from scratch, every patch position starts distinguishable
+        cls = self.param("cls_token", param_with_axes(nn.initializers.normal(1.0), (None, None, "vit_embed")), (1, 1, c.hidden_size), self.param_dtype)
         pos = self.param(
             "pos_embed",
-            param_with_axes(nn.initializers.zeros, (None, None, "vit_embed")),
+            param_with_axes(nn.initializers.normal(1.0), (None, None, "vit_embed")),
             (1, c.grid * c.grid + 1, c.hidden_size),
             self.param_dtype,
         )

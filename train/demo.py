@@ -21,6 +21,7 @@ from .config import TrainConfig
 
 DATA = "data"  # under the workdir
 TRAIN_IMAGES, HELDOUT_IMAGES = 4000, 200
+TURNS = 3  # questions per training image: three answers for one image encoding
 
 
 def setup(cfg: TrainConfig) -> TrainConfig:
@@ -30,9 +31,9 @@ def setup(cfg: TrainConfig) -> TrainConfig:
 
     folder = os.path.join(os.path.abspath(cfg.workdir), DATA)
     done = os.path.join(folder, "complete.json")
-    sizes = {"train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "seed": cfg.seed}
+    sizes = {"train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "turns": TURNS, "seed": cfg.seed}
     if not os.path.exists(done) or json.load(open(done)) != sizes:
-        paths = write_demo_dataset(folder, train=TRAIN_IMAGES, heldout=HELDOUT_IMAGES, seed=cfg.seed)
+        paths = write_demo_dataset(folder, train=TRAIN_IMAGES, heldout=HELDOUT_IMAGES, turns=TURNS, seed=cfg.seed)
         write_demo_tokenizer(os.path.join(folder, "tokenizer"))
         with open(done, "w") as f:
             json.dump(sizes, f)

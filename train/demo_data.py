@@ -66,6 +66,9 @@ ASPECTS = ((1, 1), (3, 2), (2, 3), (2, 1), (1, 2), (3, 1), (1, 3))
 TILE = 56  # the demo model's tile size (px)
 MAX_TILES = 4  # max_dynamic_patch of the demo
 SHORT_SIDE = (40, 100)  # the short side of an image, px (inclusive range)
+# A shape's side as a fraction of the image's short side, by the number of shapes: large, so that a shape spans
+# several 14 px patches of its tile and its outline, not a sub-patch detail, tells circle, square and triangle apart.
+SHAPE_SIDES = {1: (0.6, 0.9), 2: (0.45, 0.65), 3: (0.4, 0.5)}
 
 _SPLITS = {"train": 0, "heldout": 1}  # a split's number in the per-sample random seed
 
@@ -116,11 +119,11 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
 def _place(rng: np.random.Generator, width: int, height: int, count: int) -> list[tuple[int, int, int, int]]:
     """``count`` square boxes inside the image, apart from each other by a gap of 1/8 of their side.
 
-    Sides are drawn from a range of the short side that shrinks with the count; a failed attempt (the boxes do
-    not fit after 200 tries) shrinks the range by 10% and starts again.
+    Sides are drawn from the range :data:`SHAPE_SIDES` of the short side for that count; a failed attempt (the
+    boxes do not fit after 200 tries) shrinks the range by 10% and starts again.
     """
     short = min(width, height)
-    lo, hi = {1: (0.35, 0.6), 2: (0.3, 0.5), 3: (0.28, 0.42)}[count]
+    lo, hi = SHAPE_SIDES[count]
     while True:
         boxes = []
         for _ in range(200):
