@@ -17,7 +17,7 @@ from PIL import Image
 from internvl_jax.processing import Tokenizer, expand_image_tokens, get_template, plan_tiles, render, sft_labels
 from internvl_jax.processing.templates import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from train.demo_data import (
-    ANSWERS, BACKGROUND, COLOURS, MAX_TILES, QUESTION_KINDS, SPECIAL_TOKENS, TEMPLATE, TILE, build_demo_tokenizer,
+    ANSWERS, BACKGROUND, COLOURS, MAX_TILES, QUESTION_KINDS, SHAPE_SIDES, SPECIAL_TOKENS, TEMPLATE, TILE, build_demo_tokenizer,
     demo_model_config, write_demo_dataset, write_demo_tokenizer,
 )
 
@@ -134,6 +134,20 @@ def test_sizes_and_aspect_ratios_give_several_tile_grids(demo):
         grids[(plan.cols, plan.rows)] += 1
     assert {(1, 1), (2, 2), (2, 1), (1, 2), (3, 1), (1, 3)} <= set(grids)
     assert max(grids.values()) < 0.5 * sum(grids.values())  # no grid dominates
+
+
+def test_shapes_are_as_large_as_shape_sides_allows(demo):
+    """Sides within SHAPE_SIDES of the short side for their count (a crowded image may shrink them by 10% steps),
+    and on average near the middle of the range: shapes span several patches of their tile."""
+    ratios = collections.defaultdict(list)
+    for r in read_jsonl(demo.train):
+        short = min(r["width"], r["height"])
+        for s in r["scene"]:
+            x0, y0, x1, y1 = s["box"]
+            assert x1 - x0 == y1 - y0 <= SHAPE_SIDES[len(r["scene"])][1] * short, r
+            ratios[len(r["scene"])].append((x1 - x0) / short)
+    for count, (lo, hi) in SHAPE_SIDES.items():
+        assert lo * 0.9 <= np.mean(ratios[count]) <= hi, (count, np.mean(ratios[count]))
 
 
 def test_answers_agree_with_the_pixels(demo):

@@ -65,3 +65,15 @@ def test_drop_path_is_off_without_rng_and_stochastic_with_it():
     a = run(rngs={"dropout": jax.random.PRNGKey(1)})
     b = run(rngs={"dropout": jax.random.PRNGKey(2)})
     assert max_diff(a, run()) > 0 and max_diff(a, b) > 0
+
+
+def test_from_scratch_class_token_and_position_table_are_unit_normal_as_the_original():
+    """The original InternViT creates both with torch.randn; zeros would leave every patch position alike."""
+    from internvl_jax.model import init_params
+    from train.demo_data import demo_model_config  # the model the demo trains from scratch
+
+    emb = init_params(demo_model_config(), jax.random.PRNGKey(0))["vision"]["embeddings"]
+    table = np.concatenate([np.ravel(emb["pos_embed"]), np.ravel(emb["cls_token"])])
+    assert table.size >= 500 and abs(table.mean()) < 0.15 and 0.85 < table.std() < 1.15
+    rows = np.asarray(emb["pos_embed"])[0]
+    assert np.linalg.matrix_rank(rows) == min(rows.shape)  # positions pairwise distinct
