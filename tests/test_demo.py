@@ -38,3 +38,18 @@ def test_demo_answers_from_the_images(tmp_path):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert records[-1]["loss"] < records[0]["loss"]
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "checkpoints").is_dir()
+
+
+def test_a_workdir_whose_data_another_version_wrote_is_not_resumed_on_new_data(tmp_path):
+    import pytest
+
+    from train.config import ConfigError, load_train_config
+    from train.demo import setup
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "complete.json").write_text(json.dumps({"train": 4000, "heldout": 200, "seed": 0}))
+    (tmp_path / "checkpoints" / "100").mkdir(parents=True)
+    cfg = load_train_config("demo").replace(workdir=str(tmp_path))
+    with pytest.raises(ConfigError, match="complete.json.*use a new workdir"):
+        setup(cfg)
+    assert not (tmp_path / "data" / "meta.json").exists()  # nothing rewritten

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 DATA = "data"  # under the workdir
 TRAIN_IMAGES, HELDOUT_IMAGES = 4000, 200
@@ -27,12 +27,19 @@ TURNS = 3  # questions per training image: three answers for one image encoding
 def setup(cfg: TrainConfig) -> TrainConfig:
     """Write the demo data and tokenizer under ``<workdir>/data`` unless a complete copy is there; return ``cfg``
     pointing at them. The files are a pure function of the seed, so a resumed run reads the same data."""
-    from .demo_data import write_demo_dataset, write_demo_tokenizer
+    from .demo_data import SHAPE_SIDES, write_demo_dataset, write_demo_tokenizer
 
     folder = os.path.join(os.path.abspath(cfg.workdir), DATA)
     done = os.path.join(folder, "complete.json")
-    sizes = {"train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "turns": TURNS, "seed": cfg.seed}
-    if not os.path.exists(done) or json.load(open(done)) != sizes:
+    sizes = {"train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "turns": TURNS, "seed": cfg.seed,
+             "shape_sides": [list(SHAPE_SIDES[n]) for n in sorted(SHAPE_SIDES)]}  # what decides the files
+    written = json.load(open(done)) if os.path.exists(done) else None
+    checkpoints = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
+    if written not in (None, sizes) and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        # rewriting the data under a run's checkpoints would resume that run on other samples
+        raise ConfigError(f"{done}: this workdir's demo data was written with {written}, this version writes {sizes}, "
+                          f"and {checkpoints} holds a run trained on the old data; use a new workdir")
+    if written != sizes:
         paths = write_demo_dataset(folder, train=TRAIN_IMAGES, heldout=HELDOUT_IMAGES, turns=TURNS, seed=cfg.seed)
         write_demo_tokenizer(os.path.join(folder, "tokenizer"))
         with open(done, "w") as f:
