@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Callable
 
 # LLM families of the dense releases, keyed by the names that configs use for them.
 FAMILY_BY_ARCH = {
@@ -169,152 +171,246 @@ class InternVLConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pair(v) -> int:
-    if isinstance(v, (list, tuple)):
-        if len(set(v)) != 1:
-            raise ConfigError(f"non-square sizes are not supported: {v}")
-        return int(v[0])
-    return int(v)
+_REQUIRED = object()
 
 
-def _rope_from_dict(d: dict) -> RopeConfig:
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    merged = {**scaling, **params}
-    theta = merged.get("rope_theta", d.get("rope_theta", 10000.0))
-    rtype = merged.get("rope_type", merged.get("type", "default")) or "default"
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true parses as a Python int: not a size
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a config value must be: ``what`` names it in messages, ``ok`` tests it, ``convert`` gives the value kept.
+    Strings are never coerced: ``"hidden_size": "64"`` is a broken file, not a size."""
+
+    what: str
+    ok: Callable[[object], bool]
+    convert: Callable[[object], object] = lambda v: v
+
+
+INT = _Kind("an integer", _is_int)
+SIZE = _Kind("a positive integer", lambda v: _is_int(v) and v > 0)
+NUMBER = _Kind("a number", _is_number, float)
+BOOL = _Kind("true or false", lambda v: isinstance(v, bool))
+STR = _Kind("a string", lambda v: isinstance(v, str))
+STRS = _Kind("a list of strings", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), list)
+NUMBERS = _Kind("a list of numbers", lambda v: isinstance(v, (list, tuple)) and all(map(_is_number, v)),
+                lambda v: tuple(map(float, v)))
+OBJECT = _Kind("a JSON object", lambda v: isinstance(v, Mapping))
+# image and patch sizes: transformers writes [h, w], the original one number; only square ones are supported
+SQUARE = _Kind("a positive integer or a list of equal ones (non-square sizes are not supported)",
+               lambda v: SIZE.ok(v) or (isinstance(v, (list, tuple)) and len(set(v)) == 1 and SIZE.ok(v[0])),
+               lambda v: v if _is_int(v) else v[0])
+NORM_TYPE = _Kind("'layer_norm' or 'rms_norm'", lambda v: v in ("layer_norm", "rms_norm"))
+
+
+def _json_kind(v) -> str:
+    """The JSON type of a parsed value, as messages name it."""
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+             tuple: "a list", type(None): "null"}
+    return "an object" if isinstance(v, Mapping) else names.get(type(v), type(v).__name__)
+
+
+class _Section:
+    """One JSON object of a config (``name``: its dotted path, "" at the top) read key by key: a missing required
+    key or a value of the wrong type raises :class:`ConfigError` naming the key, what it holds and what it needs."""
+
+    def __init__(self, d, name: str = ""):
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{name or 'the top level'} is {_json_kind(d)}, expected a JSON object")
+        self.d, self.name = d, name
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def has(self, key: str) -> bool:
+        return self.d.get(key) is not None
+
+    def __call__(self, key: str, kind: _Kind, default=_REQUIRED):
+        """``d[key]`` checked against ``kind`` and converted; absent or null gives ``default`` (none: required)."""
+        value = self.d.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.key(key)} is {'null' if key in self.d else 'missing'}: it is required "
+                                  f"({kind.what})")
+            return default
+        if not kind.ok(value):
+            shown = json.dumps(value, default=repr)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ConfigError(f"{self.key(key)} is {shown} ({_json_kind(value)}), expected {kind.what}")
+        return kind.convert(value)
+
+    def section(self, key: str, default=_REQUIRED) -> "_Section":
+        return _Section(self(key, OBJECT, default), self.key(key))
+
+
+def _rope(s: _Section) -> RopeConfig:
+    # transformers >= 5 writes rope_parameters, older configs rope_scaling; where both hold a field the former
+    # wins, and theta and the original positions may also sit at the top of the LLM config
+    nested = [s.section("rope_parameters", {}), s.section("rope_scaling", {})]
+
+    def get(key: str, kind: _Kind, default=None, top: bool = False):
+        for source in nested + [s] * top:
+            if source.has(key):
+                return source(key, kind)
+        return default
+
+    rtype = get("rope_type", STR) or get("type", STR) or "default"
     if rtype == "su":
         rtype = "longrope"
     if rtype == "v2pe":  # V2PE sets this to turn dynamic NTK off; positions carry the scaling
         rtype = "default"
-    orig = merged.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
-    tup = lambda v: None if v is None else tuple(float(x) for x in v)  # noqa: E731
     return RopeConfig(
         type=rtype,
-        theta=float(theta),
-        factor=None if merged.get("factor") is None else float(merged["factor"]),
-        original_max_position_embeddings=None if orig is None else int(orig),
-        short_factor=tup(merged.get("short_factor")),
-        long_factor=tup(merged.get("long_factor")),
-        attention_factor=merged.get("attention_factor"),
-        low_freq_factor=merged.get("low_freq_factor"),
-        high_freq_factor=merged.get("high_freq_factor"),
+        theta=get("rope_theta", NUMBER, 10000.0, top=True),
+        factor=get("factor", NUMBER),
+        original_max_position_embeddings=get("original_max_position_embeddings", SIZE, top=True),
+        short_factor=get("short_factor", NUMBERS),
+        long_factor=get("long_factor", NUMBERS),
+        attention_factor=get("attention_factor", NUMBER),
+        low_freq_factor=get("low_freq_factor", NUMBER),
+        high_freq_factor=get("high_freq_factor", NUMBER),
+    )
+
+
+def _text_config(s: _Section, tie_word_embeddings: bool | None) -> TextConfig:
+    archs = s("architectures", STRS, [])
+    family = next((FAMILY_BY_ARCH[a] for a in archs if a in FAMILY_BY_ARCH), None)
+    family = family or FAMILY_BY_MODEL_TYPE.get(s("model_type", STR, ""))
+    if family is None:
+        raise ConfigError(
+            f"unsupported LLM architecture {archs or s('model_type', STR, None)!r} ({s.key('architectures')} / "
+            f"{s.key('model_type')}); supported: {', '.join(sorted(FAMILY_BY_ARCH))}"
+        )
+    heads = s("num_attention_heads", SIZE)
+    hidden = s("hidden_size", SIZE)
+    if family == "phi3" and s("partial_rotary_factor", NUMBER, 1.0) != 1.0:
+        raise ConfigError(f"{s.key('partial_rotary_factor')} != 1 is not supported")
+    if family == "internlm2":  # InternLM2Config defaults `bias` to True when the key is missing
+        qkv_bias = o_bias = s("bias", BOOL, True)
+    elif family == "qwen2":
+        qkv_bias, o_bias = True, False
+    else:  # InternLM3 spells attention_bias "qkv_bias"
+        qkv_bias = o_bias = s("attention_bias", BOOL, s("qkv_bias", BOOL, False))
+    tie = s("tie_word_embeddings", BOOL, False) if tie_word_embeddings is None else tie_word_embeddings
+    return TextConfig(
+        family=family,
+        vocab_size=s("vocab_size", SIZE),
+        hidden_size=hidden,
+        num_layers=s("num_hidden_layers", SIZE),
+        num_heads=heads,
+        num_kv_heads=s("num_key_value_heads", SIZE, heads),
+        head_dim=s("head_dim", SIZE, hidden // heads),
+        intermediate_size=s("intermediate_size", SIZE),
+        norm_eps=s("rms_norm_eps", NUMBER, 1e-6),
+        max_position_embeddings=s("max_position_embeddings", SIZE, 32768),
+        rope=_rope(s),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=s("mlp_bias", BOOL, s("bias", BOOL, False)) if family == "llama" else False,
+        qk_norm=family == "qwen3",
+        tie_word_embeddings=tie,
+    )
+
+
+def _vision_config(s: _Section) -> VisionConfig:
+    hf = s("model_type", STR, "") == "internvl_vision" or s.has("use_qk_norm")
+    return VisionConfig(
+        hidden_size=s("hidden_size", SIZE),
+        num_layers=s("num_hidden_layers", SIZE),
+        num_heads=s("num_attention_heads", SIZE),
+        intermediate_size=s("intermediate_size", SIZE),
+        image_size=s("image_size", SQUARE, 448),
+        patch_size=s("patch_size", SQUARE, 14),
+        norm_type=s("norm_type", NORM_TYPE, "rms_norm" if not hf else "layer_norm"),
+        norm_eps=s("layer_norm_eps", NUMBER, 1e-6),
+        qk_norm=s("use_qk_norm" if hf else "qk_normalization", BOOL, False),
+        qkv_bias=s("attention_bias" if hf else "qkv_bias", BOOL, False),
+        layer_scale_init=s("layer_scale_init_value" if hf else "initializer_factor", NUMBER, 0.1),
+        drop_path_rate=s("drop_path_rate", NUMBER, 0.0),
     )
 
 
 def text_config_from_dict(d: dict, *, tie_word_embeddings: bool | None = None) -> TextConfig:
     """Parse an LLM config (``llm_config`` or ``text_config``); ``tie_word_embeddings`` overrides the dict's."""
-    archs = d.get("architectures") or []
-    family = next((FAMILY_BY_ARCH[a] for a in archs if a in FAMILY_BY_ARCH), None)
-    family = family or FAMILY_BY_MODEL_TYPE.get(d.get("model_type", ""))
-    if family is None:
-        raise ConfigError(
-            f"unsupported LLM architecture {archs or d.get('model_type')!r}; supported: "
-            f"{', '.join(sorted(FAMILY_BY_ARCH))}"
-        )
-    heads = int(d["num_attention_heads"])
-    hidden = int(d["hidden_size"])
-    if family == "phi3" and float(d.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConfigError("partial_rotary_factor != 1 is not supported")
-    if family == "internlm2":  # InternLM2Config defaults `bias` to True when the key is missing
-        qkv_bias = o_bias = bool(d.get("bias", True))
-    elif family == "qwen2":
-        qkv_bias, o_bias = True, False
-    else:  # InternLM3 spells attention_bias "qkv_bias"
-        qkv_bias = o_bias = bool(d.get("attention_bias", d.get("qkv_bias", False)))
-    tie = d.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
-    return TextConfig(
-        family=family,
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=hidden,
-        num_layers=int(d["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads),
-        intermediate_size=int(d["intermediate_size"]),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-        rope=_rope_from_dict(d),
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=bool(d.get("mlp_bias", d.get("bias", False))) if family == "llama" else False,
-        qk_norm=family == "qwen3",
-        tie_word_embeddings=bool(tie),
-    )
+    return _text_config(_Section(d), tie_word_embeddings)
 
 
 def vision_config_from_dict(d: dict) -> VisionConfig:
     """Parse an InternViT config in either layout."""
-    hf = d.get("model_type") == "internvl_vision" or "use_qk_norm" in d
-    return VisionConfig(
-        hidden_size=int(d["hidden_size"]),
-        num_layers=int(d["num_hidden_layers"]),
-        num_heads=int(d["num_attention_heads"]),
-        intermediate_size=int(d["intermediate_size"]),
-        image_size=_pair(d.get("image_size", 448)),
-        patch_size=_pair(d.get("patch_size", 14)),
-        norm_type=d.get("norm_type", "rms_norm" if not hf else "layer_norm"),
-        norm_eps=float(d.get("layer_norm_eps", 1e-6)),
-        qk_norm=bool(d.get("use_qk_norm" if hf else "qk_normalization", False)),
-        qkv_bias=bool(d.get("attention_bias" if hf else "qkv_bias", False)),
-        layer_scale_init=float(d.get("layer_scale_init_value" if hf else "initializer_factor", 0.1)),
-        drop_path_rate=float(d.get("drop_path_rate", 0.0)),
-    )
+    return _vision_config(_Section(d))
 
 
 def config_from_dict(d: dict, **runtime) -> InternVLConfig:
-    """An :class:`InternVLConfig` from a parsed config.json of either layout (``runtime``: dtype etc.)."""
-    if "vision_config" not in d or not ({"llm_config", "text_config"} & d.keys()):
-        raise ConfigError("config.json has no vision_config with llm_config/text_config: not an InternVL checkpoint")
-    vision = vision_config_from_dict(d["vision_config"])
-    if "llm_config" in d:  # original layout
-        llm = d["llm_config"]
+    """An :class:`InternVLConfig` from a parsed config.json of either layout (``runtime``: dtype etc.).
+
+    Raises :class:`ConfigError` naming the key (dotted, e.g. ``llm_config.num_attention_heads``) for a required
+    key that is missing or null and for a value of the wrong JSON type; strings are never read as numbers."""
+    s = _Section(d)
+    if not s.has("vision_config") or not (s.has("llm_config") or s.has("text_config")):
+        raise ConfigError("no vision_config with llm_config or text_config: not an InternVL checkpoint")
+    vision = _vision_config(s.section("vision_config"))
+    if s.has("llm_config"):  # original layout
+        llm = s.section("llm_config")
         # <= 3.0 forces an untied head; 3.5 configs carry the flag in llm_config
-        text = text_config_from_dict(llm, tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)))
-        img_ctx = d.get("img_context_token_id")
-        rope_kind = (llm.get("rope_scaling") or {}).get("type") or (llm.get("rope_scaling") or {}).get("rope_type")
-        v2pe = str(d.get("rope_pos_id_version", "")).startswith("v2pe") or rope_kind == "v2pe"
+        text = _text_config(llm, tie_word_embeddings=llm("tie_word_embeddings", BOOL, False))
+        scaling = llm.section("rope_scaling", {})
+        rope_kind = scaling("type", STR, None) or scaling("rope_type", STR, None)
+        v2pe = s("rope_pos_id_version", STR, "").startswith("v2pe") or rope_kind == "v2pe"
         return InternVLConfig(
             vision=vision,
             text=text,
-            downsample_ratio=float(d.get("downsample_ratio", 0.5)),
-            ps_version=d.get("ps_version") or "v1",  # the original class defaults to v1
-            select_layer=int(d.get("select_layer", -1)),
-            image_token_id=int(img_ctx) if img_ctx is not None else -1,
-            force_image_size=d.get("force_image_size"),
-            template=d.get("template"),
-            min_dynamic_patch=int(d.get("min_dynamic_patch", 1)),
-            max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
-            use_thumbnail=bool(d.get("use_thumbnail", True)),
-            v2pe_stride=float(d.get("rope_pos_id_stride") or 64) if v2pe else None,
+            downsample_ratio=s("downsample_ratio", NUMBER, 0.5),
+            ps_version=s("ps_version", STR, "") or "v1",  # the original class defaults to v1
+            select_layer=s("select_layer", INT, -1),
+            image_token_id=s("img_context_token_id", INT, -1),  # -1: left to the tokenizer
+            force_image_size=s("force_image_size", SIZE, None),
+            template=s("template", STR, None),
+            min_dynamic_patch=s("min_dynamic_patch", SIZE, 1),
+            max_dynamic_patch=s("max_dynamic_patch", SIZE, 12),
+            use_thumbnail=s("use_thumbnail", BOOL, True),
+            v2pe_stride=(s("rope_pos_id_stride", NUMBER, None) or 64.0) if v2pe else None,
             **runtime,
         )
-    layer = d.get("vision_feature_layer", -1)
-    if isinstance(layer, (list, tuple)):
-        raise ConfigError(f"vision_feature_layer must be one layer, got {layer}")
-    text = text_config_from_dict(d["text_config"], tie_word_embeddings=bool(d.get("tie_word_embeddings", True)))
     return InternVLConfig(
         vision=vision,
-        text=text,
-        downsample_ratio=float(d.get("downsample_ratio", 0.5)),
+        text=_text_config(s.section("text_config"), tie_word_embeddings=s("tie_word_embeddings", BOOL, True)),
+        downsample_ratio=s("downsample_ratio", NUMBER, 0.5),
         ps_version="v2",  # the transformers port implements v2 only
-        select_layer=int(layer),
-        image_token_id=int(d.get("image_token_id", 151667)),
+        select_layer=s("vision_feature_layer", INT, -1),  # a list of layers (concatenated features): unsupported
+        image_token_id=s("image_token_id", INT, 151667),
         **runtime,
     )
 
 
-def load_config(path: str, **runtime) -> InternVLConfig:
-    """Read ``path/config.json`` (or a config.json path) in either layout."""
+def parse_config_file(path: str, parse: Callable = config_from_dict, **kw):
+    """``parse(parsed JSON, **kw)`` for ``path/config.json`` (or a config.json path). Every problem: no such file,
+    bytes that are not UTF-8, text that is not JSON, a key that ``parse`` rejects, raises :class:`ConfigError`
+    naming the file."""
     f = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(f):
         raise ConfigError(f"no config.json at {path}")
-    with open(f) as fh:
-        try:
-            d = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f} is not valid JSON: {e}") from None
-    return config_from_dict(d, **runtime)
+    with open(f, "rb") as fh:
+        raw = fh.read()
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{f} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from None
+    try:
+        return parse(d, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{f}: {e}") from None
+
+
+def load_config(path: str, **runtime) -> InternVLConfig:
+    """Read ``path/config.json`` (or a config.json path) in either layout."""
+    return parse_config_file(path, config_from_dict, **runtime)
 
 
 # ----------------------------------------------------------------------------------------------
