@@ -28,9 +28,36 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read (the message names the file or tensor)."""
 
 
+def _check_entry(path: str, name: str, info) -> tuple[int, int]:
+    """The ``data_offsets`` of one header entry, after checking that it is an object with a known ``dtype``, a
+    ``shape`` of non-negative integers and offsets that span exactly the bytes that shape needs."""
+    fields = ("dtype", "shape", "data_offsets")
+    if not isinstance(info, dict) or any(f not in info for f in fields):
+        lacks = [f for f in fields if not isinstance(info, dict) or f not in info]
+        raise CheckpointError(f"cannot read {path}: header entry of tensor {name} lacks {', '.join(lacks)} "
+                              f"(each entry needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = (info[f] for f in fields)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"cannot read {path}: tensor {name} has unsupported dtype {dtype!r} "
+                              f"(supported: {', '.join(DTYPES)})")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not isinstance(shape, list) or not all(map(is_int, shape)):
+        raise CheckpointError(f"cannot read {path}: tensor {name} has shape {shape!r}, expected a list of "
+                              "non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_int, offsets)) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"cannot read {path}: tensor {name} has data_offsets {offsets!r}, expected [begin, end] "
+                              "with 0 <= begin <= end")
+    expected = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(f"cannot read {path}: tensor {name} has data_offsets {offsets} ({offsets[1] - offsets[0]} "
+                              f"bytes) but {dtype} {shape} needs {expected} bytes (corrupt file)")
+    return offsets[0], offsets[1]
+
+
 def read_header(path: str) -> tuple[dict, int]:
     """The tensor table of a safetensors file ({name: {"dtype", "shape", "data_offsets"}}) and the byte offset of
-    its data section. Raises :class:`CheckpointError` for a corrupt or truncated file."""
+    its data section. Raises :class:`CheckpointError` naming the file and the tensor for a header that is not a
+    JSON object of complete, well-typed entries, for tensors whose bytes overlap and for a truncated file."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -44,17 +71,34 @@ def read_header(path: str) -> tuple[dict, int]:
             table = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot read {path}: corrupt safetensors header ({e})") from None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"cannot read {path}: corrupt safetensors header (a JSON {type(table).__name__}, "
+                              "expected an object of tensor entries)")
     table.pop("__metadata__", None)
     data = size - 8 - n
-    for name, info in table.items():
-        begin, end = info.get("data_offsets", (0, -1))
-        if info.get("dtype") not in DTYPES:
-            raise CheckpointError(f"cannot read {path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        expected = math.prod(info["shape"]) * np.dtype(DTYPES[info["dtype"]]).itemsize
-        if end - begin != expected or end > data:
+    spans = sorted((_check_entry(path, name, info), name) for name, info in table.items())
+    for ((_, end), name), ((begin, _), after) in zip(spans, spans[1:]):
+        if begin < end:  # two tensors sharing bytes: one of them, at least, reads the other's data
+            raise CheckpointError(f"cannot read {path}: tensors {name} and {after} overlap (bytes up to {end} and "
+                                  f"from {begin}; corrupt file)")
+    for (begin, end), name in spans[-1:]:  # sorted and disjoint: only the last can run past the end
+        if end > data:
             raise CheckpointError(f"cannot read {path}: tensor {name} needs bytes {begin}..{end} of a "
                                   f"{data}-byte data section (corrupt or truncated file)")
     return table, 8 + n
+
+
+def _read_index(index: str) -> dict:
+    """The ``weight_map`` of a ``model.safetensors.index.json`` ({tensor name: shard file name})."""
+    try:
+        with open(index, "rb") as f:
+            parsed = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {index}: not valid JSON ({e})") from None
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"cannot read {index}: weight_map must be an object of tensor name -> shard file name")
+    return weight_map
 
 
 class SafetensorsReader:
@@ -66,8 +110,7 @@ class SafetensorsReader:
         self.folder = folder
         index = os.path.join(folder, INDEX)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map", {})
+            weight_map = _read_index(index)
             missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(folder, s))})
             if missing:
                 raise CheckpointError(f"{INDEX} names missing shard(s): {', '.join(missing)}")
@@ -91,6 +134,15 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name][1]["shape"])
+
+    @property
+    def source(self) -> str:
+        """The checkpoint folder (for messages)."""
+        return self.folder
+
+    def where(self, name: str) -> str:
+        """The file that holds tensor ``name`` (for messages)."""
+        return os.path.join(self.folder, self._entries[name][0])
 
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(DTYPES[self._entries[name][1]["dtype"]])
