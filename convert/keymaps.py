@@ -10,7 +10,9 @@ and ``{part}`` one of ``parts``. A part either names a separate target (``{part}
 one fused source that feed separate targets (Phi-3 ``qkv_proj``/``gate_up_proj``, InternLM2's grouped ``wqkv``).
 ``families`` limits a rule to some LLM families (None: all).
 
-Transforms take a torch tensor to our array of shape ``shape`` (``load``) and back (``save``):
+Transforms take a torch tensor to our array of shape ``shape`` (``load``) and back (``save``); ``source(shape)``
+is the exact torch shape that ``load`` takes to ``shape``, checked before any reshape (a reshape would accept a
+transposed matrix or a norm weight stored [8, 8] for [64] without a word):
 ``same`` (identity), ``flat`` (torch 1-D <-> our multi-dim, e.g. a bias [H*D] <-> [H, D]),
 ``linear`` (torch [out, in] <-> our [in, *out]), ``linear2`` (torch [out, H*D] <-> our [H, D, out]),
 ``conv`` (torch [C, 3, p, p] <-> our [p, p, 3, C]).
@@ -18,6 +20,7 @@ Transforms take a torch tensor to our array of shape ``shape`` (``load``) and ba
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +35,7 @@ from internvl_jax.config import TextConfig
 class Transform:
     load: Callable[[np.ndarray, tuple], np.ndarray]
     save: Callable[[np.ndarray], np.ndarray]
+    source: Callable[[tuple], tuple]
 
 
 def transposed(m: np.ndarray, rows: int = 64, cols: int = 512) -> np.ndarray:
@@ -48,12 +52,15 @@ def transposed(m: np.ndarray, rows: int = 64, cols: int = 512) -> np.ndarray:
 
 
 TRANSFORMS = {
-    "same": Transform(lambda t, shape: t.reshape(shape), lambda a: a),
-    "flat": Transform(lambda t, shape: t.reshape(shape), lambda a: a.reshape(-1)),
-    "linear": Transform(lambda t, shape: transposed(t).reshape(shape), lambda a: transposed(a.reshape(a.shape[0], -1))),
+    "same": Transform(lambda t, shape: t.reshape(shape), lambda a: a, lambda shape: tuple(shape)),
+    "flat": Transform(lambda t, shape: t.reshape(shape), lambda a: a.reshape(-1), lambda shape: (math.prod(shape),)),
+    "linear": Transform(lambda t, shape: transposed(t).reshape(shape), lambda a: transposed(a.reshape(a.shape[0], -1)),
+                        lambda shape: (math.prod(shape[1:]), shape[0])),
     "linear2": Transform(lambda t, shape: transposed(t).reshape(shape),
-                         lambda a: transposed(a.reshape(a.shape[0] * a.shape[1], -1))),
-    "conv": Transform(lambda t, shape: t.transpose(2, 3, 1, 0).reshape(shape), lambda a: a.transpose(3, 2, 0, 1)),
+                         lambda a: transposed(a.reshape(a.shape[0] * a.shape[1], -1)),
+                         lambda shape: (shape[-1], math.prod(shape[:-1]))),
+    "conv": Transform(lambda t, shape: t.transpose(2, 3, 1, 0).reshape(shape), lambda a: a.transpose(3, 2, 0, 1),
+                      lambda shape: (shape[3], shape[2], shape[0], shape[1])),
 }
 
 RowsFn = Callable[[TextConfig, str], object]

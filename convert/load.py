@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ import numpy as np
 from flax import traverse_util
 import flax.linen as nn
 
-from internvl_jax.config import InternVLConfig, TextConfig, config_from_dict, load_config, text_config_from_dict
+from internvl_jax.config import (InternVLConfig, TextConfig, config_from_dict, load_config, parse_config_file,
+                                 text_config_from_dict)
 from internvl_jax.decoder import Decoder
 from internvl_jax.layers import as_dtype, dtype_name
 from internvl_jax.model import InternVL, abstract_params
@@ -53,17 +53,66 @@ class Group:
     writes: Callable[[], Iterator[tuple[str, tuple, np.ndarray]]]
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype == ml_dtypes.bfloat16  # numpy files bfloat16 under kind "V"
+
+
+def _sources(rule: Rule, shapes: dict) -> Iterator[tuple[str, list, int | None]]:
+    """(canonical key, parts, layer) of every source tensor of ``rule`` that the params in ``shapes`` need: one per
+    part when the key names the part, one fused tensor for all of them otherwise; none for params the model lacks
+    (a bias, a tied head)."""
+    groups = [[p] for p in rule.parts] if "{part}" in rule.source else [list(rule.parts) or [None]]
+    groups = [g for g in groups if all(rule.target.format(part=p) in shapes for p in g)]
+    if not groups:
+        return
+    depth = shapes[rule.target.format(part=groups[0][0])][0]  # a stacked param's leading axis is its layers
+    for layer in range(depth) if "{layer}" in rule.source else [None]:
+        for parts in groups:
+            yield rule.source.format(layer=layer, part=parts[0]), parts, layer
+
+
+def _pieces(reader, key: str, rule: Rule, m, shapes: dict) -> list[tuple[str, tuple]]:
+    """The (param path, index) pieces that checkpoint tensor ``key`` (matched by ``rule`` as ``m``) fills, after
+    checking on its header alone that its layer exists, that its dtype is floating point (float16, bfloat16, float32
+    and float64 are all cast to the params' dtype; an integer or boolean tensor is a broken file) and that its
+    shape is exactly the one ``rule``'s transform takes to those pieces (a reshape would take a transposed matrix
+    or a norm weight stored [8, 8] for [64] without a word). Raises :class:`CheckpointError` naming the file."""
+    layer = m.groupdict().get("layer")
+    paths = [rule.target.format(part=p) for p in _parts(rule, m)]
+    if layer is not None and int(layer) >= shapes[paths[0]][0]:
+        raise CheckpointError(f"tensor {key} in {reader.where(key)} is for layer {layer}, but the model has "
+                              f"{shapes[paths[0]][0]} layers (from the config)")
+    dtype = np.dtype(reader.dtype(key))
+    if not _is_float(dtype):
+        raise CheckpointError(f"tensor {key} in {reader.where(key)} has dtype {dtype.name}, expected floating point "
+                              "(float16, bfloat16, float32 or float64, cast on loading)")
+    indices = [_index(rule, layer, p) for p in _parts(rule, m)]
+    dests = [_region(shapes[path], index) for path, index in zip(paths, indices)]
+    stored = [TRANSFORMS[rule.transform].source(d) for d in dests]
+    # a fused source stacks its parts' rows (Phi-3 qkv_proj, InternLM2 wqkv): their rows add up, the rest is shared
+    expected = (sum(s[0] for s in stored), *stored[0][1:]) if rule.rows else stored[0]
+    shape = tuple(reader.shape(key))
+    if shape != expected:
+        raise CheckpointError(
+            f"tensor {key} has shape {list(shape)}, which does not fit {' + '.join(paths)} (expected "
+            f"{' + '.join(str(list(d)) for d in dests)} from the config, i.e. {list(expected)} as stored; "
+            f"in {reader.where(key)})")
+    return list(zip(paths, indices))
+
+
 def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, shapes: dict, dtype) -> list[Group]:
     """Match every checkpoint tensor to the params in ``shapes`` ("/"-joined path -> shape), rule by rule.
 
-    Only the headers are read here: unexpected tensors, tensors whose shape does not fit the config and params
-    that the tensors do not cover raise :class:`CheckpointError` (naming the keys) before any data moves. Each
-    written array is cast to ``dtype`` on its own.
+    Only the headers are read here: unexpected tensors, tensors of layers the model lacks, of a non-float dtype or
+    of a shape other than the exact one their rule's transform needs, tensors that fill the same param twice and
+    tensors the params need but the checkpoint lacks raise :class:`CheckpointError` (naming the keys and files)
+    before any data moves. Each written array is cast to ``dtype`` on its own.
     """
     dtype = np.dtype(as_dtype(dtype))
     rules = [r for r in layout.rules if r.applies_to(text.family)]
     by_rule: dict[int, list] = {}
     unexpected = []
+    filled: dict[tuple, str] = {}  # (rule index, canonical key) -> the checkpoint key that filled it
     for key in reader.keys():
         canon = layout.canonical(key)
         if canon in ("lm_head.weight", "output.weight") and text.tie_word_embeddings:
@@ -73,50 +122,43 @@ def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
             unexpected.append(key)
             continue
         for i, m in matches:
-            by_rule.setdefault(i, []).append((key, m))
+            pieces = _pieces(reader, key, rules[i], m, shapes)
+            if (i, canon) in filled:  # two spellings of one tensor (e.g. "model.vision_tower." and "vision_tower.")
+                raise CheckpointError(f"tensors {filled[i, canon]} and {key} are the same parameter: keep one")
+            filled[i, canon] = key
+            by_rule.setdefault(i, []).append((key, m, pieces))
     if unexpected:
-        raise CheckpointError(f"unexpected tensors in the checkpoint: {', '.join(sorted(set(unexpected))[:10])}")
-    # every element of every param must be fed exactly once, by tensors of the right size: checked on the
-    # headers, before any data moves
-    fed = dict.fromkeys(shapes, 0)
-    for i, keys in by_rule.items():
-        rule = rules[i]
-        for key, m in keys:
-            shape = reader.shape(key)
-            for part in _parts(rule, m):
-                path = rule.target.format(part=part)
-                dest = _region(shapes[path], _index(rule, m.groupdict().get("layer"), part))
-                rows = len(np.arange(shape[0])[rule.rows(text, part)]) if rule.rows else (shape[0] if shape else 1)
-                if rows * math.prod(shape[1:]) != math.prod(dest):
-                    raise CheckpointError(f"tensor {key} has shape {list(shape)}, which does not fit {path} "
-                                          f"(expected {list(dest)} from the config)")
-                fed[path] += math.prod(dest)
-    missing = sorted(p for p, n in fed.items() if n != math.prod(shapes[p]))
+        keys = sorted(set(unexpected))
+        raise CheckpointError(f"unexpected tensors in the checkpoint: {', '.join(keys[:10])} (in "
+                              f"{', '.join(sorted({reader.where(k) for k in keys}))}: no parameter of the model takes "
+                              "them)")
+    missing = sorted({(layout.on_disk(src), ", ".join(rules[i].target.format(part=p) for p in parts))
+                      for i, rule in enumerate(rules) for src, parts, _ in _sources(rule, shapes)
+                      if (i, src) not in filled})
     if missing:
-        raise CheckpointError(f"tensors missing from the checkpoint for: {', '.join(missing[:10])}")
+        raise CheckpointError(f"tensors missing from the checkpoint for: {', '.join(sorted({p for _, p in missing})[:10])} "
+                              f"(no {', '.join(k for k, _ in missing[:10])} in {reader.source})")
 
     def group(rule: Rule, keys: list) -> Group:
-        paths = sorted({rule.target.format(part=p) for _, m in keys for p in _parts(rule, m)})
+        paths = sorted({path for _, _, pieces in keys for path, _ in pieces})
 
-        def cut(key: str, m, tensor: np.ndarray) -> list:
+        def cut(m, pieces: list, tensor: np.ndarray) -> list:
             """The (path, index, array) pieces one source tensor fills."""
-            pieces = []
-            for part in _parts(rule, m):
-                path = rule.target.format(part=part)
-                index = _index(rule, m.groupdict().get("layer"), part)
+            out = []
+            for part, (path, index) in zip(_parts(rule, m), pieces):
                 src = tensor[rule.rows(text, part)] if rule.rows else tensor
-                pieces.append((path, index, TRANSFORMS[rule.transform].load(src.astype(dtype, copy=False),
-                                                                            _region(shapes[path], index))))
-            return pieces
+                out.append((path, index, TRANSFORMS[rule.transform].load(src.astype(dtype, copy=False),
+                                                                         _region(shapes[path], index))))
+            return out
 
         def writes():
             # the rule's next tensor is read while this one is cut and transposed (one tensor of lookahead)
             with ThreadPoolExecutor(1) as pool:
                 ahead = pool.submit(reader.get, keys[0][0])
-                for n, (key, m) in enumerate(keys):
+                for n, (key, m, targets) in enumerate(keys):
                     tensor = ahead.result()
                     ahead = pool.submit(reader.get, keys[n + 1][0]) if n + 1 < len(keys) else None
-                    pieces = cut(key, m, tensor)
+                    pieces = cut(m, targets, tensor)
                     del tensor  # a transposed piece is a copy: the source can go before the pieces are used
                     while pieces:
                         yield pieces.pop(0)
@@ -151,30 +193,22 @@ def load_params(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
 def export_tensors(params: dict, config: InternVLConfig, layout: Layout) -> Iterator[tuple[str, np.ndarray]]:
     """(checkpoint key, tensor) pairs of ``layout`` for our params, one tensor at a time, in table order."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    depth = {"vision": config.vision.num_layers, "language_model": config.text.num_layers}
+    shapes = {p: np.shape(a) for p, a in flat.items()}
     for rule in (r for r in layout.rules if r.applies_to(config.text.family)):
-        layers = range(depth[rule.target.split("/")[0]]) if "{layer}" in rule.source else [None]
-        for layer in layers:
-            if "{part}" in rule.source:
-                groups = [(rule.source.format(layer=layer, part=p), [p]) for p in rule.parts]
+        for key, parts, layer in _sources(rule, shapes):
+            pieces = [
+                TRANSFORMS[rule.transform].save(np.asarray(flat[rule.target.format(part=p)][_index(rule, layer, p)]))
+                for p in parts
+            ]
+            if rule.rows:
+                rows = [rule.rows(config.text, p) for p in parts]
+                total = sum(len(range(r.stop)[r]) if isinstance(r, slice) else len(r) for r in rows)
+                tensor = np.empty((total, *pieces[0].shape[1:]), pieces[0].dtype)
+                for r, piece in zip(rows, pieces):
+                    tensor[r] = piece
             else:
-                groups = [(rule.source.format(layer=layer, part=None), list(rule.parts) or [None])]
-            for key, parts in groups:
-                if any(rule.target.format(part=p) not in flat for p in parts):
-                    continue  # the model has no such parameter (a bias it lacks, a tied head)
-                pieces = [
-                    TRANSFORMS[rule.transform].save(np.asarray(flat[rule.target.format(part=p)][_index(rule, layer, p)]))
-                    for p in parts
-                ]
-                if rule.rows:
-                    rows = [rule.rows(config.text, p) for p in parts]
-                    total = sum(len(range(r.stop)[r]) if isinstance(r, slice) else len(r) for r in rows)
-                    tensor = np.empty((total, *pieces[0].shape[1:]), pieces[0].dtype)
-                    for r, piece in zip(rows, pieces):
-                        tensor[r] = piece
-                else:
-                    (tensor,) = pieces
-                yield layout.on_disk(key), np.ascontiguousarray(tensor)
+                (tensor,) = pieces
+            yield layout.on_disk(key), np.ascontiguousarray(tensor)
 
 
 def _shapes(tree) -> dict:
@@ -260,6 +294,15 @@ class StateDictReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
+    def dtype(self, name: str) -> np.dtype:
+        # torch names its dtypes as numpy (and ml_dtypes, for bfloat16) does, behind "torch."
+        return np.dtype(str(self._tensors[name].dtype).removeprefix("torch."))
+
+    source = "the state dict"
+
+    def where(self, name: str) -> str:
+        return self.source
+
     def get(self, name: str) -> np.ndarray:
         t = self._tensors[name]
         if not hasattr(t, "detach"):
@@ -295,8 +338,7 @@ def from_state_dict(state_dict: Mapping, config, dtype=jnp.float32, mesh=None, r
 
 def load_language_model(path: str, dtype=jnp.float32) -> tuple[Decoder, dict]:
     """Load a transformers causal LM folder (Qwen2/Qwen3/Llama/InternLM3/Phi3ForCausalLM) as our Decoder."""
-    with open(os.path.join(path, "config.json")) as f:
-        text = text_config_from_dict(json.load(f))
+    text = parse_config_file(path, text_config_from_dict)
     d = as_dtype(dtype)
     decoder = Decoder(text, dtype=d, param_dtype=d)
     tree = jax.eval_shape(lambda: decoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
