@@ -10,8 +10,11 @@ parameter: an 8B model's 3.8 GB stacked MLP kernel passes through in 136 MB piec
 from __future__ import annotations
 
 import collections
+import itertools
+import json
 import math
-from typing import Callable
+import os
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -21,6 +24,8 @@ from flax import traverse_util
 from orbax.checkpoint import type_handlers
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from .safetensors_io import CheckpointError
 
 WRITE_WINDOW_BYTES = 512 << 20  # pieces being written while the next ones are read (bounds the memory they hold)
 
@@ -93,27 +98,69 @@ def save_streamed(directory: str, params: dict, on_bytes: Callable[[int], None] 
         checkpointer.save(directory, args=ocp.args.PyTreeSave(params))
 
 
+def _chunk_names(zarray: dict) -> Iterator[str]:
+    """The file names of a zarr v2 array's chunks (a scalar has the one chunk "0")."""
+    grid = [math.ceil(n / c) for n, c in zip(zarray["shape"], zarray["chunks"])]
+    sep = zarray.get("dimension_separator") or "."
+    return (sep.join(map(str, index)) or "0" for index in itertools.product(*map(range, grid)))
+
+
+def check_files(directory: str, paths: list[str]) -> None:
+    """Check, before tensorstore reads them (its errors name no file), the files of a checkpoint stored as one zarr
+    array per param, as :func:`save_streamed` writes it: each param's folder and ``.zarray``, and for uncompressed
+    arrays every chunk file at its exact size. Raises :class:`CheckpointError` naming the param and the file.
+    OCDBT checkpoints (one shared store) are left to orbax."""
+    if os.path.exists(os.path.join(directory, "manifest.ocdbt")):
+        return
+    for path in paths:
+        folder = os.path.join(directory, path.replace("/", "."))  # orbax names a param's folder by its keys
+        try:
+            with open(os.path.join(folder, ".zarray")) as f:
+                zarray = json.load(f)
+            chunk_bytes = math.prod(zarray["chunks"]) * np.dtype(zarray["dtype"]).itemsize
+        except FileNotFoundError:
+            raise CheckpointError(f"orbax checkpoint {directory} is damaged: no {folder}/.zarray for parameter "
+                                  f"{path} (convert the checkpoint again)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"orbax checkpoint {directory} is damaged: {folder}/.zarray of parameter {path} "
+                                  f"is unreadable ({e})") from None
+        if zarray.get("compressor") is not None:
+            continue  # a compressed chunk has no known size
+        for name in _chunk_names(zarray):
+            chunk = os.path.join(folder, name)
+            size = os.path.getsize(chunk) if os.path.exists(chunk) else None
+            if size != chunk_bytes:
+                found = "missing" if size is None else f"{size} bytes"
+                raise CheckpointError(f"orbax checkpoint {directory} is damaged: chunk {chunk} of parameter {path} "
+                                      f"is {found}, expected {chunk_bytes} bytes (convert the checkpoint again)")
+
+
 def restore(directory: str, abstract: dict, shardings=None) -> dict:
     """Read the params of an orbax checkpoint written by :func:`save_streamed` (or by orbax from our params).
 
     ``abstract``: the expected tree of ``jax.ShapeDtypeStruct`` (the dtype to read into, cast by tensorstore);
     ``shardings``: a matching tree of shardings (each device reads only its slice), default: the first device.
-    Raises ValueError naming the params whose stored shape does not match.
+    Raises :class:`CheckpointError` naming the params whose stored shape does not match, and the files of a damaged
+    checkpoint (:func:`check_files`).
     """
+    flat = traverse_util.flatten_dict(abstract, sep="/")
+    check_files(directory, sorted(flat))
     # at most 1 GB of reads in flight: host memory stays near the placed params (1B onto 8 CPU devices: 1.71x -> 1.56x)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)) as checkpointer:
-        stored = checkpointer.metadata(directory).item_metadata.tree
+        stored = getattr(checkpointer.metadata(directory).item_metadata, "tree", None)
+        if stored is None:
+            raise CheckpointError(f"orbax checkpoint {directory} is damaged: its _METADATA is missing or unreadable")
         flat_stored = traverse_util.flatten_dict(stored, sep="/")
-        flat = traverse_util.flatten_dict(abstract, sep="/")
         missing = sorted(set(flat) - set(flat_stored))
         extra = sorted(set(flat_stored) - set(flat))
         if missing or extra:
-            raise ValueError(f"orbax checkpoint {directory} does not match the config: missing {missing[:10]}, "
-                             f"unexpected {extra[:10]}")
+            raise CheckpointError(f"orbax checkpoint {directory} does not match the config: missing {missing[:10]}, "
+                                  f"unexpected {extra[:10]}")
         bad = [f"{p} (expected {list(flat[p].shape)}, found {list(flat_stored[p].shape)})"
                for p in flat if tuple(flat_stored[p].shape) != tuple(flat[p].shape)]
         if bad:
-            raise ValueError(f"orbax checkpoint {directory} has shapes that do not fit the config: {', '.join(bad[:5])}")
+            raise CheckpointError(f"orbax checkpoint {directory} has shapes that do not fit the config: "
+                                  f"{', '.join(bad[:5])}")
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: device, abstract)

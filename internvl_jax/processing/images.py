@@ -33,5 +33,8 @@ def load_image(source) -> Image.Image:
             return to_rgb(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it would reach the user as a traceback
+        raise OSError(f"cannot read image {path}: {e} (the limit is twice PIL.Image.MAX_IMAGE_PIXELS, now "
+                      f"{Image.MAX_IMAGE_PIXELS}; for a file you trust, raise that setting, or set it to None)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise OSError(f"cannot read image {path}: {e}") from None
