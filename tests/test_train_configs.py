@@ -211,6 +211,14 @@ def test_override_parses_the_field_type(override, read, value):
     assert got == value and type(got) is type(value)
 
 
+def test_rule_tables_come_from_the_command_line_as_python_literals():
+    cfg = apply_overrides(BASE, ["optim.lr_rules=[['^vision/', 0.0], ['^projector/', 10.0, [0, None]]]",
+                                 "optim.decay_rules=(('bias$', False),)"])
+    assert cfg.optim.lr_rules == (("^vision/", 0.0), ("^projector/", 10.0, (0, None)))
+    assert cfg.optim.decay_rules == (("bias$", False),)
+    assert apply_overrides(cfg, ["optim.lr_rules=()"]).optim.lr_rules == ()
+
+
 def test_overrides_apply_in_order():
     assert apply_overrides(BASE, ["steps=5", "steps=7"]).steps == 7
 
@@ -225,7 +233,10 @@ def test_overrides_apply_in_order():
     ("steps=ten", "steps=ten"),
     ("optim.lr=fast", "optim.lr=fast"),  # not a float
     ("data.packing=maybe", "data.packing=maybe"),  # not a bool
-    ("optim.lr_rules=x", "optim.lr_rules"),  # a rule table cannot come from the command line
+    ("optim.lr_rules=x", "optim.lr_rules"),  # not a literal
+    ("optim.lr_rules=3", "optim.lr_rules"),  # a literal, not a table
+    ("optim.lr_rules=(('[', 1.0),)", "optim.lr_rules"),  # OptimConfig's own check: a bad regex
+    ("optim.decay_rules=(('^vision/', 'no'),)", "optim.decay_rules"),  # decay must be a bool
     ("steps", "'steps'"),  # no '='
     ("=3", "'=3'"),  # no key
 ])

@@ -3,12 +3,14 @@ overrides from the command line, type-checked.
 
 ``internvl-jax train CONFIG [key=value ...]``: CONFIG is a preset name (``demo``, ``internvl2_5_stage1``, ...: the
 files of ``train/configs``) or the path of a Python file that defines ``CONFIG = TrainConfig(...)``. Keys are
-dotted field paths (``steps=100``, ``optim.lr=1e-5``, ``data.max_tokens=8192``); an unknown key or a value of the
+dotted field paths (``steps=100``, ``optim.lr=1e-5``, ``data.max_tokens=8192``; the rule tables as Python literals,
+``"optim.lr_rules=(('^vision/', 0.1),)"``); an unknown key or a value of the
 wrong type is a :class:`ConfigError` naming the key, the value and what was expected.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib
@@ -191,8 +193,29 @@ def prepare(config: TrainConfig) -> TrainConfig:
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
+def _as_tuples(value):
+    """A literal's lists as tuples, at every depth (the configs are hashable)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _parse_table(text: str, key: str) -> tuple:
+    """A rule table (a field annotated plain ``tuple``, e.g. ``optim.lr_rules``) written as a Python literal:
+    ``(("^vision/", 0.0), ("^projector/", 10.0))``; lists are taken as tuples, ``()`` empties it."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}={text}: expected a rule table as a Python literal, e.g. "
+                          f"{key}=\"(('^vision/', 0.0), ('^projector/', 10.0))\" (quote it for the shell)")
+    return _as_tuples(value)
+
+
 def _parse(text: str, kind, key: str):
-    """``text`` as a value of the annotated type ``kind`` (int, float, bool, str, a tuple of them, or Optional)."""
+    """``text`` as a value of the annotated type ``kind`` (int, float, bool, str, a tuple of them, Optional, or a
+    rule table: plain ``tuple``, see :func:`_parse_table`)."""
+    if kind is tuple:
+        return _parse_table(text, key)
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if text.lower() in ("none", "null") and type(None) in args:
@@ -234,7 +257,12 @@ def _set(obj, path: list[str], text: str, full: str):
         return dataclasses.replace(obj, **{key: _set(current, path[1:], text, full)})
     if len(path) > 1:
         raise ConfigError(f"unknown config key {full!r}: {'.'.join(path[:1])} is not a group of settings")
-    return dataclasses.replace(obj, **{key: _parse(text, hints[key], full)})
+    try:
+        return dataclasses.replace(obj, **{key: _parse(text, hints[key], full)})
+    except ConfigError:
+        raise
+    except ValueError as e:  # the dataclass's own check of the new value (e.g. a malformed rule table)
+        raise ConfigError(f"{full}={text}: {e}") from None
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
