@@ -94,9 +94,8 @@ def _pieces(reader, key: str, rule: Rule, m, shapes: dict) -> list[tuple[str, tu
     shape = tuple(reader.shape(key))
     if shape != expected:
         raise CheckpointError(
-            f"tensor {key} has shape {list(shape)}, which does not fit {' + '.join(paths)} (expected "
-            f"{' + '.join(str(list(d)) for d in dests)} from the config, i.e. {list(expected)} as stored; "
-            f"in {reader.where(key)})")
+            f"tensor {key} has shape {list(shape)}, which does not fit {' + '.join(paths)} (expected {list(expected)} "
+            f"as stored, for {' + '.join(str(list(d)) for d in dests)} from the config; in {reader.where(key)})")
     return list(zip(paths, indices))
 
 

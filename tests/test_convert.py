@@ -90,7 +90,7 @@ def _break(kind, src):
         return "unexpected tensors in the checkpoint: language_model.model.layers.0.mlp.extra.weight"
     if kind == "shape mismatch":
         _edit_tensors(src, lambda t: t.update({key: np.zeros((128, 60), np.float32)}))
-        return f"tensor {key} has shape [128, 60], which does not fit language_model/layers/mlp/up_proj/kernel (expected [64, 128]"
+        return f"tensor {key} has shape [128, 60], which does not fit language_model/layers/mlp/up_proj/kernel (expected [128, 64] as stored, for [64, 128] from the config"
     if kind == "unsupported architecture":
         config = json.loads((src / "config.json").read_text())
         config["text_config"]["model_type"] = "mixtral"
