@@ -28,7 +28,7 @@ def export_checkpoint(params: dict, config: InternVLConfig, dst: str, *, layout:
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    with staged_folder(dst, overwrite=overwrite, prefix="export") as tmp:
+    with staged_folder(dst, overwrite=overwrite) as tmp:
         params = jax.device_get(params)
         total = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
         with byte_bar(total, "export", progress) as bar:

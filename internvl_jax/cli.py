@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -125,20 +126,38 @@ def cmd_demo(args) -> None:
     print(f"held-out accuracy: {accuracy:.3f}")
 
 
+@contextlib.contextmanager
+def _interrupt_in_one_line(args):
+    """Ctrl-C or SIGTERM while writing ``args.dst``: one line and the shell's exit code (130, 143), no traceback;
+    the staging folder is already removed."""
+    from convert.staging import Terminated
+
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        print(f"internvl-jax {args.command}: {str(e) or 'interrupted'}; {args.dst} is as it was or complete, nothing "
+              "half-written is left", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+
+
 def cmd_convert(args) -> None:
     from convert.to_orbax import convert_checkpoint
 
-    dtype = convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=True)
+    with _interrupt_in_one_line(args):
+        dtype = convert_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=True)
     print(f"wrote {args.dst} (orbax params in {dtype}, config and tokenizer files)")
 
 
 def cmd_export(args) -> None:
     from convert.export import export_checkpoint
     from convert.load import load_pretrained
+    from convert.staging import prepare_destination
 
-    model, params = load_pretrained(args.src, dtype=args.dtype)
-    export_checkpoint(params, model.config, args.dst, layout=args.layout, overwrite=args.overwrite, progress=True,
-                      side_files_from=args.src)
+    prepare_destination(args.dst, overwrite=args.overwrite)  # fails before the whole model is loaded
+    with _interrupt_in_one_line(args):
+        model, params = load_pretrained(args.src, dtype=args.dtype)
+        export_checkpoint(params, model.config, args.dst, layout=args.layout, overwrite=args.overwrite,
+                          progress=True, side_files_from=args.src)
     print(f"wrote {args.dst} ({args.layout} layout, {args.dtype})")
 
 
