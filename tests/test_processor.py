@@ -18,9 +18,9 @@ from test_video import _write_video
 
 @pytest.fixture
 def folder(tmp_path):
-    config = to_original_dict(get_preset("InternVL2_5-1B"))
+    tok = write_bpe_folder(tmp_path)
+    config = to_original_dict(get_preset("InternVL2_5-1B").replace(image_token_id=tok.token_to_id("<IMG_CONTEXT>")))
     (tmp_path / "config.json").write_text(json.dumps(config))
-    write_bpe_folder(tmp_path)
     return tmp_path
 
 

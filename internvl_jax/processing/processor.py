@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax.config import InternVLConfig, load_config
+from internvl_jax.config import ConfigError, InternVLConfig, load_config
 
 from .images import load_image
 from .positions import v2pe_positions
 from .resample import image_tiles
-from .templates import Template, expand_image_tokens, get_template, image_prompt, render, render_hf
+from .templates import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, Template, expand_image_tokens, get_template,
+                        image_prompt, render, render_hf)
 from .tiling import plan_tiles
 from .tokenizer import Tokenizer
 from .video import load_video
@@ -25,6 +26,21 @@ TILE_BUCKETS = (1, 2, 4, 8, 13, 16, 24, 32, 48, 64)  # tile slots per row: 13 = 
 def tile_bucket(n: int) -> int:
     """The number of tile slots a row with ``n`` tiles is padded to."""
     return next((b for b in TILE_BUCKETS if b >= n), n)
+
+
+def _agreed_image_token_id(config: InternVLConfig, raw: dict, tokenizer: Tokenizer, path: str) -> InternVLConfig:
+    """``config`` with the tokenizer's IMG_CONTEXT id where config.json leaves it to the tokenizer (original
+    configs: -1); a ConfigError naming both ids and their sources where the two disagree (the model would look for
+    image tokens the prompt does not have)."""
+    token_id = tokenizer.img_context_id
+    if config.image_token_id < 0:
+        return config.replace(image_token_id=token_id)
+    if config.image_token_id != token_id:
+        key = next((k for k in ("image_token_id", "img_context_token_id") if k in raw), None)
+        source = f"config.json's {key}" if key else "the default of config.json's absent image_token_id"
+        raise ConfigError(f"{path}: IMG_CONTEXT token ids disagree: {source} is {config.image_token_id}, the "
+                          f"tokenizer's {IMG_CONTEXT_TOKEN} is {token_id}; expected the same id (fix one of them)")
+    return config
 
 
 @dataclass
@@ -48,8 +64,7 @@ class Processor:
         with open(os.path.join(path, "config.json")) as f:
             raw = json.load(f)
         tokenizer = Tokenizer.from_pretrained(path)
-        if config.image_token_id != tokenizer.img_context_id:  # the tokenizer is the authority on ids
-            config = config.replace(image_token_id=tokenizer.img_context_id)
+        config = _agreed_image_token_id(config, raw, tokenizer, path)
         template = get_template(raw["template"]) if raw.get("template") else None
         kwargs = dict(
             tokenizer=tokenizer,
@@ -77,13 +92,19 @@ class Processor:
                  num_segments: int = 8) -> dict:
         """One conversation turn -> numpy arrays with a batch axis of 1.
 
-        text: the question (``<image>`` placeholders optional: without them images go in front, as ``chat()``
-        does); images: paths or PIL images; videos: paths (``num_segments`` frames each, one tile per frame);
-        history: earlier (question, answer) pairs. Returns ``input_ids`` int32 [1, L], and with images
-        ``pixel_values`` float32 [1, T, S, S, 3] with ``tile_mask`` bool [1, T] (T = a tile bucket), plus
-        ``positions`` float32 [1, L] when the processor uses V2PE.
+        text: the question (``<image>`` placeholders optional in the first turn: without them images go in front,
+        as ``chat()`` does; a later turn with images needs them, one per image and video frame); images: paths or
+        PIL images; videos: paths (``num_segments`` frames each, one tile per frame); history: earlier (question,
+        answer) pairs. Returns ``input_ids`` int32 [1, L], and with images ``pixel_values`` float32 [1, T, S, S, 3]
+        with ``tile_mask`` bool [1, T] (T = a tile bucket), plus ``positions`` float32 [1, L] when the processor
+        uses V2PE.
         """
         c = self.config
+        if history and (images or videos) and IMAGE_PLACEHOLDER not in "".join([text, *(q for q, _ in history)]):
+            raise ValueError(
+                f"a follow-up turn with {len(images)} image(s) and {len(videos)} video(s) needs an {IMAGE_PLACEHOLDER} "
+                "placeholder in its question for each image (and each video frame): only the first question gets "
+                "them in front; e.g. '<image>\\nWhat about this one?'")
         images = [load_image(i) for i in images]
         max_tiles = max_tiles or c.max_dynamic_patch
         per_image = max(1, max_tiles // len(images)) if len(images) > 1 else max_tiles

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -268,7 +269,8 @@ def load_video(
     Only the selected frames are converted and kept. When the packets carry timestamps the decoder seeks
     to the keyframe before each selected frame instead of decoding the frames in between; otherwise (or
     if the timestamps prove inconsistent) it decodes from the start and stops after the last selected
-    frame. Raises ``FileNotFoundError`` / ``OSError`` for a missing or unreadable file and ``ValueError``
+    frame. A video with fewer frames than it states (truncated) is sampled from the frames it has, with a
+    ``UserWarning`` naming both counts. Raises ``FileNotFoundError`` / ``OSError`` for a missing or unreadable file and ``ValueError``
     for a file without a video stream, naming the path.
     """
     import av
@@ -299,7 +301,10 @@ def load_video(
     if kept is None:
         kept, decoded = _decode_sequential(path, indices)
         if len(kept) < len(set(indices)) and 0 < decoded != count:
-            # the stated count was wrong: the decoder ran out first. Sample from the true count.
+            # the stated count was wrong (a truncated or damaged file): the decoder ran out first. Sample from the
+            # true count, and say so: the frames are not the ones the full video would give
+            warnings.warn(f"{path}: the video states {count} frames but only {decoded} decode (truncated or "
+                          f"damaged?); sampling {num_segments} frames from those {decoded}", stacklevel=2)
             count = decoded
             indices = frame_indices(count, fps, num_segments=num_segments, bound=bound)
             kept, decoded = _decode_sequential(path, indices)
