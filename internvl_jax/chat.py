@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .generate import generate, generate_stream
+from .generate import GenerationArgumentError, check_max_new_tokens, check_sampling, generate, generate_stream
 from .processing.processor import Processor, tile_bucket
 
 HF_STOP = "<|im_end|>"  # the transformers-native chat template ends turns with it
@@ -29,9 +29,21 @@ def _answer(processor: Processor, tokens, stop_text: str, stop_id: int) -> str:
     return processor.tokenizer.decode(tokens, skip_special_tokens=True).split(stop_text)[0].strip()
 
 
-def _gen_kwargs(config: dict | None) -> dict:
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
+
+
+def _gen_kwargs(config: dict | None, model) -> dict:
+    """``generate``'s keyword arguments from a ``generation_config``, checked before the images are processed (an
+    unknown key would otherwise be a TypeError inside ``generate``)."""
     config = dict(config or {})
+    unknown = sorted(set(config) - set(GENERATION_KEYS))
+    if unknown:
+        raise GenerationArgumentError(f"generation_config has unknown key(s) {', '.join(map(repr, unknown))}: "
+                                      f"expected some of {', '.join(GENERATION_KEYS)}")
     config.setdefault("max_new_tokens", 1024)  # the original README's default
+    check_max_new_tokens(config["max_new_tokens"])
+    check_sampling(config.get("do_sample", False), config.get("temperature", 1.0), config.get("top_k", 0),
+                   config.get("top_p", 1.0), model.config.text.vocab_size)
     return config
 
 
@@ -45,16 +57,17 @@ def chat(model, params, processor: Processor, question: str, *, images=(), video
     answer as it is generated (streaming).
     """
     history = list(history or [])
+    generation = _gen_kwargs(generation_config, model)
     batch = processor(question, images=images, videos=videos, history=history, max_tiles=max_tiles)
     stop_text, stop_id = _stop(processor)
     inputs = dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                   tile_mask=batch.get("tile_mask"), positions=batch.get("positions"), eos_token_id=stop_id)
     if on_text is None:
-        tokens = generate(model, params, **inputs, pad_token_id=stop_id, **_gen_kwargs(generation_config))[0]
+        tokens = generate(model, params, **inputs, pad_token_id=stop_id, **generation)[0]
         answer = _answer(processor, tokens, stop_text, stop_id)
     else:
         tokens, shown = [], ""
-        for step in generate_stream(model, params, **inputs, **_gen_kwargs(generation_config)):
+        for step in generate_stream(model, params, **inputs, **generation):
             tokens.append(int(step[0]))
             text = _answer(processor, tokens, stop_text, stop_id)
             if text.startswith(shown) and len(text) > len(shown):
@@ -72,6 +85,7 @@ def batch_chat(model, params, processor: Processor, questions: list[str], *, ima
     images = images or [[] for _ in questions]
     if len(images) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(images)} image lists")
+    generation = _gen_kwargs(generation_config, model)
     samples = [processor(q, images=im) for q, im in zip(questions, images)]
     length = max(s["input_ids"].shape[1] for s in samples)
     tiles = max((s["tile_mask"].sum() for s in samples if "tile_mask" in s), default=0)
@@ -94,5 +108,5 @@ def batch_chat(model, params, processor: Processor, questions: list[str], *, ima
             pixels[b, :k], tile_mask[b, :k] = s["pixel_values"][0, :k], True
     stop_text, stop_id = _stop(processor)
     out = generate(model, params, input_ids=ids, attention_mask=mask, pixel_values=pixels, tile_mask=tile_mask,
-                   positions=positions, eos_token_id=stop_id, pad_token_id=stop_id, **_gen_kwargs(generation_config))
+                   positions=positions, eos_token_id=stop_id, pad_token_id=stop_id, **generation)
     return [_answer(processor, row, stop_text, stop_id) for row in out]

@@ -6,15 +6,31 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
+import time
 
 
-def _config(name_or_path: str):
+def _looks_like_path(name: str) -> bool:
+    """A name no preset can have: absolute, relative to ``.`` or ``~``, a ``.json`` file or more than one folder
+    deep (a preset may carry one hub prefix, ``OpenGVLab/InternVL2_5-8B``)."""
+    return name.startswith(("/", ".", "~")) or name.endswith(".json") or name.count("/") > 1
+
+
+def model_config(name_or_path: str):
+    """The config of a checkpoint folder (its config.json), a config.json file or a preset name."""
     from .config import load_config
     from .presets import get_preset
 
-    if os.path.isdir(name_or_path) or name_or_path.endswith(".json"):
+    if os.path.isdir(name_or_path) or (name_or_path.endswith(".json") and os.path.exists(name_or_path)):
         return load_config(name_or_path)
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"{name_or_path} does not exist: expected a checkpoint folder with config.json "
+                                "(or a preset name)")
     return get_preset(name_or_path)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def describe(config) -> list[str]:
@@ -27,12 +43,13 @@ def describe(config) -> list[str]:
         f"patch {v.patch_size}, image {config.image_size}",
         f"projector: pixel shuffle {config.ps_version} (ratio {config.downsample_ratio}) -> "
         f"LayerNorm {v.hidden_size * round(1 / config.downsample_ratio) ** 2} -> MLP -> {t.hidden_size}; "
-        f"{config.tokens_per_tile} tokens per tile",
+        f"{_plural(config.tokens_per_tile, 'token')} per tile",
         f"language model: {t.family}, hidden {t.hidden_size}, {t.num_layers} layers, {t.num_heads} heads "
         f"({t.num_kv_heads} KV, head dim {t.head_dim}), MLP {t.intermediate_size}, vocab {t.vocab_size}, "
         f"rope {rope}, max positions {t.max_position_embeddings}, "
         f"{'tied' if t.tie_word_embeddings else 'untied'} head",
-        f"template: {config.template}, tiles {config.min_dynamic_patch}..{config.max_dynamic_patch}"
+        f"template: {config.template or 'transformers-native chat template'}, "
+        f"tiles {config.min_dynamic_patch}..{config.max_dynamic_patch}"
         f"{' + thumbnail' if config.use_thumbnail else ''}, IMG_CONTEXT id {config.image_token_id}",
     ]
 
@@ -43,14 +60,14 @@ def cmd_info(args) -> None:
 
     from .model import abstract_params
 
-    config = _config(args.model)
+    config = model_config(args.model)
     tree = abstract_params(config)
     count = lambda sub: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(sub))  # noqa: E731
     for line in describe(config):
         print(line)
     for part in ("vision", "projector", "language_model"):
         print(f"{part} parameters: {count(tree[part]):,}")
-    print(f"parameters: {count(tree)}")
+    print(f"parameters: {count(tree):,}")
 
 
 def _use_cpu_devices(n: int) -> None:
@@ -161,30 +178,84 @@ def cmd_export(args) -> None:
     print(f"wrote {args.dst} ({args.layout} layout, {args.dtype})")
 
 
-def cmd_chat(args) -> None:
-    import os
+class Working:
+    """A step that may take minutes, shown on stderr: its name at once, then the elapsed seconds every ``every``
+    seconds until :meth:`stop` (or the end of a ``with`` block), then its duration; so that compiling never looks
+    like a hang."""
 
+    def __init__(self, message: str, *, every: float = 10.0, stream=None):
+        self.message, self.stream = message, stream or sys.stderr
+        self._t0, self._done = time.perf_counter(), threading.Event()
+        print(f"{message} ...", file=self.stream, flush=True)
+        self._thread = threading.Thread(target=self._tick, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _tick(self, every: float) -> None:
+        while not self._done.wait(every):
+            print(f"  ... {time.perf_counter() - self._t0:.0f} s", file=self.stream, flush=True)
+
+    def stop(self, *, report: bool = True) -> None:
+        """End the step, printing its duration if ``report`` (once: later calls do nothing)."""
+        if self._done.is_set():
+            return
+        self._done.set()
+        self._thread.join()
+        if report:
+            print(f"  done in {time.perf_counter() - self._t0:.1f} s", file=self.stream, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.stop(report=kind is None)  # an error speaks for itself: no "done" line
+
+
+def _check_chat_args(args, config) -> None:
+    """What ``chat`` can refuse before loading any weights (``config``: the checkpoint's, from config.json)."""
+    from .generate import GenerationArgumentError, check_max_new_tokens, check_sampling
+
+    if args.question is not None and not args.question.strip():
+        raise GenerationArgumentError("the question is empty: expected a question, or none at all for an "
+                                      "interactive session")
+    if args.max_tiles is not None and args.max_tiles < 1:
+        raise GenerationArgumentError(f"--max-tiles is {args.max_tiles}: expected a positive tile budget")
+    check_max_new_tokens(args.max_new_tokens)
+    check_sampling(args.do_sample, args.temperature, args.top_k, args.top_p, config.text.vocab_size)
+
+
+def cmd_chat(args) -> None:
+    from .processing.images import load_image
+
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint folder {args.checkpoint} does not exist")
+    _check_chat_args(args, model_config(args.checkpoint))
+    images = [load_image(path) for path in args.image]  # unreadable files fail before the model loads
     from convert.load import load_pretrained
 
     from .chat import chat
     from .generate import unrolled_params
-    from .processing.images import load_image
     from .processing.processor import Processor
 
-    if not os.path.isdir(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint folder {args.checkpoint} does not exist")
-    images = [load_image(path) for path in args.image]  # unreadable files fail before the model loads
-    model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
-    params = unrolled_params(params, model.config)  # the generation layout, once (not on every answer)
-    processor = Processor.from_pretrained(args.checkpoint)
+    processor = Processor.from_pretrained(args.checkpoint)  # tokenizer errors too come before the weights
+    with Working(f"loading {args.checkpoint} in {args.dtype}"):
+        model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
+        params = unrolled_params(params, model.config)  # the generation layout, once (not on every answer)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def answer(question, history):
         media = {} if history else {"images": images, "videos": args.video}
-        reply, history = chat(model, params, processor, question, history=history, generation_config=generation,
-                              return_history=True, max_tiles=args.max_tiles,
-                              on_text=lambda piece: print(piece, end="", flush=True), **media)
+        # the first answer compiles the image, prefill and decode programs; later ones reuse them
+        compiling = None if history else Working("compiling the image and generation programs (first answer)")
+
+        def show(piece):
+            if compiling:
+                compiling.stop()
+            print(piece, end="", flush=True)
+
+        with compiling or contextlib.nullcontext():
+            reply, history = chat(model, params, processor, question, history=history, generation_config=generation,
+                                  return_history=True, max_tiles=args.max_tiles, on_text=show, **media)
         print()
         return history
 
@@ -263,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sharding.topology import quiet_tpu_runtime
+
+    quiet_tpu_runtime()  # before any command starts JAX's backends or compiles for a TPU topology
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse cannot place a positional after options ("chat CKPT --image F 'question'"): take it from the rest

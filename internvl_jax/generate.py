@@ -30,8 +30,77 @@ from .layers import as_dtype
 from .model import InternVL, check_image_tokens
 from .target import traced_platform
 
-__all__ = ["CACHE_AXES", "DECODE_COMPILER_OPTIONS", "generate", "generate_stream", "init_cache", "platform_decode_options",
-           "sample_logits", "unrolled_params"]
+__all__ = ["CACHE_AXES", "DECODE_COMPILER_OPTIONS", "GenerationArgumentError", "check_generation_args",
+           "check_max_new_tokens", "generate", "generate_stream", "init_cache", "platform_decode_options", "sample_logits", "unrolled_params"]
+
+
+class GenerationArgumentError(ValueError):
+    """An argument of :func:`generate` / :func:`generate_stream` (or of ``chat``) that no generation can honour;
+    raised before any work (nothing is converted, compiled or run). The message names the argument, what was
+    given and what is expected."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    """A positive integer (a float such as 8.0 is refused: it would fail inside JAX after the prefill)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationArgumentError(
+            f"max_new_tokens must be a positive integer, got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
+
+
+def check_sampling(do_sample, temperature, top_k, top_p, vocab_size: int) -> None:
+    """The sampling settings that give a distribution to draw from (checked whether or not ``do_sample``: a
+    setting that is wrong now is wrong when sampling is turned on)."""
+    if not (isinstance(temperature, (int, float, np.number)) and temperature > 0):
+        raise GenerationArgumentError(f"temperature must be a positive number, got {temperature!r}")
+    if not _is_int(top_k) or not 0 <= top_k <= vocab_size:
+        raise GenerationArgumentError(f"top_k must be an integer in 0..{vocab_size} (the vocabulary; 0: all tokens), "
+                                      f"got {top_k!r}")
+    if not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
+        raise GenerationArgumentError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_generation_args(config: InternVLConfig, input_ids, attention_mask=None, positions=None, *,
+                          max_new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0) -> None:
+    """Raise :class:`GenerationArgumentError` for arguments that cannot generate: a ``max_new_tokens`` that is not
+    a positive integer, ``input_ids`` that are not an integer [B, P] array, real tokens (``attention_mask``)
+    outside the vocabulary, a prompt whose positions plus ``max_new_tokens`` pass the model's
+    ``max_position_embeddings`` (unless its rope is dynamic NTK, which extends beyond them by design), or
+    sampling settings without a distribution. Host-side and cheap: ``generate`` calls it before any work."""
+    check_max_new_tokens(max_new_tokens)
+    t = config.text
+    check_sampling(do_sample, temperature, top_k, top_p, t.vocab_size)
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise GenerationArgumentError(f"input_ids must be an integer array [batch, length], got {ids.dtype} of "
+                                      f"shape {ids.shape}")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise GenerationArgumentError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: expected "
+                                      "the same")
+    lengths = mask.sum(axis=1)
+    if (lengths == 0).any():
+        raise GenerationArgumentError(f"row {int(np.argmin(lengths))} of the prompt has no tokens (attention_mask "
+                                      "is 0 throughout): expected at least one")
+    bad = mask & ((ids < 0) | (ids >= t.vocab_size))
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise GenerationArgumentError(f"input_ids[{row}, {col}] is {int(ids[row, col])}: token ids must be in "
+                                      f"0..{t.vocab_size - 1} (the vocabulary)")
+    if t.rope.type == "dynamic":
+        return
+    # the largest position the prompt uses (V2PE positions advance by less than one per image token)
+    last = int(lengths.max()) - 1 if positions is None else float(np.max(np.where(mask, positions, 0)))
+    if last + max_new_tokens >= t.max_position_embeddings:
+        room = t.max_position_embeddings - 1 - last
+        raise GenerationArgumentError(
+            f"the prompt reaches position {last:g} and max_new_tokens={max_new_tokens} would generate up to "
+            f"position {last + max_new_tokens:g}, past the model's max_position_embeddings "
+            f"{t.max_position_embeddings}: expected "
+            + (f"max_new_tokens <= {int(room)}" if room >= 1 else "a shorter prompt"))
 
 
 def _bucket(n: int, minimum: int = 64) -> int:
@@ -198,8 +267,6 @@ def _prepare(model, params, input_ids, attention_mask, positions, tile_mask, max
     b, p = ids.shape
     mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     lengths = mask.sum(axis=1).astype(np.int32)
-    if (lengths == 0).any():
-        raise ValueError(f"row {int(np.argmin(lengths))} of the prompt has no tokens")
     order = np.argsort(mask, axis=1, kind="stable")  # padding first, then the real tokens in their order
     ids = np.take_along_axis(ids, order, axis=1)
     real = np.arange(p)[None] >= (p - lengths)[:, None]
@@ -249,8 +316,12 @@ def generate(
     ``decode_s`` (the decode loop, until every token is on the host), wall-clock seconds.
     decode_compiler_options: XLA options of the decode loop, e.g. ``{"xla_gpu_enable_triton_gemm": True}``;
     default this platform's (:func:`platform_decode_options`); ``{}`` for XLA's own defaults.
+    Arguments no generation can honour raise :class:`GenerationArgumentError` before any work
+    (:func:`check_generation_args`).
     """
     t0 = time.perf_counter()
+    check_generation_args(model.config, input_ids, attention_mask, positions, max_new_tokens=max_new_tokens,
+                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     sampling = _sampling(do_sample, temperature, top_k, top_p)
     model, params, ids, start, positions, cache = _prepare(model, params, input_ids, attention_mask, positions,
                                                            tile_mask, max_new_tokens, pad_token_id)
@@ -273,8 +344,17 @@ def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, 
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id=None,
                     decode_compiler_options: dict | None = None):
     """Like :func:`generate`, but yields each step's tokens (int32 [B]) as soon as they exist; rows that ended keep
-    yielding their eos token. Stops when every row produced an eos token or after ``max_new_tokens`` steps."""
-    sampling = _sampling(do_sample, temperature, top_k, top_p)
+    yielding their eos token. Stops when every row produced an eos token or after ``max_new_tokens`` steps.
+    Arguments are checked when the generator is created, not at its first step."""
+    check_generation_args(model.config, input_ids, attention_mask, positions, max_new_tokens=max_new_tokens,
+                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    return _stream(model, params, input_ids, attention_mask, pixel_values, tile_mask, positions, max_new_tokens,
+                   _sampling(do_sample, temperature, top_k, top_p), seed, eos_token_id, decode_compiler_options)
+
+
+def _stream(model, params, input_ids, attention_mask, pixel_values, tile_mask, positions, max_new_tokens, sampling,
+            seed, eos_token_id, decode_compiler_options):
+    """The generator of :func:`generate_stream`, its arguments checked."""
     model, params, ids, start, positions, cache = _prepare(model, params, input_ids, attention_mask, positions,
                                                            tile_mask, max_new_tokens, 0)
     token, pos, cache, rng = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache,

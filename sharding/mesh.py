@@ -19,10 +19,13 @@ from .rules import MESH_AXES
 
 
 def _resolve(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
-    """Replace the one -1 in ``sizes`` by what is left of ``total``; check the product."""
+    """Replace the one -1 in ``sizes`` by what is left of ``total``; check the product. ``what``: the mesh's name
+    in messages (``mesh``, ``per-slice mesh``)."""
     sizes = list(sizes)
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one {what} axis may be -1, got {sizes}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"{what} sizes {sizes}: expected positive sizes (or one -1 for the rest of the devices)")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if total % known:
@@ -30,7 +33,7 @@ def _resolve(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
         sizes[sizes.index(-1)] = total // known
     if math.prod(sizes) != total:
         raise ValueError(
-            f"{what} mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there are {total}"
+            f"{what} {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there are {total}"
         )
     return tuple(sizes)
 
@@ -56,7 +59,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, dcn_data: int =
     per_slice = _resolve((data, fsdp, tensor), len(devices), "mesh") if slices == 1 else None
     if slices > 1:
         ici = _resolve([s if s == -1 else s // d for s, d in zip((data, fsdp, tensor), dcn)], len(devices) // slices,
-                       "per-slice")
+                       "per-slice mesh")
         if _num_slices(devices) == slices:
             grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
         else:  # no slice information (CPU, or abstract devices of one slice): slices are contiguous device blocks

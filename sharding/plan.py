@@ -27,6 +27,7 @@ arguments and their shardings, ready for :func:`sharding.topology.compile_for`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import time
@@ -42,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internvl_jax.generate import CACHE_AXES, _step as _decode, init_cache
 from internvl_jax.model import InternVL, _dummy_inputs, abstract_params
-from internvl_jax.presets import get_preset
+from internvl_jax.cli import Working, model_config
 from train.step import abstract_batch, batch_shardings, train_step_spec
 
 from .mesh import _resolve, make_mesh
@@ -104,9 +105,9 @@ def _boxed_params(config):
 
 
 def target_config(preset, *, dtype: str = "bfloat16", remat: str = "full", platform: str = "tpu"):
-    """A preset (name or config) with params and compute in ``dtype``, the remat policy and the attention
+    """A preset (name, checkpoint folder or config) with params and compute in ``dtype``, the remat policy and the attention
     implementation compiled for ``platform`` (``sharding.topology.TARGET_ATTENTION``)."""
-    config = get_preset(preset) if isinstance(preset, str) else preset
+    config = model_config(preset) if isinstance(preset, str) else preset
     return config.replace(dtype=dtype, param_dtype=dtype, remat=remat, attention_impl=TARGET_ATTENTION[platform])
 
 
@@ -391,6 +392,13 @@ class Plan:
     def fits(self) -> bool:
         return self.per_device_bytes <= self.target.chip.memory
 
+    def _warnings(self) -> list[str]:
+        positions = self.config.text.max_position_embeddings
+        if self.seq_len <= positions:
+            return []
+        return [f"warning: {self.seq_len} tokens per row exceed the model's {positions} positions "
+                f"(max_position_embeddings); use --seq-len {positions} or less"]
+
     def lines(self) -> list[str]:
         chip, e, c = self.target.chip, self.estimate, self.compiled
         cap = chip.memory
@@ -402,6 +410,7 @@ class Plan:
             f"target: {self.target.name} ({self.target.chips} x {chip.name}{torus}, {_gib(cap)} each), "
             f"mesh {self.mesh}, rules {self.rules}",
             f"batch: {self.rows} rows x {self.seq_len} tokens ({per_shard} per batch shard), {self.tiles} tiles per row",
+            *self._warnings(),
             "per device (estimate):",
             f"  params             {_gib(e.params)}",
             f"  gradients          {_gib(e.grads)}",
@@ -461,22 +470,32 @@ def _smallest(config, chip: Chip, rules: Rules, rows: int | None, rows_per_shard
     return None
 
 
+def _no_progress(message: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rules: str = "fsdp",
          seq_len: int = 2048, batch: int | None = None, tiles: int | None = None, remat: str = "full",
          dtype: str = "bfloat16", optimizer: str = "adamw", step_time: float | None = None,
-         compile: bool = True, stage: str | None = None) -> Plan:
+         compile: bool = True, stage: str | None = None,
+         progress: Callable[[str], contextlib.AbstractContextManager] | None = None) -> Plan:
     """Plan training (and inference) of ``preset`` on the slice ``chips`` (e.g. ``v5p-64``, ``v5p:4x4x2``,
     ``v5e-16``, ``h100-8``; see :mod:`sharding.topology`).
 
     mesh: dict or ``"data,fsdp,tensor"`` (default: the most sharded that divides every parameter); rules: a
     preset of ``sharding.RULES``; batch: global rows (default one per batch shard); tiles: image tiles per row
     (default :func:`default_tiles`); step_time: seconds, for the MFU it needs. With ``compile`` (TPU slices
-    only), the real train step is compiled for the slice's abstract devices and its memory analysis reported.
+    only), the real train step is compiled for the slice's abstract devices and its memory analysis reported;
+    ``progress(message)``, a context manager, is entered around that compile (minutes for a large model: the
+    command line shows the message and the elapsed time).
     """
     if remat not in REMATS:
         raise ValueError(f"unknown remat policy {remat!r}; use one of {', '.join(REMATS)}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    for name, value, least in (("seq_len", seq_len, 1), ("batch", batch, 1), ("tiles", tiles, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} is {value}: expected {'a positive number' if least else '0 or more'}")
+    if step_time is not None and not step_time > 0:
+        raise ValueError(f"step_time is {step_time}: expected positive seconds")
 
     target = parse_slice(chips)
     table = get_rules(rules)
@@ -492,12 +511,15 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
     est = estimate(config, sizes, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=optimizer)
     compiled = seconds = flops = None
     if compile and target.chip.torus:
-        m = make_mesh(*(sizes[a] for a in MESH_AXES), devices=tpu_devices(target.topology))
-        t0 = time.perf_counter()
-        step = train_step(config, m, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=optimizer)
-        compiled = step.compile(m, table)[1]
-        seconds = time.perf_counter() - t0
-        flops = program_flops(step) / target.chips
+        message = (f"compiling the train step for {target.name} ({target.topology}, mesh {sizes}), {rows} rows x "
+                   f"{seq_len} tokens")
+        with (progress or _no_progress)(message):
+            m = make_mesh(*(sizes[a] for a in MESH_AXES), devices=tpu_devices(target.topology))
+            t0 = time.perf_counter()
+            step = train_step(config, m, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=optimizer)
+            compiled = step.compile(m, table)[1]
+            seconds = time.perf_counter() - t0
+            flops = program_flops(step) / target.chips
     smallest = _smallest(config, target.chip, table, batch, max(1, rows // shards), seq_len, tiles, optimizer, boxed)
     return Plan(preset, config, target, rules, sizes, rows, seq_len, tiles, optimizer.name, est, compiled, seconds,
                 flops, step_time, smallest)
@@ -511,7 +533,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``plan`` command to an argparse ``add_subparsers()`` object; it calls :func:`run`."""
     p = subparsers.add_parser(
         "plan", help="per-device memory and FLOPs of training a preset on a TPU slice or GPUs (allocates nothing)")
-    p.add_argument("preset", help="a model preset, e.g. InternVL2_5-8B")
+    p.add_argument("preset", help="a model preset (e.g. InternVL2_5-8B) or a checkpoint folder with config.json")
     p.add_argument("--chips", default="v5p-64",
                    help="the slice: v5p-64, v5p:4x4x2, v5e-16, v6e-8, v4-32, h100-8, ... (default: v5p-64)")
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,32,1 (default: the most sharded)")
@@ -535,8 +557,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    """Print the plan of parsed ``plan`` arguments."""
+    """Print the plan of parsed ``plan`` arguments (the compile's progress on stderr)."""
     result = plan(args.preset, chips=args.chips, mesh=args.mesh, rules=args.rules, seq_len=args.seq_len,
-                  batch=args.batch, tiles=args.tiles, remat=args.remat, dtype=args.dtype, optimizer=args.optimizer, stage=args.stage,
-                  step_time=args.step_time, compile=args.compile)
+                  batch=args.batch, tiles=args.tiles, remat=args.remat, dtype=args.dtype, optimizer=args.optimizer,
+                  stage=args.stage, step_time=args.step_time, compile=args.compile, progress=Working)
     print("\n".join(result.lines()))

@@ -110,15 +110,34 @@ def parse_slice(name: str) -> Slice:
         return Slice(chip, 1, torus_shape(chip, 1) if chip.torus else None)
     if sep == ":":
         shape = tuple(int(s) for s in spec.split("x"))
+        if 0 in shape:
+            raise ValueError(f"chips {name!r}: a torus dimension is 0; expected at least 1 chip along each, "
+                             f"e.g. {chip.name}:{'x'.join(['2'] * max(chip.torus, 1))}")
         if not chip.torus or len(shape) != chip.torus:
             raise ValueError(f"{name!r}: {chip.name} " + (f"slices have a {chip.torus}D torus" if chip.torus
                                                           else "is not a TPU; give a count, e.g. h100-8"))
         return Slice(chip, math.prod(shape), shape)
+    if "x" not in spec and int(spec) == 0:
+        raise ValueError(f"chips {name!r}: a slice of 0 chips; expected at least one, e.g. "
+                         f"{chip.name}-{8 * chip.cores_in_name}")
     if "x" in spec or int(spec) % chip.cores_in_name:
         raise ValueError(f"{name!r}: a {chip.name} slice name counts "
                          + ("TensorCores, two per chip (v5p-64 = 32 chips)" if chip.cores_in_name == 2 else "chips"))
     chips = int(spec) // chip.cores_in_name
     return Slice(chip, chips, torus_shape(chip, chips) if chip.torus else None)
+
+
+def quiet_tpu_runtime() -> None:
+    """On a host without TPU chips, tell libtpu that it is one host alone (``TPU_HOST_BOUNDS``,
+    ``TPU_WORKER_HOSTNAMES``): otherwise loading it (JAX's backend start-up with ``JAX_PLATFORMS`` unset, or a
+    TPU topology for an ahead-of-time compile) prints five lines of errors about the cloud TPU metadata it cannot
+    find. Values already set are kept; a host with TPU chips is left to libtpu's own discovery. Compiled
+    programs do not change (the topology is given explicitly)."""
+    from jax._src import hardware_utils  # the probe JAX's own TPU start-up uses (cloud_tpu_init)
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,6 +154,7 @@ def tpu_devices(name: str) -> tuple:
     # nothing, and without this any other JAX process that loaded libtpu (one started without
     # JAX_PLATFORMS=cpu) would make the topology fail
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    quiet_tpu_runtime()
     padded = s.shape + (1,) * (3 - len(s.shape))
     try:
         topo = topologies.get_topology_desc(

@@ -76,6 +76,9 @@ def test_cli_chat_answers_and_reports_bad_input(checkpoint, tmp_path):
         (converted / name).write_bytes((checkpoint / name).read_bytes())
     out = run("chat", str(converted), "--image", str(checkpoint / "sky.png"), "--max-new-tokens", "5", "describe")
     assert out.returncode == 0, out.stderr
+    steps = out.stderr.splitlines()  # what happens before the first token, each step said at once and timed
+    assert steps[0] == f"loading {converted} in bfloat16 ..." and steps[1].startswith("  done in ")
+    assert steps[2] == "compiling the image and generation programs (first answer) ..." and "  done in" in steps[-1]
     interactive = subprocess.run([sys.executable, "-m", "internvl_jax.cli", "chat", str(checkpoint), "--max-new-tokens",
                                   "3", "--dtype", "float32"], input="hello\nmore\n\n", capture_output=True, text=True,
                                  timeout=600)

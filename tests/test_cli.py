@@ -16,7 +16,7 @@ def run(*args):
 def test_info_prints_the_exact_parameter_count_of_a_preset():
     out = run("info", "InternVL2_5-8B")
     assert out.returncode == 0, out.stderr
-    assert f"parameters: {param_count(get_preset('InternVL2_5-8B'))}" in out.stdout.splitlines()
+    assert f"parameters: {param_count(get_preset('InternVL2_5-8B')):,}" in out.stdout.splitlines()
     assert "language model: internlm2" in out.stdout
 
 
@@ -24,7 +24,7 @@ def test_info_reads_a_checkpoint_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(to_hf_dict(get_preset("InternVL3-1B"))))
     out = run("info", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert f"parameters: {param_count(get_preset('InternVL3-1B'))}" in out.stdout
+    assert f"parameters: {param_count(get_preset('InternVL3-1B')):,}" in out.stdout
 
 
 def test_train_bad_input_is_one_line_without_traceback(tmp_path):
