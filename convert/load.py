@@ -254,6 +254,27 @@ def _read(reader, layout: Layout, config: InternVLConfig, mesh, rules) -> dict:
     return load_params(reader, layout, config.text, _shapes(nn.unbox(boxed)), config.param_dtype, place)
 
 
+def source_dtype(reader: SafetensorsReader) -> str:
+    """The dtype name of the checkpoint's floating-point tensors (the first one found)."""
+    for key in reader.keys():
+        dtype = np.dtype(reader.dtype(key))
+        if dtype.kind == "f" or dtype.name == "bfloat16":
+            return dtype.name
+    return "float32"
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The dtype name the params of a checkpoint folder are stored in: its safetensors' floating-point dtype, or
+    the dtype of the params of a ``convert`` (orbax) folder. What ``export`` keeps by default, so that a round trip
+    without ``--dtype`` loses nothing."""
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        from .orbax_io import stored_dtype
+
+        return stored_dtype(os.path.join(path, PARAMS_DIR))
+    with SafetensorsReader(path) as reader:
+        return source_dtype(reader)
+
+
 def load_pretrained(path: str, dtype=jnp.float32, mesh=None, rules="fsdp") -> tuple[InternVL, dict]:
     """Load an InternVL checkpoint folder: safetensors in either layout (single file or sharded with an index), or
     the orbax folder that ``internvl-jax convert`` writes.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import logging
 import math
 import os
 from typing import Callable, Iterator
@@ -87,6 +88,17 @@ class _StreamingHandler(type_handlers.NumpyHandler):
         self._on_bytes(nbytes)
 
 
+class _NoOcdbtMergeNotice(logging.Filter):
+    """Drops orbax's "Skipping merge of OCDBT checkpoints" warning: we write without OCDBT on purpose (see
+    :func:`save_streamed`), and the line would land inside ``convert``'s progress bar."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoOcdbtMergeNotice())
+
+
 def save_streamed(directory: str, params: dict, on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """Write a nested dict of :class:`StreamedParam` to ``directory`` as an orbax PyTree checkpoint: uncompressed
     (weights compress poorly and compression would dominate the conversion time) and one zarr array per param
@@ -133,6 +145,17 @@ def check_files(directory: str, paths: list[str]) -> None:
                 found = "missing" if size is None else f"{size} bytes"
                 raise CheckpointError(f"orbax checkpoint {directory} is damaged: chunk {chunk} of parameter {path} "
                                       f"is {found}, expected {chunk_bytes} bytes (convert the checkpoint again)")
+
+
+def stored_dtype(directory: str) -> str:
+    """The dtype name of the params of an orbax checkpoint (of its first parameter: ``convert`` writes one dtype),
+    read from its metadata."""
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        stored = getattr(checkpointer.metadata(directory).item_metadata, "tree", None)
+    leaves = jax.tree_util.tree_leaves(stored or {}, is_leaf=lambda x: hasattr(x, "dtype"))
+    if not leaves:
+        raise CheckpointError(f"orbax checkpoint {directory} is damaged: its _METADATA is missing or unreadable")
+    return np.dtype(leaves[0].dtype).name
 
 
 def restore(directory: str, abstract: dict, shardings=None) -> dict:

@@ -19,19 +19,10 @@ from internvl_jax.config import load_config
 from internvl_jax.layers import as_dtype
 from internvl_jax.model import abstract_params
 
-from .load import PARAMS_DIR, Group, checkpoint_layout, plan_groups
+from .load import PARAMS_DIR, Group, checkpoint_layout, plan_groups, source_dtype
 from .orbax_io import StreamedParam, save_streamed
 from .safetensors_io import SafetensorsReader
 from .staging import byte_bar, copy_side_files, prepare_destination, staged_folder
-
-
-def source_dtype(reader: SafetensorsReader) -> str:
-    """The dtype name of the checkpoint's floating-point tensors (the first one found)."""
-    for key in reader.keys():
-        dtype = np.dtype(reader.dtype(key))
-        if dtype.kind == "f" or dtype.name == "bfloat16":
-            return dtype.name
-    return "float32"
 
 
 def convert_checkpoint(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = False,

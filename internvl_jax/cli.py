@@ -113,10 +113,20 @@ def cmd_train(args) -> None:
           + (f", held-out loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
 
 
-def cmd_demo(args) -> None:
+def _new_folder(prefix: str) -> str:
+    """A new uniquely named folder in the temporary directory, with the permissions the umask gives (mkdtemp's
+    are 0700 whatever the umask)."""
     import tempfile
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="internvl-demo-")
+    path = tempfile.mkdtemp(prefix=prefix)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+    return path
+
+
+def cmd_demo(args) -> None:
+    workdir = args.workdir or _new_folder("internvl-demo-")
     overrides = [f"workdir={workdir}"] + ([f"steps={args.steps}"] if args.steps else [])
     print(f"demo: synthetic visual question answering in {workdir}; the train config is `demo` "
           f"(internvl-jax train demo workdir={workdir} resumes it)")
@@ -167,11 +177,12 @@ def cmd_convert(args) -> None:
 
 def cmd_export(args) -> None:
     from convert.export import export_checkpoint
-    from convert.load import load_pretrained
+    from convert.load import checkpoint_dtype, load_pretrained
     from convert.staging import prepare_destination
 
     prepare_destination(args.dst, overwrite=args.overwrite)  # fails before the whole model is loaded
     with _interrupt_in_one_line(args):
+        args.dtype = args.dtype or checkpoint_dtype(args.src)
         model, params = load_pretrained(args.src, dtype=args.dtype)
         export_checkpoint(params, model.config, args.dst, layout=args.layout, overwrite=args.overwrite,
                           progress=True, side_files_from=args.src)
@@ -295,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dst", help="the folder to write (written under a temporary name, renamed when complete)")
     export.add_argument("--layout", choices=["hf", "original"], default="hf",
                         help="hf: transformers InternVLForConditionalGeneration; original: OpenGVLab custom code")
-    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                        help="tensor dtype of the output (default: bfloat16)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="tensor dtype of the output (default: the source's own, so a round trip is lossless)")
     export.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     export.set_defaults(func=cmd_export)
     chat = sub.add_parser("chat", help="ask a checkpoint about images or a video (streams the answer)")

@@ -64,3 +64,43 @@ def test_export_converts_between_layouts(tmp_path):
     assert sorted(src) == sorted(hf) and all(torch.equal(src[k], hf[k]) for k in src)
     again = run("export", str(tmp_path / "orig"), str(tmp_path / "hf"))
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_export_keeps_the_sources_dtype_without_dtype(tmp_path, caplog):
+    """A float32 checkpoint exports float32 bit for bit; a bfloat16 ``convert`` folder exports bfloat16. The
+    outputs' permissions are the umask's; orbax's OCDBT merge notice does not reach the progress bar."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import load_file
+
+    from internvl_jax.cli import main
+    from reference import tiny_internvl
+
+    tiny_internvl("qwen2").save_pretrained(tmp_path / "src")
+    main(["export", str(tmp_path / "src"), str(tmp_path / "f32")])
+    src, f32 = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "f32" / "model.safetensors")
+    assert sorted(src) == sorted(f32) and all(torch.equal(src[k], f32[k]) for k in src)
+    main(["convert", str(tmp_path / "src"), str(tmp_path / "orbax"), "--dtype", "bfloat16"])
+    assert "OCDBT" not in caplog.text
+    main(["export", str(tmp_path / "orbax"), str(tmp_path / "bf16")])
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    mask = os.umask(0)
+    os.umask(mask)
+    for out in ("f32", "orbax", "bf16"):
+        assert stat.S_IMODE(os.stat(tmp_path / out).st_mode) == 0o777 & ~mask, out
+
+
+def test_the_demo_workdir_gets_the_umasks_permissions(monkeypatch, tmp_path):
+    import os
+    import stat
+
+    from internvl_jax.cli import _new_folder
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    old = os.umask(0o027)
+    try:
+        assert stat.S_IMODE(os.stat(_new_folder("x-")).st_mode) == 0o750
+    finally:
+        os.umask(old)
