@@ -1,7 +1,8 @@
 """``chat`` and ``batch_chat`` with the original ``InternVLChatModel`` semantics.
 
 History is a list of (question, answer) pairs; ``<image>`` placeholders are put in front of the first question
-when it has none; generation stops at the template's separator token (``<|im_end|>``, ``<|end|>``; NOT the
+when it has none, and the history keeps them, so every turn passes the conversation's images again (as the
+original); generation stops at the template's separator token (``<|im_end|>``, ``<|end|>``; NOT the
 config's eos id); the answer is the new tokens decoded without special tokens, cut at the separator.
 """
 
@@ -74,7 +75,7 @@ def chat(model, params, processor: Processor, question: str, *, images=(), video
                 on_text(text[len(shown):])
                 shown = text
         answer = _answer(processor, tokens, stop_text, stop_id)
-    history.append((question, answer))
+    history.append((batch["question"], answer))  # with its placeholders: later turns pass the images again
     return (answer, history) if return_history else answer
 
 

@@ -255,7 +255,7 @@ def cmd_chat(args) -> None:
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def answer(question, history):
-        media = {} if history else {"images": images, "videos": args.video}
+        media = {"images": images, "videos": args.video}  # every turn: the history keeps their placeholders
         # the first answer compiles the image, prefill and decode programs; later ones reuse them
         compiling = None if history else Working("compiling the image and generation programs (first answer)")
 

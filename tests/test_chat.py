@@ -45,14 +45,30 @@ def test_chat_answer_is_the_decoded_generation_and_history_grows(checkpoint):
                       tile_mask=batch["tile_mask"], max_new_tokens=6)[0]
     stop = proc.tokenizer.token_to_id("<|im_end|>")
     kept = tokens[: list(tokens).index(stop)] if stop in tokens else tokens
-    assert answer == proc.tokenizer.decode(kept.tolist()).strip() and history == [("describe", answer)]
+    assert answer == proc.tokenizer.decode(kept.tolist()).strip() and history == [("<image>\ndescribe", answer)]
     pieces = []
     streamed = chat(model, params, proc, "describe", images=[image], generation_config={"max_new_tokens": 6},
                     on_text=pieces.append)
     assert streamed == answer and "".join(pieces).strip() == answer
-    again, history = chat(model, params, proc, "and?", history=history, return_history=True,
+    again, history = chat(model, params, proc, "and?", images=[image], history=history, return_history=True,
                           generation_config={"max_new_tokens": 4})
     assert len(history) == 2
+
+
+def test_a_follow_up_turn_sees_the_first_turns_image_as_the_original(checkpoint):
+    """The original keeps '<image>\n' + question in its history and takes pixel_values on every turn: a follow-up
+    prompt holds the image's tokens; without the images again it is an error, not an image-blind answer."""
+    model, params = load_pretrained(str(checkpoint))
+    proc = Processor.from_pretrained(str(checkpoint))
+    image = str(checkpoint / "sky.png")
+    _, history = chat(model, params, proc, "describe", images=[image], return_history=True,
+                      generation_config={"max_new_tokens": 2})
+    first = proc("describe", images=[image])
+    follow = proc("and?", images=[image], history=history)
+    image_id = model.config.image_token_id
+    assert (follow["input_ids"] == image_id).sum() == (first["input_ids"] == image_id).sum() > 0
+    with pytest.raises(ValueError, match="pass the conversation's images"):
+        chat(model, params, proc, "and?", history=history)
 
 
 def test_batch_chat_equals_one_by_one(checkpoint):

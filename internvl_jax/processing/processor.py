@@ -95,9 +95,11 @@ class Processor:
         text: the question (``<image>`` placeholders optional in the first turn: without them images go in front,
         as ``chat()`` does; a later turn with images needs them, one per image and video frame); images: paths or
         PIL images; videos: paths (``num_segments`` frames each, one tile per frame); history: earlier (question,
-        answer) pairs. Returns ``input_ids`` int32 [1, L], and with images ``pixel_values`` float32 [1, T, S, S, 3]
-        with ``tile_mask`` bool [1, T] (T = a tile bucket), plus ``positions`` float32 [1, L] when the processor
-        uses V2PE.
+        answer) pairs, their questions with the placeholders they were asked with (``question`` below), so a later
+        turn passes the conversation's images again, as the original ``chat`` does. Returns ``input_ids`` int32
+        [1, L], and with images ``pixel_values`` float32 [1, T, S, S, 3] with ``tile_mask`` bool [1, T] (T = a tile
+        bucket), plus ``positions`` float32 [1, L] when the processor uses V2PE, and ``question``: the text as it
+        went into the prompt (placeholders in front on a first turn with media), what a history keeps.
         """
         c = self.config
         if history and (images or videos) and IMAGE_PLACEHOLDER not in "".join([text, *(q for q, _ in history)]):
@@ -119,7 +121,15 @@ class Processor:
             one = plan_tiles(video.shape[2], video.shape[1], dynamic=False, use_thumbnail=False)
             tiles += [image_tiles(f, one, c.image_size) for f in video]
             frames += len(video)
-        prompt = self.prompt(text, num_images=len(images), video_frames=frames, history=history)
+        if (images or frames) and not history:
+            text = image_prompt(text, len(images), video_frames=frames)
+        placed = sum(q.count(IMAGE_PLACEHOLDER) for q, _ in history)
+        if placed and len(tiles) < placed:
+            raise ValueError(
+                f"the history holds {placed} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles)} image(s) and video "
+                "frame(s) were given: pass the conversation's images (and videos) again on every turn, as the "
+                "original chat does")
+        prompt = self.prompt(text, history=history)
         prompt = expand_image_tokens(prompt, [len(t) for t in tiles], c.tokens_per_tile)
         ids = np.asarray(self.tokenizer.encode(prompt), np.int32)[None]
         if self.max_length is not None and ids.shape[1] > self.max_length:
@@ -127,7 +137,7 @@ class Processor:
                 f"the prompt is {ids.shape[1]} tokens, {ids.shape[1] - self.max_length} more than the model's "
                 f"maximum of {self.max_length}; use fewer tiles (max_tiles) or a shorter text"
             )
-        out = {"input_ids": ids}
+        out = {"input_ids": ids, "question": text}
         if tiles:
             stacked = jnp.concatenate(tiles)
             n = stacked.shape[0]
