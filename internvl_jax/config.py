@@ -140,6 +140,7 @@ class InternVLConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch (internvl_jax.layers.REMAT_POLICIES)
     attention_impl: str = "auto"  # auto | batched | per_kv_head | dot_product | blockwise | splash (layers.ATTENTION_IMPLS)
+    lora: tuple = ()  # LoRA adapters: a rule table over kernel paths (internvl_jax.lora); () = none
 
     def __post_init__(self):
         if self.ps_version not in ("v1", "v2"):
@@ -147,6 +148,13 @@ class InternVLConfig:
         n = self.vision.num_layers
         if not (-n <= self.select_layer <= n) or self.select_layer == 0:
             raise ConfigError(f"select_layer {self.select_layer} is outside 1..{n} / -{n}..-1")
+        if self.lora:
+            from .lora import compile_rules
+
+            try:
+                compile_rules(self.lora)
+            except ValueError as e:
+                raise ConfigError(f"InternVLConfig.lora: {e}") from None
 
     @property
     def image_size(self) -> int:

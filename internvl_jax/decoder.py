@@ -39,6 +39,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype
     impl: str = "batched"
     transposed: bool = False  # kernels stored transposed (the unrolled layout, see Dense)
+    lora: tuple = ()  # LoRA rule table (internvl_jax.lora)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         over the whole cache; returns (output, updated cache)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        dense = dict(transposed=self.transposed, **kw)
+        dense = dict(transposed=self.transposed, lora=self.lora, **kw)
         q = Dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias, name="q_proj", **dense)(x)
         k = Dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias, name="k_proj",
                   **dense)(x)
@@ -83,11 +84,12 @@ class MLP(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     transposed: bool = False
+    lora: tuple = ()
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, transposed=self.transposed)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, transposed=self.transposed, lora=self.lora)
         gate = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="gate_proj", **kw)(x)
         up = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="up_proj", **kw)(x)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
@@ -100,17 +102,19 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype
     attention_impl: str = "batched"
     transposed: bool = False
+    lora: tuple = ()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = Norm("rms_norm", c.norm_eps, "embed", name="input_norm", **kw)(x)
-        h, cache = Attention(c, name="attn", impl=self.attention_impl, transposed=self.transposed, **kw)(
+        h, cache = Attention(c, name="attn", impl=self.attention_impl, transposed=self.transposed, lora=self.lora,
+                             **kw)(
             h, cos, sin, mask, cache, cache_index)
         x = x + h
         h = Norm("rms_norm", c.norm_eps, "embed", name="post_attn_norm", **kw)(x)
-        x = x + MLP(c, name="mlp", transposed=self.transposed, **kw)(h)
+        x = x + MLP(c, name="mlp", transposed=self.transposed, lora=self.lora, **kw)(h)
         return constrain(x, ("batch", "length", "embed")), cache
 
 
@@ -145,6 +149,7 @@ class Decoder(nn.Module):
     remat: str = "none"
     attention_impl: str = "auto"  # see layers.resolve_attention_impl
     unrolled: bool = False
+    lora: tuple = ()  # LoRA rule table (internvl_jax.lora), for every Dense below
 
     def setup(self):
         c = self.cfg
@@ -157,15 +162,16 @@ class Decoder(nn.Module):
         )
         impl = resolve_attention_impl(self.attention_impl)
         if self.unrolled:
-            self.layers = [DecoderLayer(c, attention_impl=impl, transposed=True, **kw) for _ in range(c.num_layers)]
+            self.layers = [DecoderLayer(c, attention_impl=impl, transposed=True, lora=self.lora, **kw)
+                           for _ in range(c.num_layers)]
         else:
             # cos, sin and the segment ids are shared by the layers
             stack = scan_layers(DecoderLayer, length=c.num_layers, remat=self.remat, in_axes=(nn.broadcast,) * 3)
-            self.layers = stack(c, name="layers", attention_impl=impl, **kw)
+            self.layers = stack(c, name="layers", attention_impl=impl, lora=self.lora, **kw)
         self.norm = Norm("rms_norm", c.norm_eps, "embed", **kw)
         if not c.tie_word_embeddings:
             self.lm_head = Dense((c.vocab_size,), ("embed",), ("vocab",), out_dtype=jnp.float32, name="lm_head",
-                                 transposed=self.unrolled, **kw)
+                                 transposed=self.unrolled, lora=self.lora, **kw)
 
     def embed(self, input_ids):
         """int [B, L] -> [B, L, E] in the compute dtype."""
@@ -239,7 +245,8 @@ def unrolled_params(params: dict, cfg: TextConfig) -> dict:
     ``layers_{n-1}``, every kernel (LM head too) as one [out, in] matrix; the rest is shared, not copied.
 
     The new arrays are a second copy of nearly all LLM weights (the price of decoding without per-step weight
-    copies on XLA CPU); they are freed with the returned tree.
+    copies on XLA CPU); they are freed with the returned tree. LoRA adapters are sliced per layer as they
+    are (the same shapes in both layouts).
     """
     out = {k: v for k, v in params.items() if k != "layers"}
     for i in range(cfg.num_layers):
@@ -257,10 +264,19 @@ def _as_matrix(kernel, n_in: int):
 
 @partial(jax.jit, static_argnums=2)
 def _unstack_layer(stacked, i, cfg: TextConfig):
-    """Layer ``i`` of the stacked layer params, kernels as [out, in] matrices (the unrolled DecoderLayer's)."""
+    """Layer ``i`` of the stacked layer params, kernels as [out, in] matrices (the unrolled DecoderLayer's); LoRA
+    adapters (``lora_a``/``lora_b``, the same shapes in both layouts) are sliced as they are."""
     layer = DecoderLayer(cfg, jnp.float32, jnp.float32, transposed=True)
     e, d = cfg.hidden_size, cfg.head_dim
     target = nn.unbox(jax.eval_shape(layer.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, e)), jnp.zeros((1, 1, d)),
                                      jnp.zeros((1, 1, d)), None)["params"])
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x, t: x[i].reshape(t.shape[::-1]).T if path[-1].key == "kernel" else x[i], stacked, target)
+
+    def one(path, x):
+        if path[-1].key != "kernel":
+            return x[i]
+        t = target
+        for k in path:
+            t = t[k.key]
+        return x[i].reshape(t.shape[::-1]).T
+
+    return jax.tree_util.tree_map_with_path(one, stacked)

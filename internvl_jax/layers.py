@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from . import kernels
+from . import kernels, lora as lora_rules
 
 Axes = tuple[str | None, ...]
 
@@ -64,6 +64,10 @@ class Dense(nn.Module):
     the kernel is one matrix [prod(features), prod(in_shape)] named (first out axis, first in axis), the decoding
     layout (:func:`dot_out_in`; XLA CPU copies a kernel of more than 2 dims into its canonical layout on every
     call, see ``internvl_jax.decoder.unrolled_params``). Products accumulate in float32.
+
+    ``lora``: a LoRA rule table (:mod:`internvl_jax.lora`); when a rule matches this kernel's path, ``lora_a`` and
+    ``lora_b`` (float32, whatever ``param_dtype``) are created beside it and the low-rank path is added to y. Its
+    dropout is active only when a ``dropout`` rng is given to ``apply`` (training).
     """
 
     features: Sequence[int]
@@ -74,6 +78,7 @@ class Dense(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     out_dtype: jnp.dtype | None = None  # e.g. float32 logits from bfloat16 inputs
     transposed: bool = False
+    lora: tuple = ()
 
     @nn.compact
     def __call__(self, x):
@@ -92,10 +97,29 @@ class Dense(nn.Module):
             contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
             y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
                                     preferred_element_type=jnp.float32).astype(self.out_dtype or self.dtype)
+        if self.lora:
+            y = self._adapted(x, y, in_shape, features)
         if self.use_bias:
             bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.out_axes), features, self.param_dtype)
             y = y + bias.astype(y.dtype)
         return y
+
+    def _adapted(self, x, y, in_shape: tuple, features: tuple):
+        """y + scale * (dropout(x).A).B when a LoRA rule names this kernel (same params in both layouts)."""
+        adapter = lora_rules.adapter_for(self.lora, "/".join(self.scope.path) + "/kernel")
+        if adapter is None:
+            return y
+        a_shape, a_axes, b_shape, b_axes = lora_rules.shapes_and_axes(in_shape, features, self.in_axes,
+                                                                        self.out_axes, adapter)
+        a = self.param("lora_a", param_with_axes(lora_rules.kaiming_a(math.prod(in_shape)), a_axes), a_shape,
+                       jnp.float32)
+        b = self.param("lora_b", param_with_axes(nn.initializers.zeros, b_axes), b_shape, jnp.float32)
+        if adapter.dropout > 0 and self.has_rng("dropout"):
+            keep = 1.0 - adapter.dropout
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        delta = lora_rules.low_rank(x, a, b, len(in_shape), adapter.split, self.dtype)
+        return (y.astype(jnp.float32) + adapter.scale * delta).astype(y.dtype)
 
 
 class Norm(nn.Module):

@@ -72,9 +72,9 @@ class InternVL(nn.Module):
         c = self.config
         kw = dict(dtype=as_dtype(c.dtype), param_dtype=as_dtype(c.param_dtype))
         stack = dict(remat=c.remat, attention_impl=c.attention_impl)
-        self.vision = InternViT(c.vision, layers_used=c.vision_layers_used, **stack, **kw)
-        self.projector = Projector(c.text.hidden_size, **kw)
-        self.language_model = Decoder(c.text, unrolled=self.unrolled, **stack, **kw)
+        self.vision = InternViT(c.vision, layers_used=c.vision_layers_used, lora=c.lora, **stack, **kw)
+        self.projector = Projector(c.text.hidden_size, lora=c.lora, **kw)
+        self.language_model = Decoder(c.text, unrolled=self.unrolled, lora=c.lora, **stack, **kw)
 
     def encode_images(self, tiles):
         """tiles [N, H, W, 3] -> [N, tokens_per_tile, E] LLM-space features."""

@@ -34,11 +34,12 @@ class Projector(nn.Module):
     out_dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: tuple = ()  # LoRA rule table (internvl_jax.lora)
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Norm("layer_norm", 1e-5, "vit_shuffled", name="norm", **kw)(x)
-        x = Dense((self.out_dim,), ("vit_shuffled",), ("proj_hidden",), True, name="fc1", **kw)(x)
+        x = Dense((self.out_dim,), ("vit_shuffled",), ("proj_hidden",), True, name="fc1", lora=self.lora, **kw)(x)
         x = jax.nn.gelu(x, approximate=False)
-        return Dense((self.out_dim,), ("proj_hidden",), ("embed",), True, name="fc2", **kw)(x)
+        return Dense((self.out_dim,), ("proj_hidden",), ("embed",), True, name="fc2", lora=self.lora, **kw)(x)

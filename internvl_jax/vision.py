@@ -100,12 +100,14 @@ class VisionAttention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     impl: str = "batched"
+    lora: tuple = ()  # LoRA rule table (internvl_jax.lora)
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = Dense((3, c.num_heads, c.head_dim), ("vit_embed",), (None, "vit_heads", "head_dim"), c.qkv_bias, name="qkv", **kw)(x)
+        dense = dict(lora=self.lora, **kw)
+        qkv = Dense((3, c.num_heads, c.head_dim), ("vit_embed",), (None, "vit_heads", "head_dim"), c.qkv_bias, name="qkv", **dense)(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if c.qk_norm:  # RMSNorm over the full width, before the head split
             full = lambda t, name: Norm("rms_norm", c.norm_eps, "vit_embed", name=name, **kw)(  # noqa: E731
@@ -113,7 +115,7 @@ class VisionAttention(nn.Module):
             ).reshape(t.shape)
             q, k = full(q, "q_norm"), full(k, "k_norm")
         out = attend(q, k, v, scale=c.head_dim**-0.5, causal=False, impl=self.impl, head_axes=("vit_heads",) * 2)
-        return Dense((c.hidden_size,), ("vit_heads", "head_dim"), ("vit_embed",), True, name="proj", **kw)(out)
+        return Dense((c.hidden_size,), ("vit_heads", "head_dim"), ("vit_embed",), True, name="proj", **dense)(out)
 
 
 class VisionLayer(nn.Module):
@@ -121,6 +123,7 @@ class VisionLayer(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     attention_impl: str = "batched"
+    lora: tuple = ()
 
     @nn.compact
     def __call__(self, x, layer_xs):
@@ -131,11 +134,11 @@ class VisionLayer(nn.Module):
         ls_init = nn.initializers.constant(c.layer_scale_init)
         ls1 = self.param("ls1", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
         ls2 = self.param("ls2", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
-        h = VisionAttention(c, name="attn", impl=self.attention_impl, **kw)(Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x))
+        h = VisionAttention(c, name="attn", impl=self.attention_impl, lora=self.lora, **kw)(Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x))
         y = x + self._drop_path(ls1.astype(self.dtype) * h, rate)
         h = Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm2", **kw)(y)
-        h = Dense((c.intermediate_size,), ("vit_embed",), ("vit_mlp",), True, name="fc1", **kw)(h)
-        h = Dense((c.hidden_size,), ("vit_mlp",), ("vit_embed",), True, name="fc2", **kw)(jax.nn.gelu(h, approximate=False))
+        h = Dense((c.intermediate_size,), ("vit_embed",), ("vit_mlp",), True, name="fc1", lora=self.lora, **kw)(h)
+        h = Dense((c.hidden_size,), ("vit_mlp",), ("vit_embed",), True, name="fc2", lora=self.lora, **kw)(jax.nn.gelu(h, approximate=False))
         y = y + self._drop_path(ls2.astype(self.dtype) * h, rate)
         return constrain(jnp.where(active, y, x), ("batch", "length", "vit_embed")), None
 
@@ -161,6 +164,7 @@ class InternViT(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention_impl: str = "auto"  # see layers.resolve_attention_impl
+    lora: tuple = ()  # LoRA rule table (internvl_jax.lora)
 
     @nn.compact
     def __call__(self, pixels):
@@ -172,5 +176,5 @@ class InternViT(nn.Module):
         active = jnp.arange(c.num_layers) < used
         stack = scan_layers(VisionLayer, length=c.num_layers, remat=self.remat, in_axes=(0,))
         impl = resolve_attention_impl(self.attention_impl)
-        x, _ = stack(c, name="layers", attention_impl=impl, **kw)(x, (rates, active))
+        x, _ = stack(c, name="layers", attention_impl=impl, lora=self.lora, **kw)(x, (rates, active))
         return x

@@ -2,7 +2,8 @@
 rule tables here map them onto mesh axes.
 
 Parameters: ``vocab``, ``embed``, ``mlp``, ``heads``, ``kv_heads``, ``head_dim``, ``layers`` (the scanned axis),
-``vit_embed``, ``vit_mlp``, ``vit_heads``, ``vit_shuffled`` (the projector's 4C input), ``proj_hidden``.
+``vit_embed``, ``vit_mlp``, ``vit_heads``, ``vit_shuffled`` (the projector's 4C input), ``proj_hidden``, and
+``lora_rank`` (the rank of LoRA adapters, which no preset splits: an adapter shards as its kernel's other axes).
 Activations: ``batch``, ``length``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ``vit_embed``; the KV cache
 ``layers``, ``batch``, ``cache_length``, ``kv_heads``, ``head_dim``.
 
@@ -22,5 +23,5 @@ from .topology import CHIPS, compile_for, parse_slice, tpu_devices
 
 PARAM_AXES = (
     "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers",
-    "vit_embed", "vit_mlp", "vit_heads", "vit_shuffled", "proj_hidden",
+    "vit_embed", "vit_mlp", "vit_heads", "vit_shuffled", "proj_hidden", "lora_rank",
 )
