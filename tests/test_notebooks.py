@@ -1,0 +1,45 @@
+"""Every notebook of notebooks/ runs top to bottom on a kernel of this Python (nbclient), with the suite's
+environment (JAX on the CPU, 8 simulated devices: conftest.py sets XLA_FLAGS before any kernel starts), and the
+figures it computes are held to the thresholds of the library's own tests. A notebook writes its figures to
+``$INTERNVL_NOTEBOOK_RESULTS/<name>.json``; stored notebooks carry no outputs."""
+
+import json
+import os
+import time
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+
+
+def run_notebook(name: str, tmp_path, monkeypatch) -> dict:
+    """Execute notebooks/<name>.ipynb in its folder; returns the figures it wrote."""
+    monkeypatch.setenv("INTERNVL_NOTEBOOK_RESULTS", str(tmp_path))
+    monkeypatch.setenv("MPLBACKEND", "agg")  # figures are drawn, not shown
+    nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
+    t0 = time.perf_counter()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}).execute()
+    print(f"{name}: {time.perf_counter() - t0:.1f} s wall")
+    with open(tmp_path / f"{name}.json") as f:
+        return json.load(f)
+
+
+def test_stored_notebooks_have_no_outputs():
+    names = sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb"))
+    assert names, "no notebooks"
+    for name in names:
+        nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{name}: outputs not stripped"
+
+
+def test_quickstart(tmp_path, monkeypatch):
+    r = run_notebook("quickstart", tmp_path, monkeypatch)
+    assert r["tiles"] == r["planned_tiles"] == r["grid"][0] * r["grid"][1] + 1
+    assert r["streamed_answer"] == r["answer"] and r["streamed_pieces"].strip() == r["answer"]
+    assert len(r["batch_answers"]) == 3 and all(isinstance(a, str) for a in r["batch_answers"])
+
