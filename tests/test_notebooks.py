@@ -43,3 +43,15 @@ def test_quickstart(tmp_path, monkeypatch):
     assert r["streamed_answer"] == r["answer"] and r["streamed_pieces"].strip() == r["answer"]
     assert len(r["batch_answers"]) == 3 and all(isinstance(a, str) for a in r["batch_answers"])
 
+
+def test_parity(tmp_path, monkeypatch):
+    from reference import TOL_LOGITS, TOL_MODULE
+
+    r = run_notebook("parity", tmp_path, monkeypatch)
+    f32, bf16, torch_bf16 = r["float32"], r["bfloat16"], r["torch_bfloat16"]
+    layers = [n for n in r["names"] if n.startswith("decoder layer")]
+    assert len(layers) >= 2 and r["names"][:2] == ["vision tower", "projector"] and r["names"][-1] == "logits"
+    for name in ["vision tower", "projector", *layers]:
+        assert f32[name] <= TOL_MODULE, (name, f32[name])
+    assert f32["logits"] <= TOL_LOGITS, f32["logits"]
+    assert 0 < torch_bf16["logits"] and bf16["logits"] <= 2 * torch_bf16["logits"], (bf16["logits"], torch_bf16["logits"])
