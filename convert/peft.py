@@ -1,0 +1,336 @@
+"""LoRA adapters in PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``, with PEFT's key
+names for the transformers-native ``InternVLForConditionalGeneration`` (``base_model.model.`` + the module's
+in-memory name + ``.lora_A.weight`` / ``.lora_B.weight``).
+
+Which PEFT module feeds which of our kernels comes from the checkpoint key maps (``convert.keymaps.HF``): every
+rule that maps a torch ``*.weight`` onto one of our ``*/kernel`` with the ``linear`` (one input dim) or ``linear2``
+(two input dims: o_proj, the ViT's projection) transform names a ``torch.nn.Linear`` that PEFT can adapt; a rule
+with parts (the ViT's q/k/v into our fused qkv) names one module per part.
+
+Shapes: PEFT ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]; ours ``lora_a`` [*in, r], ``lora_b``
+[r, *features] (see :mod:`internvl_jax.lora`), stacked on a leading layers axis inside ``layers``.
+
+- Saving a fused adapter on the ViT's qkv (the original's ``attn.qkv`` target) writes q_proj, k_proj and v_proj
+  with the same ``lora_A`` and their rows of ``lora_B``: exactly the same model.
+- Loading: a fused kernel whose part adapters share one ``lora_A`` everywhere becomes one fused adapter; otherwise
+  a ``split`` adapter (one per part); a part or layer the file lacks gets zero A and B (no change). PEFT's
+  ``use_rslora`` (scale alpha/sqrt(r)) becomes alpha * sqrt(r) here. DoRA, ``fan_in_fan_out`` and LoRA biases are
+  refused with a clear error, as are adapters on fused torch modules (Phi-3's ``qkv_proj``/``gate_up_proj``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from internvl_jax import lora
+from internvl_jax.config import InternVLConfig
+from internvl_jax.model import abstract_params
+
+from .keymaps import HF
+from .safetensors_io import CheckpointError
+from .staging import staged_folder
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# canonical key prefixes (convert.keymaps) <-> the in-memory module names PEFT writes
+IN_MEMORY = (("vision.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
+             ("llm.", "model.language_model."), ("lm_head.", "lm_head."))
+N_IN = {"linear": 1, "linear2": 2}  # input dims of our kernel for the key maps' linear transforms
+
+
+@dataclass(frozen=True)
+class Module:
+    """One torch Linear PEFT can adapt: its in-memory name template (``{layer}`` for stacked kernels), our kernel
+    path, the part index on the kernel's first output axis (None: the whole kernel), our kernel's input dims."""
+
+    name: str
+    kernel: str
+    part: int | None
+    n_in: int
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.name
+
+    @property
+    def pattern(self) -> re.Pattern:
+        return re.compile(re.escape(self.name).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
+
+
+def _in_memory(canonical: str) -> str:
+    for ours, theirs in IN_MEMORY:
+        if (canonical + ".").startswith(ours):  # "lm_head" itself too
+            return (theirs + canonical[len(ours):]) if len(canonical) >= len(ours) else theirs.rstrip(".")
+    raise ValueError(f"no in-memory module name for key {canonical!r}")
+
+
+def modules(family: str) -> list[Module]:
+    """The adaptable torch Linears of the transformers-native model with an LLM of ``family``."""
+    out = []
+    for rule in HF.rules:
+        if (not rule.source.endswith(".weight") or not rule.target.endswith("/kernel") or rule.rows is not None
+                or rule.transform not in N_IN or not rule.applies_to(family)):
+            continue
+        base = rule.source[: -len(".weight")]
+        for i, part in enumerate(rule.parts or (None,)):
+            name = _in_memory(base.replace("{part}", part) if part else base)
+            if "{part}" in rule.target:
+                out.append(Module(name, rule.target.replace("{part}", part), None, N_IN[rule.transform]))
+            else:
+                out.append(Module(name, rule.target, i if part else None, N_IN[rule.transform]))
+    return out
+
+
+def _fused_modules(family: str) -> set[str]:
+    """In-memory names of fused torch modules (Phi-3 ``qkv_proj``, ``gate_up_proj``): not loadable as LoRA here."""
+    return {_in_memory(r.source[: -len(".weight")]) for r in HF.rules if r.rows is not None and r.applies_to(family)}
+
+
+def _get(tree: dict, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: str, value) -> None:
+    keys = path.split("/")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ours -> PEFT
+# ---------------------------------------------------------------------------------------------------------
+
+
+def to_peft_tensors(params: dict, config: InternVLConfig) -> tuple[dict, dict]:
+    """Our adapters (``params`` holding ``lora_a``/``lora_b``) -> ({PEFT key: float32 array}, {module name:
+    (rank, alpha, dropout)}). Raises ValueError for an adapter no PEFT module of the transformers model holds."""
+    tensors, meta = {}, {}
+    by_kernel = defaultdict(list)
+    for m in modules(config.text.family):
+        by_kernel[m.kernel].append(m)
+    adapted = {"/".join(k.key for k in p[:-1]) + "/kernel"
+               for p, _ in jax.tree_util.tree_flatten_with_path(lora.adapters_of(params))[0]}
+    for kernel in sorted(adapted):
+        adapter = lora.adapter_for(config.lora, kernel)
+        targets = by_kernel.get(lora.canonical_path(kernel))
+        if adapter is None or not targets:
+            raise ValueError(f"the LoRA adapter of {kernel} has no PEFT counterpart in the transformers-native model "
+                             f"(adaptable kernels: {', '.join(sorted(by_kernel))})")
+        node = _get(params, kernel.rsplit("/", 1)[0])
+        a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
+        layers = range(a.shape[0]) if targets[0].stacked else [None]
+        for m in targets:
+            for i in layers:
+                ai, bi = (a, b) if i is None else (a[i], b[i])
+                if adapter.split:  # A [*in, P, r], B [P, r, *rest]
+                    ai, bi = ai[..., m.part, :], bi[m.part]
+                elif m.part is not None:  # fused: the shared A, this part's columns of B [r, P, *rest]
+                    bi = bi[:, m.part]
+                r = ai.shape[-1]
+                name = m.name.format(layer=i)
+                tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, r).T)
+                tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(bi.reshape(r, -1).T)
+                meta[name] = (adapter.rank, adapter.alpha, adapter.dropout)
+    return tensors, meta
+
+
+def peft_config(meta: dict, base_model: str | None = None) -> dict:
+    """adapter_config.json for modules {name: (rank, alpha, dropout)}: the commonest rank and alpha as ``r`` and
+    ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern`` (exact module names)."""
+    r = Counter(v[0] for v in meta.values()).most_common(1)[0][0]
+    alpha = Counter(v[1] for v in meta.values()).most_common(1)[0][0]
+    exact = lambda name: f"^{re.escape(name)}"  # noqa: E731  PEFT matches (.*\.)?(pattern)$
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "inference_mode": True,
+        "r": int(r), "lora_alpha": float(alpha), "lora_dropout": max(v[2] for v in meta.values()),
+        "target_modules": sorted(meta), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "rank_pattern": {exact(n): int(v[0]) for n, v in meta.items() if v[0] != r},
+        "alpha_pattern": {exact(n): float(v[1]) for n, v in meta.items() if v[1] != alpha},
+    }
+
+
+def save_adapter(params: dict, config: InternVLConfig, dst: str, *, overwrite: bool = False,
+                 base_model: str | None = None) -> None:
+    """Write our adapters to ``dst`` in PEFT's format (staged, renamed in when complete); ``PeftModel.from_pretrained
+    (InternVLForConditionalGeneration..., dst)`` loads them. Only the adapters are written (train a projector
+    fully and its weights go in the merged export, not here)."""
+    from safetensors.numpy import save_file
+
+    tensors, meta = to_peft_tensors(jax.device_get(params), config)
+    if not tensors:
+        raise ValueError("the params hold no LoRA adapters (lora_a/lora_b) to save")
+    with staged_folder(dst, overwrite=overwrite) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(peft_config(meta, base_model), f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PEFT -> ours
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with re.match(rf"(.*\\.)?({k})$", name)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_adapter_config(path: str) -> dict:
+    """adapter_config.json of a PEFT adapter folder, checked for what this loader supports."""
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: no such file (a PEFT adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        with open(file) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{file}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r}, "
+                              "expected 'LORA'")
+    for key, ok, what in (("use_dora", False, "DoRA"), ("fan_in_fan_out", False, "fan_in_fan_out weights"),
+                          ("bias", "none", "LoRA biases")):
+        if cfg.get(key, ok) != ok:
+            raise CheckpointError(f"{file}: {key}={cfg[key]!r}: {what} are not supported (expected {ok!r})")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
+            raise CheckpointError(f"{file}: {key} must be a positive number, got {cfg.get(key)!r}")
+    return cfg
+
+
+def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rules: tuple | None = None,
+                      where: str = "adapter") -> tuple[tuple, dict]:
+    """({PEFT key: array}, adapter_config dict) -> (our LoRA rule table, adapters tree of float32 numpy arrays) for
+    the model ``config``. ``rules``: lay the adapters out as this table says (e.g. gradients in the layout of
+    existing adapters) instead of detecting fused vs split."""
+    family = config.text.family
+    table = modules(family)
+    fused = _fused_modules(family)
+    found = defaultdict(dict)  # kernel -> {(layer, part): (A, B, name)}
+    pairs = defaultdict(dict)
+    for key, value in tensors.items():
+        m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if not m:
+            raise CheckpointError(f"{where}: tensor {key!r} is not a LoRA weight (expected {PREFIX}<module>.lora_A"
+                                  ".weight / .lora_B.weight)")
+        pairs[m.group(1)][m.group(2)] = np.asarray(value, np.float32)
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{where}: module {name} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        if name in fused:
+            raise CheckpointError(f"{where}: module {name} is a fused torch Linear; LoRA on it is not supported here")
+        hit = next(((mod, mm) for mod in table if (mm := mod.pattern.match(name))), None)
+        if hit is None:
+            raise CheckpointError(f"{where}: module {name} is not an adaptable Linear of the transformers-native "
+                                  f"InternVL with a {family} LLM")
+        mod, mm = hit
+        layer = int(mm.group("layer")) if mod.stacked else None
+        found[mod.kernel][(layer, mod.part)] = (ab["A"], ab["B"], name, mod)
+    shapes = abstract_params(config.replace(lora=()))
+    out_rules, adapters = [], {}
+    use_rs = bool(peft.get("use_rslora", False))
+    for kernel, entries in sorted(found.items()):
+        kshape = _get(shapes, kernel).shape
+        mod = next(iter(entries.values()))[3]
+        stacked = mod.stacked
+        per_layer = kshape[1:] if stacked else kshape
+        in_shape, features = per_layer[: mod.n_in], per_layer[mod.n_in:]
+        ranks = {v[0].shape[0] for v in entries.values()}
+        alphas = {float(_pattern_value(peft.get("alpha_pattern"), v[2], peft["lora_alpha"])) for v in entries.values()}
+        declared = {int(_pattern_value(peft.get("rank_pattern"), v[2], peft["r"])) for v in entries.values()}
+        if len(ranks) != 1 or len(alphas) != 1:
+            raise CheckpointError(f"{where}: the modules feeding {kernel} have ranks {sorted(ranks)} and alphas "
+                                  f"{sorted(alphas)}; one rank and alpha per kernel is supported")
+        r, alpha = ranks.pop(), alphas.pop()
+        if declared != {r}:
+            raise CheckpointError(f"{where}: {kernel}'s modules store rank {r} but adapter_config.json says "
+                                  f"{sorted(declared)}")
+        if use_rs:
+            alpha = alpha * math.sqrt(r)  # rsLoRA's scale alpha/sqrt(r) as our alpha/r
+        layers = kshape[0] if stacked else None
+        parts = mod.part is not None
+        if rules is not None:
+            given = lora.adapter_for(rules, kernel)
+            split = bool(given and given.split)
+        else:  # one fused adapter when every part of every layer is there and shares its A
+            n_parts = features[0] if parts else 1
+            split = parts and not all(
+                (i, p) in entries and np.array_equal(entries[(i, p)][0], entries[(i, 0)][0])
+                for i in (range(layers) if stacked else [None]) for p in range(n_parts))
+        for key, (a_t, b_t, name, _) in entries.items():
+            exp_a, exp_b = (r, math.prod(in_shape)), (math.prod(features[1:] if parts else features), r)
+            if a_t.shape != exp_a or b_t.shape != exp_b:
+                raise CheckpointError(f"{where}: {name}: lora_A {list(a_t.shape)} / lora_B {list(b_t.shape)}, "
+                                      f"expected {list(exp_a)} / {list(exp_b)} for {kernel} of shape {list(kshape)}")
+        lead = (layers,) if stacked else ()
+        if split:
+            a = np.zeros(lead + (*in_shape, features[0], r), np.float32)
+            b = np.zeros(lead + (features[0], r, *features[1:]), np.float32)
+        else:
+            a = np.zeros(lead + (*in_shape, r), np.float32)
+            b = np.zeros(lead + (r, *features), np.float32)
+        for (i, p), (a_t, b_t, _, _) in entries.items():
+            at = a_t.T.reshape(*in_shape, r)
+            idx = (i,) if stacked else ()
+            if split:
+                a[idx + (Ellipsis, p, slice(None))] = at
+                b[idx + (p,)] = b_t.T.reshape(r, *features[1:])
+            elif parts:
+                a[idx] = at
+                b[idx + (slice(None), p)] = b_t.T.reshape(r, *features[1:])
+            else:
+                a[idx], b[idx] = at, b_t.T.reshape(r, *features)
+        node = kernel.rsplit("/", 1)[0]
+        _set(adapters, f"{node}/lora_a", a)
+        _set(adapters, f"{node}/lora_b", b)
+        out_rules.append((f"^{re.escape(kernel)}$", int(r), float(alpha), float(peft.get("lora_dropout", 0.0)), split))
+    return tuple(out_rules), adapters
+
+
+def load_adapter(path: str, config: InternVLConfig) -> tuple[InternVLConfig, dict]:
+    """A PEFT LoRA adapter folder -> (``config`` with its LoRA rule table, the adapters tree). Put them on a base:
+    ``params = internvl_jax.lora.combine(base_params, adapters)`` and run ``InternVL(config)``; or merge them
+    (:func:`internvl_jax.lora.merge`) for the plain model."""
+    from safetensors.numpy import load_file
+
+    peft = read_adapter_config(path)
+    file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: no such file")
+    rules, adapters = from_peft_tensors(load_file(file), peft, config, where=file)
+    if not rules:
+        raise CheckpointError(f"{file}: holds no LoRA weights")
+    return config.replace(lora=rules), adapters
+
+
+def load_with_adapter(base: str, adapter: str, *, dtype=None, merge: bool = False, mesh=None, rules="fsdp"):
+    """(model, params) of a base checkpoint (either safetensors layout or a ``convert`` folder) with a PEFT adapter
+    on it: unmerged (the low-rank path runs in each layer; no merge needed to evaluate) or ``merge``d into the
+    kernels (the plain model, as fast as the base)."""
+    import jax.numpy as jnp
+
+    from internvl_jax.model import InternVL
+
+    from .load import load_pretrained
+
+    model, params = load_pretrained(base, dtype=jnp.float32 if dtype is None else dtype, mesh=mesh, rules=rules)
+    config, adapters = load_adapter(adapter, model.config)
+    params = lora.combine(params, jax.tree.map(jnp.asarray, adapters))
+    if merge:
+        return InternVL(config.replace(lora=())), lora.merge(params, config.lora)
+    return InternVL(config), params

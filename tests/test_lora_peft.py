@@ -1,0 +1,206 @@
+"""LoRA against PEFT (pinned in requirements-test.txt) on the tiny transformers InternVL of ``reference.py``
+(qwen2 text, InternViT-300M style vision, images in every row), float32.
+
+- PEFT's ``LoraConfig`` on the ViT's q/k/v_proj, projection_layer, fc1, fc2 and the LLM's q/k/v/o/gate/up/down
+  projections (r 4, alpha 8, random A and B: a zero B would hide the low-rank path); PEFT saves the adapter, ours
+  loads it onto the converted base (``convert.peft``): logits; gradients of the token-mean cross-entropy for
+  every adapter tensor; one AdamW step (torch ``AdamW`` on the adapters, ours ``train.step`` + ``train.optim``
+  with the base frozen): adapters after it, the base bit-identical, no optimizer state for the base (counted).
+- Our adapters after that step saved in PEFT format load into PEFT: logits.
+- The original's fused ViT qkv adapter (our ``vit`` preset) saved in PEFT format and as merged safetensors
+  (``hf`` layout) reload in PyTorch with the logits of ours unmerged; the ``original`` layout export holds the
+  same merged kernels.
+
+Tolerances are stated once, here.
+"""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert.export import export_checkpoint
+from convert.load import load_pretrained
+from convert.peft import from_peft_tensors, load_adapter, save_adapter, to_peft_tensors
+from internvl_jax import lora
+from internvl_jax.model import InternVL, _dummy_inputs
+from reference import image_batch, max_diff, tiny_internvl
+from train import optim
+from train.loss import IGNORE
+from train.state import TrainState
+from train.step import make_train_step
+
+TOL_LOGITS = 1e-4  # max abs difference of logits
+TOL_GRAD = 1e-4  # per tensor: max |ours - torch| / max |torch|
+TOL_PARAMS = 1e-5  # max abs difference of the adapters after one AdamW step
+
+R, ALPHA = 4, 8
+TARGETS = (r".*(vision_tower.*\.(q_proj|k_proj|v_proj|projection_layer|fc1|fc2)"
+           r"|language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj))$")
+OPTIM = optim.OptimConfig(lr=1e-2, warmup_steps=0, warmup_ratio=0.0, schedule="constant", weight_decay=0.05,
+                          max_grad_norm=0.0, lr_rules=((r"/lora_[ab]$", 1.0), (r".", 0.0)))
+L = 20
+
+
+def _torch_logits(model, ids, pixels):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=pixels).logits.numpy()
+
+
+def _ours_logits(config, params, ids, pixels, mask):
+    return np.asarray(jax.jit(lambda p: InternVL(config).apply({"params": p}, ids, pixels, mask))(params))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The base saved by transformers, loaded by ours; the inputs."""
+    folder = tmp_path_factory.mktemp("lora_peft")
+    ref = tiny_internvl("qwen2")
+    ref.save_pretrained(folder / "base")
+    model, base = load_pretrained(str(folder / "base"))
+    ids, torch_pixels, pixels, mask = image_batch([[1], [2]], L, 2, seed=1)
+    return folder, model.config, base, (ids, torch_pixels, pixels, mask)
+
+
+def _peft_model(folder, adapter=None, *, init=False):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = tiny_internvl("qwen2")  # the same seed: the same base as the saved one
+    if adapter is not None:
+        return PeftModel.from_pretrained(base, str(adapter)).eval()
+    torch.manual_seed(5)
+    return get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+                                           init_lora_weights=init))
+
+
+def _worst(ours, theirs, relative):
+    flat = dict(jax.tree_util.tree_flatten_with_path(ours)[0])
+    worst = (0.0, "")
+    for path, b in jax.tree_util.tree_flatten_with_path(theirs)[0]:
+        err = max_diff(flat[path], b) / (float(np.max(np.abs(b))) if relative else 1.0)
+        worst = max(worst, (err, jax.tree_util.keystr(path)))
+    return worst
+
+
+def test_peft_parity_logits_grads_adamw_and_round_trip(setup):
+    folder, config, base, (ids, torch_pixels, pixels, mask) = setup
+    peft = _peft_model(folder)
+    peft.save_pretrained(folder / "peft")
+    lconfig, adapters = load_adapter(str(folder / "peft"), config)
+    qkv_rule = lora.adapter_for(lconfig.lora, "vision/layers/attn/qkv/kernel")
+    assert qkv_rule.split and qkv_rule.rank == R and qkv_rule.scale == ALPHA / R  # PEFT's q/k/v each have an A
+    params = lora.combine(base, jax.tree.map(jnp.asarray, adapters))
+
+    # logits
+    peft.eval()
+    want = _torch_logits(peft, ids, torch_pixels)
+    got = _ours_logits(lconfig, params, ids, pixels, mask)
+    print(f"PEFT -> ours logits max abs diff {max_diff(got, want):.2e}")
+    assert max_diff(got, want) <= TOL_LOGITS, max_diff(got, want)
+    assert max_diff(want, _torch_logits(tiny_internvl("qwen2"), ids, torch_pixels)) > 0.05  # adapters matter
+
+    # gradients and one AdamW step: torch
+    peft.train()  # dropout is 0: train mode changes nothing else here
+    lora_params = {n: p for n, p in peft.named_parameters() if "lora_" in n}
+    assert all(p.requires_grad for p in lora_params.values())
+    assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
+    opt = torch.optim.AdamW(lora_params.values(), lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
+                            weight_decay=OPTIM.weight_decay)
+    logits = peft(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch_pixels).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             torch.tensor(ids[:, 1:], dtype=torch.long).reshape(-1))
+    loss.backward()
+    named = lambda what: {n.replace(".default", ""): what(p) for n, p in lora_params.items()}  # noqa: E731
+    peft_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
+    torch_grads = from_peft_tensors(named(lambda p: p.grad.numpy()), peft_cfg, config, rules=lconfig.lora)[1]
+    opt.step()
+    torch_after = from_peft_tensors(named(lambda p: p.detach().numpy()), peft_cfg, config, rules=lconfig.lora)[1]
+
+    # ours: the train step with the base frozen; a probe before the optimiser keeps the gradients
+    labels = np.concatenate([ids[:, 1:], np.full((2, 1), IGNORE)], axis=1).astype(np.int32)
+    batch = {"input_ids": ids, "labels": labels, "loss_weights": (labels != IGNORE).astype(np.float32),
+             "pixel_values": pixels, "tile_mask": mask}
+    inner = optim.build_optimizer(OPTIM, params, 1)
+    probe = optax_probe()
+    tx = __import__("optax").chain(probe, inner)
+    step = make_train_step(InternVL(lconfig), tx, trainable=optim.trainable_mask(OPTIM, params), vocab_chunk=None)
+    state, metrics = jax.jit(step)(TrainState.create(params, tx, jax.random.PRNGKey(0)), batch)
+    assert abs(float(metrics["loss"]) - loss.item()) <= 1e-5 * loss.item()
+    grads = lora.adapters_of(state.opt_state[0])
+    err, where = _worst(grads, torch_grads, relative=True)
+    print(f"adapter gradients: worst relative error {err:.2e} ({where})")
+    assert err <= TOL_GRAD, (err, where)
+    err, where = _worst(lora.adapters_of(state.params), torch_after, relative=False)
+    print(f"adapters after one AdamW step: max abs diff {err:.2e} ({where})")
+    assert err <= TOL_PARAMS, (err, where)
+    # the base: bit-identical, no optimizer state (Adam's two moments for the adapters only, plus two counts)
+    frozen = lambda t: lora.partition(t, lambda p: not lora.is_adapter_path(p))[0]  # noqa: E731
+    for path, x in jax.tree_util.tree_flatten_with_path(frozen(state.params))[0]:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(_dig(base, path)), err_msg=jax.tree_util.keystr(path))
+    state_scalars = lora.count(state.opt_state[1])
+    assert state_scalars == 2 * lora.count(lora.adapters_of(params)) + 2, state_scalars
+    assert lora.count(lora.adapters_of(params)) < lora.count(base) / 10
+
+    # our adapters after the step, saved in PEFT's format, load into PEFT
+    save_adapter(state.params, lconfig, str(folder / "ours"))
+    reloaded = _peft_model(folder, folder / "ours")
+    ours_now = _ours_logits(lconfig, state.params, ids, pixels, mask)
+    print(f"ours -> PEFT logits max abs diff {max_diff(_torch_logits(reloaded, ids, torch_pixels), ours_now):.2e}; "
+          f"optimizer state {state_scalars} scalars for {lora.count(lora.adapters_of(params))} adapter and "
+          f"{lora.count(base)} base scalars")
+    assert max_diff(_torch_logits(reloaded, ids, torch_pixels), ours_now) <= TOL_LOGITS
+
+
+def optax_probe():
+    """A transformation whose state is the last gradients it saw (the tree the optimiser is fed)."""
+    import optax
+
+    return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), lambda u, s, p=None: (u, u))
+
+
+def _dig(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_fused_qkv_adapter_exports_to_peft_and_merged_safetensors(setup):
+    """The original's target set (one adapter on the ViT's fused qkv) with random B: the PEFT export (q/k/v sharing
+    A) in PEFT, the merged hf-layout export in transformers, and ours unmerged give the same logits."""
+    from transformers import InternVLForConditionalGeneration
+
+    folder, config, base, (ids, torch_pixels, pixels, mask) = setup
+    fused = config.replace(lora=lora.preset_rules("vit,llm", R, alpha=ALPHA))
+    init = jax.jit(lambda k: lora.adapters_of(nn.unbox(InternVL(fused).init(k, *_dummy_inputs(fused))["params"])))(
+        jax.random.PRNGKey(7))
+    key = jax.random.PRNGKey(8)
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.2 * jax.random.normal(jax.random.fold_in(key, len(jax.tree_util.keystr(p))), x.shape)
+        if p[-1].key == "lora_b" else x, init)
+    params = lora.combine(base, adapters)
+    ours = _ours_logits(fused, params, ids, pixels, mask)
+
+    tensors, _ = to_peft_tensors(params, fused)
+    a = [tensors[f"base_model.model.model.vision_tower.encoder.layer.0.attention.{p}_proj.lora_A.weight"] for p in "qkv"]
+    assert np.array_equal(a[0], a[1]) and np.array_equal(a[0], a[2])
+    save_adapter(params, fused, str(folder / "fused"))
+    peft = _peft_model(folder, folder / "fused")
+    print(f"fused qkv: ours -> PEFT logits {max_diff(_torch_logits(peft, ids, torch_pixels), ours):.2e}")
+    assert max_diff(_torch_logits(peft, ids, torch_pixels), ours) <= TOL_LOGITS
+    assert load_adapter(str(folder / "fused"), config)[0].lora[0][4] is False  # shared A: loads back fused
+
+    merged = lora.merge(params, fused.lora)
+    export_checkpoint(merged, config, str(folder / "merged_hf"), layout="hf")
+    torch_merged = InternVLForConditionalGeneration.from_pretrained(str(folder / "merged_hf")).eval()
+    print(f"merged hf export in transformers vs ours unmerged {max_diff(_torch_logits(torch_merged, ids, torch_pixels), ours):.2e}")
+    assert max_diff(_torch_logits(torch_merged, ids, torch_pixels), ours) <= TOL_LOGITS
+    export_checkpoint(merged, config, str(folder / "merged_original"), layout="original")
+    reread = load_pretrained(str(folder / "merged_original"))[1]
+    for path, x in jax.tree_util.tree_flatten_with_path(merged)[0]:
+        np.testing.assert_array_equal(np.asarray(_dig(reread, path)), np.asarray(x))
+    assert not os.path.exists(folder / "merged_original" / "adapter_config.json")
