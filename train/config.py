@@ -63,6 +63,27 @@ class FreezeConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (:mod:`internvl_jax.lora`): ``rank`` > 0 (or ``rules``) turns it on. The towers named by
+    ``targets`` get adapters and their base weights are frozen (no gradient, no optimizer state); the rest trains
+    or not by the stage's freezing flags (the original: ``use_backbone_lora`` / ``use_llm_lora`` with the projector
+    trained unless ``freeze_mlp``). Checkpoints then hold the trainable params only, plus the base's identity."""
+
+    rank: int = 0  # 0: no LoRA
+    alpha: float = 0.0  # 0: 2 * rank (the original's)
+    dropout: float = 0.05
+    # "auto": the towers the stage trains (vit unless freeze_backbone, llm unless freeze_llm); else a comma list of
+    # internvl_jax.lora.TARGETS (vit, vit_split, llm, projector)
+    targets: str = "auto"
+    rules: tuple = ()  # extra (regex, rank, alpha[, dropout[, split]]) rules, tried before the targets'
+    base_dtype: str = "float32"  # bfloat16: the frozen base stored in bfloat16 (adapters stay float32)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or bool(self.rules)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``init`` names a checkpoint (either safetensors layout or a ``convert`` orbax folder) to
     start from, with its tokenizer and template; without it, ``preset`` is initialised at random and
@@ -101,17 +122,56 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
 
 
+def lora_targets(cfg: TrainConfig) -> list[str]:
+    """The LoRA target sets of the run (``lora.targets``; "auto": the towers the stage trains)."""
+    if cfg.lora.targets != "auto":
+        return [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
+    return [name for name, frozen in (("vit", cfg.freeze.freeze_backbone), ("llm", cfg.freeze.freeze_llm))
+            if not frozen]
+
+
+def lora_rules(cfg: TrainConfig) -> tuple:
+    """The adapters' rule table (``InternVLConfig.lora``) of the run; () without LoRA."""
+    if not cfg.lora.enabled:
+        return ()
+    from internvl_jax.lora import preset_rules
+
+    targets = lora_targets(cfg) if cfg.lora.rank > 0 else []
+    if cfg.lora.rank > 0 and not targets:
+        raise ConfigError(f"lora.rank={cfg.lora.rank} but lora.targets=auto finds no trained tower in {cfg.name} "
+                          "(it freezes the ViT and the LLM); set lora.targets=vit,llm (or vit_split, projector)")
+    try:
+        table = tuple(cfg.lora.rules) + (preset_rules(targets, cfg.lora.rank, cfg.lora.alpha or None,
+                                                      cfg.lora.dropout) if targets else ())
+        from internvl_jax.lora import compile_rules
+
+        compile_rules(table)
+    except ValueError as e:
+        raise ConfigError(f"lora: {e}") from None
+    return table
+
+
 def optim_config(cfg: TrainConfig, config: InternVLConfig) -> OptimConfig:
     """``cfg.optim`` with the freezing flags of ``cfg.freeze`` appended to its path rules (``config``: the model,
-    for whether its head is tied)."""
+    for whether its head is tied). With LoRA the adapters train (a rule put first) and the towers they are on are
+    frozen."""
     f = cfg.freeze
-    rules = stage_rules(f.freeze_backbone, f.freeze_mlp, f.freeze_llm, f.unfreeze_vit_layers, f.unfreeze_lm_head,
-                        tied_head=config.text.tie_word_embeddings, extra=cfg.optim.lr_rules)
+    extra = cfg.optim.lr_rules
+    freeze_backbone, freeze_mlp, freeze_llm = f.freeze_backbone, f.freeze_mlp, f.freeze_llm
+    if cfg.lora.enabled:
+        targets = lora_targets(cfg) if cfg.lora.rank > 0 else []
+        freeze_backbone |= any(t.startswith("vit") for t in targets)
+        freeze_llm |= "llm" in targets
+        freeze_mlp |= "projector" in targets
+        extra = ((r"/lora_[ab]$", 1.0),) + tuple(extra)
+    rules = stage_rules(freeze_backbone, freeze_mlp, freeze_llm, f.unfreeze_vit_layers, f.unfreeze_lm_head,
+                        tied_head=config.text.tie_word_embeddings, extra=extra)
     return dataclasses.replace(cfg.optim, lr_rules=rules)
 
 
@@ -131,6 +191,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.export in ("", "hf", "original"), f"export={cfg.export!r}: expected '', hf or original"),
         (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r}: expected float32 or bfloat16"),
         (cfg.save_every >= 1 and cfg.keep >= 1, f"save_every={cfg.save_every}, keep={cfg.keep}: expected >= 1"),
+        (cfg.lora.rank >= 0, f"lora.rank={cfg.lora.rank}: expected >= 0 (0 = no LoRA)"),
+        (cfg.lora.base_dtype in ("float32", "bfloat16"),
+         f"lora.base_dtype={cfg.lora.base_dtype!r}: expected float32 or bfloat16"),
     ]
     for ok, message in checks:
         if not ok:
@@ -139,6 +202,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.meta={cfg.data.meta}: no such file")
     if cfg.init and not os.path.isdir(cfg.init):
         raise ConfigError(f"init={cfg.init}: no such checkpoint folder")
+    lora_rules(cfg)  # a bad table or target set fails here, before anything is loaded
 
 
 # ------------------------------------------------------------------------------------------------------------

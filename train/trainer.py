@@ -25,14 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import sharding
-from internvl_jax.model import InternVL, abstract_params
+from internvl_jax import lora
+from internvl_jax.model import InternVL, _dummy_inputs, abstract_params
 from sharding.distributed import is_main_process, main_process_logger
 from sharding.plan import model_flops
 from sharding.topology import CHIPS
 
 from . import optim
 from .checkpoint import Checkpoints
-from .config import ConfigError, TrainConfig, optim_config, validate
+from .config import ConfigError, TrainConfig, lora_rules, optim_config, validate
 from .inputs import Inputs, build_inputs
 from .state import TrainState, abstract_state
 from .step import batch_shardings, loss_sum, make_train_step
@@ -172,17 +173,60 @@ def evaluate(model, params, inputs: Inputs, mesh, rules, *, vocab_chunk) -> dict
     return {"eval_loss": total / max(weights, 1e-12)}
 
 
+def _with_adapters(cfg: TrainConfig, config, params, mesh):
+    """(config with the run's LoRA table, params with fresh adapters in their shardings); unchanged without LoRA.
+    Only the adapters are initialised: the jitted init returns nothing else, so XLA drops the base's init."""
+    rules = lora_rules(cfg)
+    if not rules:
+        return config, params
+    config = config.replace(lora=rules)
+    model = InternVL(config)
+    adapters = sharding.init_sharded(lambda r: lora.adapters_of(model.init(r, *_dummy_inputs(config))["params"]),
+                                     mesh, cfg.rules, jax.random.PRNGKey(cfg.seed + 2))
+    if not adapters:
+        raise ConfigError(f"lora rules {rules} give no kernel of the model an adapter")
+    return config, lora.combine(params, adapters)
+
+
+def base_identity(cfg: TrainConfig) -> dict:
+    """What the frozen base of a LoRA run is: the ``init`` folder with a digest of its config.json and its files'
+    names and sizes (cheap for any size), or the preset and seed of a random base."""
+    import hashlib
+
+    if not cfg.init:
+        return {"preset": cfg.preset or "(config's model)", "seed": cfg.seed}
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(cfg.init)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(f"{os.path.relpath(path, cfg.init)}:{os.path.getsize(path)};".encode())
+            if name == "config.json":
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return {"init": os.path.abspath(cfg.init), "digest": digest.hexdigest()}
+
+
+def _split_trainable(params, trainable):
+    """(trainable params, frozen params) as two nested dicts, by the optimizer's trainable mask."""
+    keep = {optim.param_path(p) for p, t in jax.tree_util.tree_flatten_with_path(trainable)[0] if t}
+    return lora.partition(params, lambda path: path in keep)
+
+
 def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     """Run (or resume) ``cfg``; returns the final state. ``on_step(record)`` is called with each step's metrics."""
     validate(cfg)
     os.makedirs(cfg.workdir, exist_ok=True)
     mesh = _mesh(cfg)
     config, params = _initial_params(cfg, mesh)
+    config, params = _with_adapters(cfg, config, params, mesh)
     model = InternVL(config)
     inputs = build_inputs(cfg, config)
     ocfg = optim_config(cfg, config)
-    tx = optim.build_optimizer(ocfg, params, cfg.steps)
     trainable = optim.trainable_mask(ocfg, params)
+    use_lora = bool(config.lora)
+    if use_lora and cfg.lora.base_dtype == "bfloat16":  # the frozen base only: trained leaves stay float32
+        params = jax.tree.map(lambda p, t: p if t else p.astype(jnp.bfloat16), params, trainable)
+    tx = optim.build_optimizer(ocfg, params, cfg.steps)
     lr_fn = optim.schedule(ocfg, cfg.steps)
     boxed = abstract_params(config, boxed=True)
     state_sh = sharding.shardings(abstract_state(boxed, tx), mesh, cfg.rules)
@@ -193,16 +237,34 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     checkpoints = Checkpoints(cfg.workdir, save_every=cfg.save_every, keep=cfg.keep)
     resumed = checkpoints.latest_step()
     host = {"skipped_samples": {}}
+    identity = base_identity(cfg) if use_lora else None
+    if use_lora:
+        n_train = lora.count(_split_trainable(state.params, trainable)[0])
+        log.info("LoRA: %d trainable parameters (adapters %d) on a frozen base of %d", n_train,
+                 lora.count(lora.adapters_of(state.params)), lora.count(state.params) - n_train)
+
+    def saved(state):
+        """What a checkpoint holds: with LoRA the trainable params only (the base is named by ``identity``)."""
+        return state.replace(params=_split_trainable(state.params, trainable)[0]) if use_lora else state
+
     if resumed is not None:
         abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                           state_sh)
+        frozen = _split_trainable(state.params, trainable)[1] if use_lora else None
         del state
-        state, meta = checkpoints.restore(resumed, abstract, inputs.iterator)
+        state, meta = checkpoints.restore(resumed, saved(abstract), inputs.iterator)
+        if use_lora:
+            if meta.get("base") != identity:
+                raise ConfigError(f"the checkpoints in {checkpoints.directory} were trained on the base "
+                                  f"{meta.get('base')}, this run's is {identity}: LoRA checkpoints hold adapters only "
+                                  "and resume on their own base (give that init, or a new workdir)")
+            state = state.replace(params=lora.combine(state.params, frozen))
         host = meta.get("host", host)
         log.info("resumed from step %d of %s", resumed, checkpoints.directory)
     step_fn = make_train_step(model, tx, lr_fn, trainable=trainable,
                               grad_view=lambda g: optim.trainable_grads(ocfg, g, g), accum_steps=cfg.accum_steps,
-                              vocab_chunk=cfg.vocab_chunk or None, drop_path=config.vision.drop_path_rate > 0)
+                              vocab_chunk=cfg.vocab_chunk or None,
+                              drop_path=config.vision.drop_path_rate > 0 or (use_lora and _lora_dropout(config)))
     batch_sh = batch_shardings(inputs.abstract_batch, mesh, cfg.rules)
     with sharding.activate(mesh, cfg.rules):
         step_fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
@@ -212,6 +274,8 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     peak = device_peak_flops()
     flops = model_flops(config, cfg.data.rows, cfg.data.max_tokens, cfg.data.max_tiles, devices=1)
     run_meta = {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    if use_lora:
+        run_meta["base"] = identity
     records = []
     from tqdm import tqdm
 
@@ -227,7 +291,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
                 host["skipped_samples"][reason] = host["skipped_samples"].get(reason, 0) + n
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 # the iterator has yielded exactly step + 1 batches: the state the checkpoint must hold
-                checkpoints.save(step + 1, state, inputs.iterator, {**run_meta, "host": host},
+                checkpoints.save(step + 1, saved(state), inputs.iterator, {**run_meta, "host": host},
                                  force=step + 1 == cfg.steps)
             if step + 1 < cfg.steps:
                 next_batch, next_stats = inputs.next()  # host work while the device runs this step
@@ -272,8 +336,20 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
         if records:
             records[-1].update(final)
     if cfg.export:
-        export(state.params, config, os.path.join(cfg.workdir, "export"), cfg.export, inputs)
+        final = lora.merge(state.params, config.lora) if use_lora else state.params
+        export(final, config.replace(lora=()), os.path.join(cfg.workdir, "export"), cfg.export, inputs)
+        if use_lora and config.text.family != "phi3":
+            from convert.peft import save_adapter
+
+            save_adapter(state.params, config, os.path.join(cfg.workdir, "adapter"), overwrite=True,
+                         base_model=cfg.init or None)
+            log.info("LoRA adapter (PEFT format) in %s", os.path.join(cfg.workdir, "adapter"))
     return RunResult(state, model, inputs, records, resumed)
+
+
+def _lora_dropout(config) -> bool:
+    """Whether any LoRA rule has dropout (the step then passes a dropout rng)."""
+    return any(adapter is not None and adapter.dropout > 0 for _, adapter in lora.compile_rules(config.lora))
 
 
 def export(params, config, dst: str, layout: str, inputs: Inputs) -> None:
