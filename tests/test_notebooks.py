@@ -17,7 +17,6 @@ NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
 def run_notebook(name: str, tmp_path, monkeypatch) -> dict:
     """Execute notebooks/<name>.ipynb in its folder; returns the figures it wrote."""
     monkeypatch.setenv("INTERNVL_NOTEBOOK_RESULTS", str(tmp_path))
-    monkeypatch.setenv("MPLBACKEND", "agg")  # figures are drawn, not shown
     nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}).execute()
@@ -55,3 +54,15 @@ def test_parity(tmp_path, monkeypatch):
         assert f32[name] <= TOL_MODULE, (name, f32[name])
     assert f32["logits"] <= TOL_LOGITS, f32["logits"]
     assert 0 < torch_bf16["logits"] and bf16["logits"] <= 2 * torch_bf16["logits"], (bf16["logits"], torch_bf16["logits"])
+
+
+def test_fine_tuning(tmp_path, monkeypatch):
+    from reference import TOL_LOGITS
+
+    r = run_notebook("fine_tuning", tmp_path, monkeypatch)
+    stop, steps, losses = r["stopped_at"], r["steps"], r["losses"]
+    # metrics.jsonl: the interrupted run's steps 1..stop, then the resumed run's stop+1..end (its checkpoint was at stop)
+    assert r["resumed_from"] == stop and steps == list(range(1, len(steps) + 1)) and len(steps) > stop
+    assert losses[-1] < losses[0], losses
+    assert r["accuracy_after"] > r["accuracy_before"], (r["accuracy_before"], r["accuracy_after"])
+    assert r["export_logits_error"] <= TOL_LOGITS, r["export_logits_error"]
