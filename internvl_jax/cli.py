@@ -183,10 +183,16 @@ def cmd_export(args) -> None:
     prepare_destination(args.dst, overwrite=args.overwrite)  # fails before the whole model is loaded
     with _interrupt_in_one_line(args):
         args.dtype = args.dtype or checkpoint_dtype(args.src)
-        model, params = load_pretrained(args.src, dtype=args.dtype)
+        if args.adapter:  # merged: the plain model's kernels with the adapter folded in
+            from convert.peft import load_with_adapter
+
+            model, params = load_with_adapter(args.src, args.adapter, dtype=args.dtype, merge=True)
+        else:
+            model, params = load_pretrained(args.src, dtype=args.dtype)
         export_checkpoint(params, model.config, args.dst, layout=args.layout, overwrite=args.overwrite,
                           progress=True, side_files_from=args.src)
-    print(f"wrote {args.dst} ({args.layout} layout, {args.dtype})")
+    merged = f", adapter {args.adapter} merged" if args.adapter else ""
+    print(f"wrote {args.dst} ({args.layout} layout, {args.dtype}{merged})")
 
 
 class Working:
@@ -239,6 +245,8 @@ def cmd_chat(args) -> None:
 
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint folder {args.checkpoint} does not exist")
+    if args.merge and not args.adapter:
+        raise ValueError("--merge needs --adapter DIR (the PEFT LoRA adapter to merge)")
     _check_chat_args(args, model_config(args.checkpoint))
     images = [load_image(path) for path in args.image]  # unreadable files fail before the model loads
     from convert.load import load_pretrained
@@ -248,8 +256,14 @@ def cmd_chat(args) -> None:
     from .processing.processor import Processor
 
     processor = Processor.from_pretrained(args.checkpoint)  # tokenizer errors too come before the weights
-    with Working(f"loading {args.checkpoint} in {args.dtype}"):
-        model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
+    with Working(f"loading {args.checkpoint} in {args.dtype}" + (f" with adapter {args.adapter}" if args.adapter
+                                                                  else "")):
+        if args.adapter:  # unmerged (the low-rank path in each layer) unless --merge
+            from convert.peft import load_with_adapter
+
+            model, params = load_with_adapter(args.checkpoint, args.adapter, dtype=args.dtype, merge=args.merge)
+        else:
+            model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
         params = unrolled_params(params, model.config)  # the generation layout, once (not on every answer)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -309,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="tensor dtype of the output (default: the source's own, so a round trip is lossless)")
     export.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    export.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to merge into the weights")
     export.set_defaults(func=cmd_export)
     chat = sub.add_parser("chat", help="ask a checkpoint about images or a video (streams the answer)")
     chat.add_argument("checkpoint", help="a checkpoint folder with its tokenizer (either layout)")
@@ -323,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    chat.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to put on the checkpoint")
+    chat.add_argument("--merge", action="store_true", help="with --adapter: merge it into the weights first "
+                      "(default: unmerged, the adapters run beside the frozen kernels)")
     chat.set_defaults(func=cmd_chat)
     train = sub.add_parser(
         "train", help="train or fine-tune (resumes when WORKDIR holds checkpoints)",
