@@ -1,0 +1,143 @@
+"""LoRA against full fine-tuning: the trainer's step on the same model and batch, and the planner's per-device bytes.
+
+    python bench/lora.py                   # a small model on this CPU, then InternVL2.5-8B / -78B from the planner
+    python bench/lora.py --skip-plan       # the CPU part only
+
+1. This CPU (one device): a small InternVL (``--hidden`` wide LLM of ``--layers`` layers, a 4-layer ViT on 112 px
+   tiles) in float32; the train step (``train.step``, the trainer's AdamW of ``train.optim``) compiled twice, full
+   fine-tuning (everything trains) and LoRA r=16 on the ViT and the LLM (the original's targets, the projector
+   trained, the base frozen: no gradient, no optimizer state), same batch. Printed: median step time and the
+   compiled program's per-device memory (arguments + outputs - donated + temporaries), and their ratios.
+2. The planner (``sharding.plan.estimate``, the analytic per-device bytes ``internvl-jax plan`` reports; params in
+   bfloat16, LoRA adapters and their Adam moments in float32): InternVL2.5-8B on the same v5p mesh for both, and the
+   smallest v5e / v5p slice where each of 8B and 78B fits (fsdp rules, 4096 tokens a row, one row per batch shard,
+   full remat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # bench/train*.py would shadow the train package
+
+import jax
+
+import sharding
+from internvl_jax import lora
+from internvl_jax.model import abstract_params
+from internvl_jax.presets import get_preset
+from sharding.plan import Optimizer, _smallest, estimate, target_config, train_step
+from sharding.rules import get_rules
+from sharding.topology import parse_slice
+from train import optim
+
+_spec = importlib.util.spec_from_file_location("bench_step", os.path.join(os.path.dirname(__file__), "step.py"))
+bench_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_step)
+
+RANK = 16
+LORA_LR_RULES = ((r"/lora_[ab]$", 1.0), (r"^vision/", 0.0), (r"^language_model/", 0.0))  # projector trains
+
+
+def lora_config(config, rank: int = RANK):
+    """``config`` with the original's ViT and LLM target sets at ``rank`` (alpha 2r, dropout 0.05)."""
+    return config.replace(lora=lora.preset_rules("vit,llm", rank))
+
+
+def trainer_optimizer(config, lr_rules: tuple, name: str) -> Optimizer:
+    """The trainer's AdamW (``train.optim.build_optimizer``) with these lr rules, as a planner ``Optimizer``."""
+    ocfg = optim.OptimConfig(lr_rules=lr_rules)
+    params = abstract_params(config)
+    return Optimizer(name, optim.build_optimizer(ocfg, params, 1000), optim.trainable_mask(ocfg, params))
+
+
+def small_config(hidden: int, layers: int):
+    """A small InternVL for this CPU: qwen2 LLM ``hidden`` wide, a 4-layer ViT 256 wide on 112 px tiles."""
+    base = get_preset("tiny-qwen2")
+    text = dataclasses.replace(base.text, hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
+                               num_heads=hidden // 64, num_kv_heads=max(1, hidden // 256), head_dim=64)
+    vision = dataclasses.replace(base.vision, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                                 image_size=112)
+    return base.replace(text=text, vision=vision, dtype="float32", param_dtype="float32", remat="none")
+
+
+def cpu_part(args) -> None:
+    config = small_config(args.hidden, args.layers)
+    mesh = sharding.make_mesh(1, 1, 1)
+    seq_len = args.tiles * config.tokens_per_tile + args.text_tokens
+    results = {}
+    for name, cfg, rules in (("full", config, ()), (f"LoRA r={RANK}", lora_config(config), LORA_LR_RULES)):
+        opt = trainer_optimizer(cfg, rules, name)
+        step = train_step(cfg, mesh, "fsdp", rows=args.rows, seq_len=seq_len, tiles=args.tiles, optimizer=opt)
+        compiled, stats = step.compile(mesh, "fsdp")
+        seconds = bench_step.timed(compiled, bench_step.random_inputs(step, cfg, mesh, "fsdp"), args.repeats, True)
+        params = abstract_params(cfg)
+        trained = sum(int(x.size) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(opt.trainable)) if t)
+        results[name] = (seconds, stats.total)
+        print(f"{name}: step {seconds:.3f} s, compiled per-device memory {stats.total / 2**20:.1f} MiB (arguments "
+              f"{stats.argument_bytes / 2**20:.1f}, temporaries {stats.temp_bytes / 2**20:.1f}), trainable "
+              f"{trained:,} of {lora.count(params):,} params")
+    (t_full, m_full), (t_lora, m_lora) = results.values()
+    print(f"LoRA / full on this CPU: step time {t_lora / t_full:.2f}x, compiled memory {m_lora / m_full:.2f}x "
+          f"({config.text.hidden_size}-wide {config.text.num_layers}-layer LLM, {args.rows} rows x {seq_len} tokens, "
+          f"{args.tiles} tiles)")
+
+
+def plan_part(args) -> None:
+    table = get_rules("fsdp")
+    seq_len = 4096
+    for preset in ("InternVL2_5-8B", "InternVL2_5-78B"):
+        full_cfg = target_config(preset, dtype="bfloat16", remat="full")
+        variants = (("full", full_cfg, trainer_optimizer(full_cfg, (), "full")),
+                    (f"LoRA r={RANK}", lora_config(full_cfg),
+                     trainer_optimizer(lora_config(full_cfg), LORA_LR_RULES, "lora")))
+        tiles = 6
+        if preset == "InternVL2_5-8B":
+            sizes = {"data": 1, "fsdp": 16, "tensor": 1}  # the same mesh for both
+            est = {}
+            for name, cfg, opt in variants:
+                e = estimate(cfg, sizes, table, rows=16, seq_len=seq_len, tiles=tiles, optimizer=opt)
+                est[name] = e
+                print(f"{preset} {name} on mesh {sizes} (16 rows x {seq_len}): per device {e.train / 2**30:.2f} GiB "
+                      f"(params {e.params / 2**30:.2f}, grads {e.grads / 2**30:.3f}, optimizer "
+                      f"{e.opt_state / 2**30:.3f}, activations {e.activations / 2**30:.2f})")
+            full, low = est.values()
+            print(f"{preset}: LoRA / full per-device bytes {low.train / full.train:.2f}x "
+                  f"(params+grads+optimizer {(low.params + low.grads + low.opt_state) / (full.params + full.grads + full.opt_state):.2f}x)")
+        for chip in ("v5e-1", "v5p-2"):
+            target = parse_slice(chip).chip
+            for name, cfg, opt in variants:
+                boxed = abstract_params(cfg, boxed=True)
+                found = _smallest(cfg, target, table, None, 1, seq_len, tiles, opt, boxed)
+                if found is None:
+                    print(f"{preset} {name}: no {target.name} slice up to the planner's limit fits")
+                    continue
+                sl, sizes, e = found
+                print(f"{preset} {name}: smallest {target.name} slice {sl.name} (mesh {sizes}), "
+                      f"{e.train / 2**30:.2f} GiB per device of {target.memory / 2**30:.0f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rows", type=int, default=2)
+    p.add_argument("--tiles", type=int, default=1)
+    p.add_argument("--text-tokens", type=int, default=240)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-plan", action="store_true")
+    p.add_argument("--skip-cpu", action="store_true")
+    args = p.parse_args()
+    if not args.skip_cpu:
+        cpu_part(args)
+    if not args.skip_plan:
+        plan_part(args)
+
+
+if __name__ == "__main__":
+    main()
