@@ -66,3 +66,23 @@ def test_fine_tuning(tmp_path, monkeypatch):
     assert losses[-1] < losses[0], losses
     assert r["accuracy_after"] > r["accuracy_before"], (r["accuracy_before"], r["accuracy_after"])
     assert r["export_logits_error"] <= TOL_LOGITS, r["export_logits_error"]
+
+
+def test_sharding_and_planning(tmp_path, monkeypatch):
+    r = run_notebook("sharding_and_planning", tmp_path, monkeypatch)
+    assert set(r["placed_bytes"]) == {"dp", "fsdp", "fsdp_tp"}
+    assert r["placed_bytes"] == r["estimated_bytes"]  # the estimate is exact for params (as tests/test_plan.py)
+    assert r["placed_bytes"]["fsdp"] < r["placed_bytes"]["dp"]
+    for p in r["plans"]:
+        verdict = "verdict: fits" if p["per_device_bytes"] <= p["memory"] else "verdict: does not fit"
+        assert p["last_lines"] == [f"per-device bytes: {p['per_device_bytes']}", verdict], p
+        if p["smallest_bytes"] is not None:
+            assert p["smallest_bytes"] <= p["smallest_memory"], p
+    assert any(p["last_lines"][-1] == "verdict: does not fit" for p in r["plans"])
+    c = r["compiled"]
+    assert c["per_device_bytes"] == c["compiled_total"] > 0
+    assert c["last_lines"] == [f"per-device bytes: {c['compiled_total']}", "verdict: fits"]
+    temp = r["attention_temp_bytes"]
+    for length in (1024, 4096, 16384):
+        scores = 8 * length * length * 4  # the [heads, L, L] float32 scores the batched form materialises
+        assert temp[f"batched/{length}"] >= scores > temp[f"blockwise/{length}"], (length, temp)
