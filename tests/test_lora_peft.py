@@ -26,7 +26,7 @@ import torch
 
 from convert.export import export_checkpoint
 from convert.load import load_pretrained
-from convert.peft import from_peft_tensors, load_adapter, save_adapter, to_peft_tensors
+from convert.peft import from_peft_tensors, load_adapter, load_with_adapter, save_adapter, to_peft_tensors
 from internvl_jax import lora
 from internvl_jax.model import InternVL, _dummy_inputs
 from reference import image_batch, max_diff, tiny_internvl
@@ -38,6 +38,7 @@ from train.step import make_train_step
 TOL_LOGITS = 1e-4  # max abs difference of logits
 TOL_GRAD = 1e-4  # per tensor: max |ours - torch| / max |torch|
 TOL_PARAMS = 1e-5  # max abs difference of the adapters after one AdamW step
+TOL_MERGE = 1e-6  # merged kernels computed twice from the same adapters, max abs
 
 R, ALPHA = 4, 8
 TARGETS = (r".*(vision_tower.*\.(q_proj|k_proj|v_proj|projection_layer|fc1|fc2)"
@@ -204,3 +205,10 @@ def test_fused_qkv_adapter_exports_to_peft_and_merged_safetensors(setup):
     for path, x in jax.tree_util.tree_flatten_with_path(merged)[0]:
         np.testing.assert_array_equal(np.asarray(_dig(reread, path)), np.asarray(x))
     assert not os.path.exists(folder / "merged_original" / "adapter_config.json")
+    # the serving path of chat --adapter [--merge]: the same adapters unmerged, the same kernels merged
+    model, unmerged = load_with_adapter(str(folder / "base"), str(folder / "fused"))
+    assert model.config.lora and lora.count(lora.adapters_of(unmerged)) == lora.count(adapters)
+    model, merged_again = load_with_adapter(str(folder / "base"), str(folder / "fused"), merge=True)
+    assert not model.config.lora
+    for path, x in jax.tree_util.tree_flatten_with_path(merged)[0]:
+        np.testing.assert_allclose(np.asarray(_dig(merged_again, path)), np.asarray(x), rtol=0, atol=TOL_MERGE)

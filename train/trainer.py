@@ -194,7 +194,9 @@ def base_identity(cfg: TrainConfig) -> dict:
     import hashlib
 
     if not cfg.init:
-        return {"preset": cfg.preset or "(config's model)", "seed": cfg.seed}
+        if cfg.model is not None:  # a model written in the config: its architecture, digested
+            return {"model": hashlib.sha256(repr(cfg.model).encode()).hexdigest(), "seed": cfg.seed}
+        return {"preset": cfg.preset, "seed": cfg.seed}
     digest = hashlib.sha256()
     for root, _, files in sorted(os.walk(cfg.init)):
         for name in sorted(files):
