@@ -59,7 +59,8 @@ def chat(model, params, processor: Processor, question: str, *, images=(), video
     """
     history = list(history or [])
     generation = _gen_kwargs(generation_config, model)
-    batch = processor(question, images=images, videos=videos, history=history, max_tiles=max_tiles)
+    batch = processor(question, images=images, videos=videos, history=history, max_tiles=max_tiles,
+                      return_question=True)
     stop_text, stop_id = _stop(processor)
     inputs = dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                   tile_mask=batch.get("tile_mask"), positions=batch.get("positions"), eos_token_id=stop_id)

@@ -89,7 +89,7 @@ class Processor:
         return render(self.template, messages, system_message=self.system_message)
 
     def __call__(self, text: str, images=(), videos=(), *, history=(), max_tiles: int | None = None,
-                 num_segments: int = 8) -> dict:
+                 num_segments: int = 8, return_question: bool = False) -> dict:
         """One conversation turn -> numpy arrays with a batch axis of 1.
 
         text: the question (``<image>`` placeholders optional in the first turn: without them images go in front,
@@ -98,8 +98,9 @@ class Processor:
         answer) pairs, their questions with the placeholders they were asked with (``question`` below), so a later
         turn passes the conversation's images again, as the original ``chat`` does. Returns ``input_ids`` int32
         [1, L], and with images ``pixel_values`` float32 [1, T, S, S, 3] with ``tile_mask`` bool [1, T] (T = a tile
-        bucket), plus ``positions`` float32 [1, L] when the processor uses V2PE, and ``question``: the text as it
-        went into the prompt (placeholders in front on a first turn with media), what a history keeps.
+        bucket), plus ``positions`` float32 [1, L] when the processor uses V2PE; with ``return_question`` also
+        ``question``: the text as it went into the prompt (placeholders in front on a first turn with media), what
+        a history keeps (a string: leave it out of what goes to the device).
         """
         c = self.config
         if history and (images or videos) and IMAGE_PLACEHOLDER not in "".join([text, *(q for q, _ in history)]):
@@ -137,7 +138,7 @@ class Processor:
                 f"the prompt is {ids.shape[1]} tokens, {ids.shape[1] - self.max_length} more than the model's "
                 f"maximum of {self.max_length}; use fewer tiles (max_tiles) or a shorter text"
             )
-        out = {"input_ids": ids, "question": text}
+        out = {"input_ids": ids, **({"question": text} if return_question else {})}
         if tiles:
             stacked = jnp.concatenate(tiles)
             n = stacked.shape[0]
