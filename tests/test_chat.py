@@ -34,10 +34,15 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def test_chat_answer_is_the_decoded_generation_and_history_grows(checkpoint):
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    """(model, params, processor, image path) of the checkpoint, loaded once for the Python API tests."""
     model, params = load_pretrained(str(checkpoint))
-    proc = Processor.from_pretrained(str(checkpoint))
-    image = str(checkpoint / "sky.png")
+    return model, params, Processor.from_pretrained(str(checkpoint)), str(checkpoint / "sky.png")
+
+
+def test_chat_answer_is_the_decoded_generation_and_history_grows(loaded):
+    model, params, proc, image = loaded
     answer, history = chat(model, params, proc, "describe", images=[image], return_history=True,
                            generation_config={"max_new_tokens": 6})
     batch = proc("describe", images=[image])
@@ -55,12 +60,10 @@ def test_chat_answer_is_the_decoded_generation_and_history_grows(checkpoint):
     assert len(history) == 2
 
 
-def test_a_follow_up_turn_sees_the_first_turns_image_as_the_original(checkpoint):
+def test_a_follow_up_turn_sees_the_first_turns_image_as_the_original(loaded):
     """The original keeps '<image>\n' + question in its history and takes pixel_values on every turn: a follow-up
     prompt holds the image's tokens; without the images again it is an error, not an image-blind answer."""
-    model, params = load_pretrained(str(checkpoint))
-    proc = Processor.from_pretrained(str(checkpoint))
-    image = str(checkpoint / "sky.png")
+    model, params, proc, image = loaded
     _, history = chat(model, params, proc, "describe", images=[image], return_history=True,
                       generation_config={"max_new_tokens": 2})
     first = proc("describe", images=[image])
@@ -71,10 +74,8 @@ def test_a_follow_up_turn_sees_the_first_turns_image_as_the_original(checkpoint)
         chat(model, params, proc, "and?", history=history)
 
 
-def test_batch_chat_equals_one_by_one(checkpoint):
-    model, params = load_pretrained(str(checkpoint))
-    proc = Processor.from_pretrained(str(checkpoint))
-    image = str(checkpoint / "sky.png")
+def test_batch_chat_equals_one_by_one(loaded):
+    model, params, proc, image = loaded
     questions, images = ["describe", "what colour is the sky in this photo"], [[image], []]
     answers = batch_chat(model, params, proc, questions, images=images, generation_config={"max_new_tokens": 5})
     alone = [chat(model, params, proc, q, images=im, generation_config={"max_new_tokens": 5}) for q, im in zip(questions, images)]
