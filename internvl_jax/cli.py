@@ -95,6 +95,8 @@ def _run_training(config_name: str, overrides: list[str]):
     initialize(auto=os.environ.get("INTERNVL_DISTRIBUTED") == "auto")
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # orbax installs a root handler
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # JAX logs its backend probes at INFO ("Unable to initialize backend 'tpu'" on a host without TPU): not news
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from train.trainer import train
 
     cfg = prepare(cfg)

@@ -15,7 +15,7 @@ from internvl_jax.config import to_hf_dict
 from internvl_jax.presets import get_preset
 from jax._src import hardware_utils
 
-TPU_NOISE = ("libtpu", "TPU_", "host bounds", "worker hostname", "InitGoogle")
+TPU_NOISE = ("libtpu", "TPU_", "host bounds", "worker hostname", "InitGoogle", "initialize backend")
 
 
 @pytest.fixture(autouse=True)
