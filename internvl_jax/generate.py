@@ -31,7 +31,8 @@ from .model import InternVL, check_image_tokens
 from .target import traced_platform
 
 __all__ = ["CACHE_AXES", "DECODE_COMPILER_OPTIONS", "GenerationArgumentError", "check_generation_args",
-           "check_max_new_tokens", "generate", "generate_stream", "init_cache", "platform_decode_options", "sample_logits", "unrolled_params"]
+           "check_max_new_tokens", "generate", "generate_stream", "init_cache", "platform_decode_options", "row_keys", "sample_logits",
+           "unrolled_params"]
 
 
 class GenerationArgumentError(ValueError):
@@ -64,15 +65,22 @@ def check_sampling(do_sample, temperature, top_k, top_p, vocab_size: int) -> Non
 
 
 def check_generation_args(config: InternVLConfig, input_ids, attention_mask=None, positions=None, *,
-                          max_new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0) -> None:
+                          max_new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+                          num_return_sequences=1) -> None:
     """Raise :class:`GenerationArgumentError` for arguments that cannot generate: a ``max_new_tokens`` that is not
     a positive integer, ``input_ids`` that are not an integer [B, P] array, real tokens (``attention_mask``)
     outside the vocabulary, a prompt whose positions plus ``max_new_tokens`` pass the model's
-    ``max_position_embeddings`` (unless its rope is dynamic NTK, which extends beyond them by design), or
-    sampling settings without a distribution. Host-side and cheap: ``generate`` calls it before any work."""
+    ``max_position_embeddings`` (unless its rope is dynamic NTK, which extends beyond them by design),
+    sampling settings without a distribution, or ``num_return_sequences`` that is not a positive integer (above 1
+    only when sampling). Host-side and cheap: ``generate`` calls it before any work."""
     check_max_new_tokens(max_new_tokens)
     t = config.text
     check_sampling(do_sample, temperature, top_k, top_p, t.vocab_size)
+    if not _is_int(num_return_sequences) or num_return_sequences < 1:
+        raise GenerationArgumentError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
+    if num_return_sequences > 1 and not do_sample:
+        raise GenerationArgumentError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy "
+                                      "decoding would return the same sequence every time")
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise GenerationArgumentError(f"input_ids must be an integer array [batch, length], got {ids.dtype} of "
@@ -167,31 +175,54 @@ def _sampling(do_sample, temperature, top_k, top_p) -> tuple:
     return bool(do_sample), float(temperature), int(top_k), float(top_p)
 
 
-def _pick(logits, rng, sampling):
+def row_keys(seed: int, rows: int):
+    """The sampling keys of ``rows`` output rows: uint32 [rows, 2], ``jax.random.split(PRNGKey(seed), rows)``.
+    Row r of :func:`generate`'s output (prompt r // N, candidate r % N for ``num_return_sequences`` N) draws its
+    tokens with key r alone, so a row is reproduced by generating its prompt alone with ``row_keys=keys[r:r + 1]``
+    whatever the other rows are."""
+    return jax.random.split(jax.random.PRNGKey(seed), rows)
+
+
+def _pick(logits, keys, slot, sampling):
+    """Next tokens [B] from logits [B, V]; row b samples with ``fold_in(keys[b], slot)``, ``slot`` the cache slot
+    of the token just fed (so the key of a draw depends on its row key and its place in the row only)."""
     do_sample, temperature, top_k, top_p = sampling
-    return sample_logits(logits, rng, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    if not do_sample:
+        return greedy_tokens(logits)
+
+    def one(row, key):
+        return sample_logits(row[None], jax.random.fold_in(key, slot), do_sample=True, temperature=temperature,
+                             top_k=top_k, top_p=top_p)[0]
+
+    return jax.vmap(one)(logits, keys)
 
 
-@partial(jax.jit, static_argnames=("model", "sampling"), donate_argnames=("cache",))
-def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache, rng, *, sampling):
-    """Run the left-padded prompts ([B, P], real tokens from slot ``start`` [B]) into the cache; the LM head runs
-    at the last slot only. Returns (first new token [B], its position [B], cache, rng)."""
+@partial(jax.jit, static_argnames=("model", "sampling", "cache_length", "num_return"))
+def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys, *, sampling, cache_length,
+             num_return=1):
+    """Run the left-padded prompts ([B, P], real tokens from slot ``start`` [B]) into a fresh cache of
+    ``cache_length`` slots; the vision tower and the LM head run once per prompt (the head at the last slot only).
+    With ``num_return`` N the cache, last logits, positions and starts are then repeated N times per prompt
+    (rows b * N .. b * N + N - 1), so the N candidates share one prefill. keys: [B * N, 2] row keys.
+    Returns (first new token [B * N], its position [B * N], cache, start [B * N])."""
+    cache = init_cache(model.config, ids.shape[0], cache_length)
     logits, cache = model.apply(
         {"params": params}, ids, pixel_values, tile_mask, positions=positions, cache=cache, cache_index=0,
         cache_start=start, last_only=True,
     )
-    rng, key = jax.random.split(rng)
-    return _pick(logits[:, 0], key, sampling), positions[:, -1] + 1, cache, rng
+    rows = lambda x: jnp.repeat(x, num_return, axis=0) if num_return > 1 else x  # noqa: E731
+    cache = jax.tree.map(rows, cache)
+    token = _pick(rows(logits[:, 0]), keys, ids.shape[1] - 1, sampling)
+    return token, rows(positions[:, -1] + 1), cache, rows(start)
 
 
 def _step(model, params, start, slot, token, pos, cache, rng, sampling):
     """Feed one token per row at cache ``slot`` (the same in every row); returns the next token and the new
-    state."""
+    state. rng: the row keys [B, 2] (unused when greedy), passed through."""
     logits, cache = model.apply(
         {"params": params}, token[:, None], positions=pos[:, None], cache=cache, cache_index=slot, cache_start=start
     )
-    rng, key = jax.random.split(rng)
-    return _pick(logits[:, 0], key, sampling), pos + 1, cache, rng
+    return _pick(logits[:, 0], rng, slot, sampling), pos + 1, cache, rng
 
 
 def _decode_loop(model, params, start, slot, token, pos, cache, rng, eos, pad, *, max_new_tokens, sampling):
@@ -260,7 +291,7 @@ def _programs_for(options: dict | None) -> tuple:
 
 
 def _prepare(model, params, input_ids, attention_mask, positions, tile_mask, max_new_tokens, pad_token_id):
-    """Host side: left-padded rows of a bucketed length, their first real slots, a fresh cache, the unrolled
+    """Host side: left-padded rows of a bucketed length, their first real slots, the cache length, the unrolled
     model and params."""
     config = model.config
     ids = np.asarray(input_ids, np.int32)
@@ -279,10 +310,20 @@ def _prepare(model, params, input_ids, attention_mask, positions, tile_mask, max
     p_bucket = _bucket(p)
     ids = np.pad(ids, ((0, 0), (p_bucket - p, 0)), constant_values=pad_token_id)
     positions = np.pad(positions, ((0, 0), (p_bucket - p, 0)), mode="edge")
-    cache = init_cache(config, b, cache_length(p, max_new_tokens))
     start = jnp.asarray(p_bucket - lengths)
     model, params = model.clone(unrolled=True), unrolled_params(params, config)
-    return model, params, jnp.asarray(ids), start, jnp.asarray(positions), cache
+    return model, params, jnp.asarray(ids), start, jnp.asarray(positions), cache_length(p, max_new_tokens)
+
+
+def _keys(seed, row_keys_given, rows: int):
+    """The [rows, 2] row keys: those given (checked) or :func:`row_keys` of the seed."""
+    if row_keys_given is None:
+        return row_keys(seed, rows)
+    keys = jnp.asarray(row_keys_given, jnp.uint32)
+    if keys.shape != (rows, 2):
+        raise GenerationArgumentError(f"row_keys has shape {tuple(keys.shape)}: expected ({rows}, 2), one key per "
+                                      "output row (prompts x num_return_sequences)")
+    return keys
 
 
 def generate(
@@ -304,9 +345,17 @@ def generate(
     pad_token_id: int = 0,
     timings: dict | None = None,
     decode_compiler_options: dict | None = None,
+    num_return_sequences: int = 1,
+    row_keys=None,
 ) -> np.ndarray:
-    """Generate ``max_new_tokens`` tokens per row: int32 [B, max_new_tokens], rows padded with ``pad_token_id``
+    """Generate ``max_new_tokens`` tokens per row: int32 [B * N, max_new_tokens], rows padded with ``pad_token_id``
     after their end-of-sequence token (``eos_token_id``: one id or several). The loop stops when every row ended.
+
+    num_return_sequences N: N sampled candidates per prompt (rows b * N .. b * N + N - 1 for prompt b) in one
+    batched decode loop; the prompt goes through the vision tower and the prefill once and its KV cache is
+    repeated to its N rows. Sampling keys are per output row: ``row_keys`` uint32 [B * N, 2], default
+    :func:`row_keys` (seed, B * N); a row's draws depend on its key only, so each row equals the generation of its
+    prompt alone with ``row_keys=keys[r:r + 1]``.
 
     params: as stored, or once converted by :func:`unrolled_params` (else converted on every call).
     input_ids int [B, P]; attention_mask [B, P] (1 = real token; left or right padding), default all real;
@@ -321,18 +370,20 @@ def generate(
     """
     t0 = time.perf_counter()
     check_generation_args(model.config, input_ids, attention_mask, positions, max_new_tokens=max_new_tokens,
-                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                          num_return_sequences=num_return_sequences)
     sampling = _sampling(do_sample, temperature, top_k, top_p)
-    model, params, ids, start, positions, cache = _prepare(model, params, input_ids, attention_mask, positions,
-                                                           tile_mask, max_new_tokens, pad_token_id)
-    token, pos, cache, rng = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache,
-                                      jax.random.PRNGKey(seed), sampling=sampling)
+    keys = _keys(seed, row_keys, np.shape(input_ids)[0] * num_return_sequences)
+    model, params, ids, start, positions, length = _prepare(model, params, input_ids, attention_mask, positions,
+                                                            tile_mask, max_new_tokens, pad_token_id)
+    token, pos, cache, start = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys,
+                                        sampling=sampling, cache_length=length, num_return=num_return_sequences)
     if timings is not None:
         token.block_until_ready()
         t1 = time.perf_counter()
     eos = jnp.asarray(np.atleast_1d(-1 if eos_token_id is None else eos_token_id), jnp.int32)
     decode_loop = _programs_for(decode_compiler_options)[1]
-    out = np.asarray(decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, rng, eos,
+    out = np.asarray(decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, keys, eos,
                                  jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, sampling=sampling))
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
@@ -342,26 +393,30 @@ def generate(
 def generate_stream(model: InternVL, params, *, input_ids, attention_mask=None, pixel_values=None, tile_mask=None,
                     positions=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id=None,
-                    decode_compiler_options: dict | None = None):
-    """Like :func:`generate`, but yields each step's tokens (int32 [B]) as soon as they exist; rows that ended keep
-    yielding their eos token. Stops when every row produced an eos token or after ``max_new_tokens`` steps.
-    Arguments are checked when the generator is created, not at its first step."""
+                    decode_compiler_options: dict | None = None, num_return_sequences: int = 1, row_keys=None):
+    """Like :func:`generate` (the same tokens for the same arguments), but yields each step's tokens (int32
+    [B * N]) as soon as they exist; rows that ended keep yielding their eos token. Stops when every row produced an
+    eos token or after ``max_new_tokens`` steps. Arguments are checked when the generator is created, not at its
+    first step."""
     check_generation_args(model.config, input_ids, attention_mask, positions, max_new_tokens=max_new_tokens,
-                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                          num_return_sequences=num_return_sequences)
+    keys = _keys(seed, row_keys, np.shape(input_ids)[0] * num_return_sequences)
     return _stream(model, params, input_ids, attention_mask, pixel_values, tile_mask, positions, max_new_tokens,
-                   _sampling(do_sample, temperature, top_k, top_p), seed, eos_token_id, decode_compiler_options)
+                   _sampling(do_sample, temperature, top_k, top_p), keys, num_return_sequences, eos_token_id,
+                   decode_compiler_options)
 
 
 def _stream(model, params, input_ids, attention_mask, pixel_values, tile_mask, positions, max_new_tokens, sampling,
-            seed, eos_token_id, decode_compiler_options):
+            keys, num_return, eos_token_id, decode_compiler_options):
     """The generator of :func:`generate_stream`, its arguments checked."""
-    model, params, ids, start, positions, cache = _prepare(model, params, input_ids, attention_mask, positions,
-                                                           tile_mask, max_new_tokens, 0)
-    token, pos, cache, rng = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, cache,
-                                      jax.random.PRNGKey(seed), sampling=sampling)
+    model, params, ids, start, positions, length = _prepare(model, params, input_ids, attention_mask, positions,
+                                                            tile_mask, max_new_tokens, 0)
+    token, pos, cache, start = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys,
+                                        sampling=sampling, cache_length=length, num_return=num_return)
     eos = np.atleast_1d(-1 if eos_token_id is None else eos_token_id)
     decode_step = _programs_for(decode_compiler_options)[0]
-    done = np.zeros(ids.shape[0], bool)
+    done = np.zeros(token.shape[0], bool)
     for step in range(1, max_new_tokens + 1):
         host = np.asarray(token)
         host = np.where(done, eos[0], host)
@@ -369,5 +424,5 @@ def _stream(model, params, input_ids, attention_mask, pixel_values, tile_mask, p
         done |= np.isin(host, eos)
         if done.all() or step == max_new_tokens:
             return
-        token, pos, cache, rng = decode_step(model, params, start, jnp.int32(ids.shape[1] + step - 1), token, pos,
-                                             cache, rng, sampling=sampling)
+        token, pos, cache, _ = decode_step(model, params, start, jnp.int32(ids.shape[1] + step - 1), token, pos,
+                                           cache, keys, sampling=sampling)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from convert.load import load_pretrained
-from internvl_jax.generate import (DECODE_COMPILER_OPTIONS, generate, generate_stream, greedy_tokens, init_cache,
-                                   platform_decode_options, sample_logits, unrolled_params)
+from internvl_jax.generate import (DECODE_COMPILER_OPTIONS, GenerationArgumentError, generate, generate_stream,
+                                   greedy_tokens, init_cache, platform_decode_options, row_keys, sample_logits,
+                                   unrolled_params)
 from internvl_jax.processing.positions import v2pe_positions
 from internvl_jax.target import target_platform
 from reference import TOL_LOGITS, image_batch, max_diff, tiny_internvl
@@ -110,6 +111,30 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(loaded):
     np.testing.assert_array_equal(run(do_sample=True, top_k=1, seed=5), run())
 
 
+def test_shared_prefill_candidates_equal_independent_generations_with_their_row_keys(loaded):
+    """num_return_sequences N: one prefill per prompt (images included) broadcast to N rows; row r (prompt r // N)
+    equals its prompt generated alone with row_keys[r] (the keys documented by generate), token for token."""
+    _, model, params = loaded
+    params = unrolled_params(params, model.config)
+    ids, _, pixels, mask = image_batch([[2], [1]], length=30, max_tiles=2, seed=4)
+    n, kw = 3, dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
+    got = generate(model, params, input_ids=ids, pixel_values=pixels, tile_mask=mask, num_return_sequences=n,
+                   seed=11, **kw)
+    keys = row_keys(11, 2 * n)
+    alone = np.concatenate([generate(model, params, input_ids=ids[r // n:r // n + 1], pixel_values=pixels[r // n:r // n + 1],
+                                     tile_mask=mask[r // n:r // n + 1], row_keys=keys[r:r + 1], **kw)
+                            for r in range(2 * n)])
+    np.testing.assert_array_equal(got, alone)
+    assert len({tuple(row) for row in got[:n]}) > 1  # the candidates of one prompt differ
+    streamed = np.stack(list(generate_stream(model, params, input_ids=ids, pixel_values=pixels, tile_mask=mask,
+                                             num_return_sequences=n, seed=11, **kw)), axis=1)
+    np.testing.assert_array_equal(streamed, got)
+    with pytest.raises(GenerationArgumentError, match="needs do_sample=True"):
+        generate(model, params, input_ids=ids, num_return_sequences=2)
+    with pytest.raises(GenerationArgumentError, match=r"expected \(6, 2\)"):
+        generate(model, params, input_ids=ids, num_return_sequences=n, row_keys=keys[:2], **kw)
+
+
 def test_greedy_tokens_are_argmax_ties_and_nan_included():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((6, 1000)).astype(np.float32)
@@ -205,12 +230,14 @@ def test_generation_traces_and_lowers_for_gpu_and_tpu(loaded, platform, lowering
     ids, _, pixels, mask = image_batch([[2]], length=24, max_tiles=6)
     sampling = generation._sampling(False, 1.0, 0, 1.0)
     with target_platform(platform):
-        model, params, ids, start, positions, cache = generation._prepare(model, params, ids, None, None, mask, 8, 0)
-        prefill = generation._prefill.trace(model, params, ids, start, positions, pixels, mask, cache,
-                                            jax.random.PRNGKey(0), sampling=sampling)
+        model, params, ids, start, positions, length = generation._prepare(model, params, ids, None, None, mask, 8, 0)
+        keys = generation.row_keys(0, 1)
+        prefill = generation._prefill.trace(model, params, ids, start, positions, pixels, mask, keys,
+                                            sampling=sampling, cache_length=length)
+        cache = init_cache(model.config, 1, length)
         loop = generation._programs_for(None)[1].trace(
             model, params, start, jnp.int32(ids.shape[1]), jnp.zeros((1,), jnp.int32), positions[:, -1] + 1, cache,
-            jax.random.PRNGKey(0), jnp.asarray([-1]), jnp.int32(0), max_new_tokens=8, sampling=sampling)
+            keys, jnp.asarray([-1]), jnp.int32(0), max_new_tokens=8, sampling=sampling)
         for traced in (prefill, loop):
             text = traced.lower(lowering_platforms=(lowering,)).as_text()
             assert "internvl_" not in text
