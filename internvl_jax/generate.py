@@ -32,7 +32,7 @@ from .target import traced_platform
 
 __all__ = ["CACHE_AXES", "DECODE_COMPILER_OPTIONS", "GenerationArgumentError", "check_generation_args",
            "check_max_new_tokens", "generate", "generate_stream", "init_cache", "platform_decode_options", "row_keys", "sample_logits",
-           "unrolled_params"]
+           "token_logprobs", "unrolled_params"]
 
 
 class GenerationArgumentError(ValueError):
@@ -197,6 +197,12 @@ def _pick(logits, keys, slot, sampling):
     return jax.vmap(one)(logits, keys)
 
 
+def token_logprobs(logits, tokens):
+    """float32 [B]: log-probability of ``tokens`` [B] under the model's own distribution ``softmax(logits [B, V])``
+    (temperature 1, no top-k / top-p: what the policy itself assigns)."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=1)[:, 0]
+
+
 @partial(jax.jit, static_argnames=("model", "sampling", "cache_length", "num_return"))
 def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys, *, sampling, cache_length,
              num_return=1):
@@ -204,7 +210,7 @@ def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys
     ``cache_length`` slots; the vision tower and the LM head run once per prompt (the head at the last slot only).
     With ``num_return`` N the cache, last logits, positions and starts are then repeated N times per prompt
     (rows b * N .. b * N + N - 1), so the N candidates share one prefill. keys: [B * N, 2] row keys.
-    Returns (first new token [B * N], its position [B * N], cache, start [B * N])."""
+    Returns (first new token [B * N], its log-probability [B * N], its position [B * N], cache, start [B * N])."""
     cache = init_cache(model.config, ids.shape[0], cache_length)
     logits, cache = model.apply(
         {"params": params}, ids, pixel_values, tile_mask, positions=positions, cache=cache, cache_index=0,
@@ -212,36 +218,54 @@ def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys
     )
     rows = lambda x: jnp.repeat(x, num_return, axis=0) if num_return > 1 else x  # noqa: E731
     cache = jax.tree.map(rows, cache)
-    token = _pick(rows(logits[:, 0]), keys, ids.shape[1] - 1, sampling)
-    return token, rows(positions[:, -1] + 1), cache, rows(start)
+    logits = rows(logits[:, 0])
+    token = _pick(logits, keys, ids.shape[1] - 1, sampling)
+    return token, token_logprobs(logits, token), rows(positions[:, -1] + 1), cache, rows(start)
 
 
-def _step(model, params, start, slot, token, pos, cache, rng, sampling):
-    """Feed one token per row at cache ``slot`` (the same in every row); returns the next token and the new
-    state. rng: the row keys [B, 2] (unused when greedy), passed through."""
+def _forward_step(model, params, start, slot, token, pos, cache):
+    """Feed one token per row at cache ``slot`` (the same in every row): (its logits [B, V], cache)."""
     logits, cache = model.apply(
         {"params": params}, token[:, None], positions=pos[:, None], cache=cache, cache_index=slot, cache_start=start
     )
-    return _pick(logits[:, 0], rng, slot, sampling), pos + 1, cache, rng
+    return logits[:, 0], cache
 
 
-def _decode_loop(model, params, start, slot, token, pos, cache, rng, eos, pad, *, max_new_tokens, sampling):
+def _step(model, params, start, slot, token, pos, cache, rng, sampling):
+    """Feed one token per row at cache ``slot``; returns the next token and the new state. rng: the row keys
+    [B, 2] (unused when greedy), passed through."""
+    logits, cache = _forward_step(model, params, start, slot, token, pos, cache)
+    return _pick(logits, rng, slot, sampling), pos + 1, cache, rng
+
+
+def _decode_loop(model, params, start, slot, token, pos, cache, rng, eos, pad, first_logprob=None, *,
+                 max_new_tokens, sampling):
     """The whole decode on the device (``lax.while_loop``), stopping once every row produced an eos token.
-    ``slot``: the cache slot of the first generated token (the bucketed prompt length)."""
-    out = jnp.full((token.shape[0], max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
+    ``slot``: the cache slot of the first generated token (the bucketed prompt length). Returns the tokens
+    [B, max_new_tokens], and with ``first_logprob`` (the first token's, [B]) also every token's log-probability
+    (:func:`token_logprobs`; 0 after a row's eos)."""
+    rows = token.shape[0]
+    out = jnp.full((rows, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
+    scored = first_logprob is not None
+    lp = jnp.zeros((rows, max_new_tokens), jnp.float32)
+    if scored:
+        lp = lp.at[:, 0].set(first_logprob)
 
     def cond(state):
         step, *_, done = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, token, pos, cache, rng, out, done = state
-        new, pos, cache, rng = _step(model, params, start, slot + step - 1, token, pos, cache, rng, sampling)
-        new = jnp.where(done, pad, new)
-        return step + 1, new, pos, cache, rng, out.at[:, step].set(new), done | jnp.isin(new, eos)
+        step, token, pos, cache, out, lp, done = state
+        logits, cache = _forward_step(model, params, start, slot + step - 1, token, pos, cache)
+        new = jnp.where(done, pad, _pick(logits, rng, slot + step - 1, sampling))
+        if scored:
+            lp = lp.at[:, step].set(jnp.where(done, 0.0, token_logprobs(logits, new)))
+        return step + 1, new, pos + 1, cache, out.at[:, step].set(new), lp, done | jnp.isin(new, eos)
 
-    state = (jnp.int32(1), token, pos, cache, rng, out, jnp.isin(token, eos))
-    return jax.lax.while_loop(cond, body, state)[5]
+    state = (jnp.int32(1), token, pos, cache, out, lp, jnp.isin(token, eos))
+    final = jax.lax.while_loop(cond, body, state)
+    return (final[4], final[5]) if scored else final[4]
 
 
 # Per platform (``jax.Device.platform``), the XLA compiler options of the decode programs. GPU: XLA's Triton GEMMs
@@ -347,7 +371,8 @@ def generate(
     decode_compiler_options: dict | None = None,
     num_return_sequences: int = 1,
     row_keys=None,
-) -> np.ndarray:
+    return_logprobs: bool = False,
+):
     """Generate ``max_new_tokens`` tokens per row: int32 [B * N, max_new_tokens], rows padded with ``pad_token_id``
     after their end-of-sequence token (``eos_token_id``: one id or several). The loop stops when every row ended.
 
@@ -355,7 +380,9 @@ def generate(
     batched decode loop; the prompt goes through the vision tower and the prefill once and its KV cache is
     repeated to its N rows. Sampling keys are per output row: ``row_keys`` uint32 [B * N, 2], default
     :func:`row_keys` (seed, B * N); a row's draws depend on its key only, so each row equals the generation of its
-    prompt alone with ``row_keys=keys[r:r + 1]``.
+    prompt alone with ``row_keys=keys[r:r + 1]``. return_logprobs: also float32 [B * N, max_new_tokens], each
+    token's log-probability under the model's own distribution (:func:`token_logprobs`; 0 after eos), as
+    ``(tokens, logprobs)``.
 
     params: as stored, or once converted by :func:`unrolled_params` (else converted on every call).
     input_ids int [B, P]; attention_mask [B, P] (1 = real token; left or right padding), default all real;
@@ -376,15 +403,18 @@ def generate(
     keys = _keys(seed, row_keys, np.shape(input_ids)[0] * num_return_sequences)
     model, params, ids, start, positions, length = _prepare(model, params, input_ids, attention_mask, positions,
                                                             tile_mask, max_new_tokens, pad_token_id)
-    token, pos, cache, start = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys,
-                                        sampling=sampling, cache_length=length, num_return=num_return_sequences)
+    token, first_lp, pos, cache, start = _prefill(model, params, ids, start, positions, pixel_values, tile_mask,
+                                                  keys, sampling=sampling, cache_length=length,
+                                                  num_return=num_return_sequences)
     if timings is not None:
         token.block_until_ready()
         t1 = time.perf_counter()
     eos = jnp.asarray(np.atleast_1d(-1 if eos_token_id is None else eos_token_id), jnp.int32)
     decode_loop = _programs_for(decode_compiler_options)[1]
-    out = np.asarray(decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, keys, eos,
-                                 jnp.int32(pad_token_id), max_new_tokens=max_new_tokens, sampling=sampling))
+    out = decode_loop(model, params, start, jnp.int32(ids.shape[1]), token, pos, cache, keys, eos,
+                      jnp.int32(pad_token_id), first_lp if return_logprobs else None, max_new_tokens=max_new_tokens,
+                      sampling=sampling)
+    out = tuple(np.asarray(x) for x in out) if return_logprobs else np.asarray(out)
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
     return out
@@ -412,8 +442,8 @@ def _stream(model, params, input_ids, attention_mask, pixel_values, tile_mask, p
     """The generator of :func:`generate_stream`, its arguments checked."""
     model, params, ids, start, positions, length = _prepare(model, params, input_ids, attention_mask, positions,
                                                             tile_mask, max_new_tokens, 0)
-    token, pos, cache, start = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys,
-                                        sampling=sampling, cache_length=length, num_return=num_return)
+    token, _, pos, cache, start = _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys,
+                                           sampling=sampling, cache_length=length, num_return=num_return)
     eos = np.atleast_1d(-1 if eos_token_id is None else eos_token_id)
     decode_step = _programs_for(decode_compiler_options)[0]
     done = np.zeros(token.shape[0], bool)

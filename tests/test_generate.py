@@ -118,14 +118,20 @@ def test_shared_prefill_candidates_equal_independent_generations_with_their_row_
     params = unrolled_params(params, model.config)
     ids, _, pixels, mask = image_batch([[2], [1]], length=30, max_tiles=2, seed=4)
     n, kw = 3, dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
-    got = generate(model, params, input_ids=ids, pixel_values=pixels, tile_mask=mask, num_return_sequences=n,
-                   seed=11, **kw)
+    got, logprobs = generate(model, params, input_ids=ids, pixel_values=pixels, tile_mask=mask,
+                             num_return_sequences=n, seed=11, return_logprobs=True, **kw)
     keys = row_keys(11, 2 * n)
     alone = np.concatenate([generate(model, params, input_ids=ids[r // n:r // n + 1], pixel_values=pixels[r // n:r // n + 1],
                                      tile_mask=mask[r // n:r // n + 1], row_keys=keys[r:r + 1], **kw)
                             for r in range(2 * n)])
     np.testing.assert_array_equal(got, alone)
     assert len({tuple(row) for row in got[:n]}) > 1  # the candidates of one prompt differ
+    # each token's log-probability: the full forward of prompt + candidate (no cache), log-softmaxed
+    rows = np.repeat(np.arange(2), n)
+    full = np.concatenate([ids[rows], got], axis=1)
+    logits = model.clone(unrolled=True).apply({"params": params}, jnp.asarray(full), pixels[rows], mask[rows])
+    expected = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits[:, ids.shape[1] - 1:-1])), got[..., None], 2)
+    assert max_diff(logprobs, expected[..., 0]) <= TOL_LOGITS
     streamed = np.stack(list(generate_stream(model, params, input_ids=ids, pixel_values=pixels, tile_mask=mask,
                                              num_return_sequences=n, seed=11, **kw)), axis=1)
     np.testing.assert_array_equal(streamed, got)
