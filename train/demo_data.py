@@ -347,15 +347,16 @@ def _pieces(text: str) -> list[str]:
     return [m.group(0) for chunk in chunks for m in re.finditer(PIECE_PATTERN, chunk)]
 
 
-def build_demo_tokenizer():
-    """The demo's ``tokenizers.Tokenizer``: word-level over the pieces of :func:`_demo_texts`, special tokens first.
+def build_demo_tokenizer(extra_texts=()):
+    """The demo's ``tokenizers.Tokenizer``: word-level over the pieces of :func:`_demo_texts` (and of
+    ``extra_texts``, for other synthetic tasks), special tokens first.
 
     Unknown pieces encode to ``<unk>``. No BOS is added (Qwen-like), so ``sft_labels`` adds none.
     """
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    pieces = sorted({p for text in _demo_texts() for p in _pieces(text)})
+    pieces = sorted({p for text in (*_demo_texts(), *extra_texts) for p in _pieces(text)})
     vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, *pieces))}
     tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
@@ -364,12 +365,12 @@ def build_demo_tokenizer():
     return tok
 
 
-def write_demo_tokenizer(folder: str) -> str:
+def write_demo_tokenizer(folder: str, extra_texts=()) -> str:
     """Write tokenizer.json + tokenizer_config.json (eos <|im_end|>, pad <|endoftext|>, no BOS) into ``folder``,
     readable by ``internvl_jax.processing.Tokenizer.from_pretrained`` and transformers' fast tokenizer. Returns
-    the folder."""
+    the folder. extra_texts: as for :func:`build_demo_tokenizer`."""
     os.makedirs(folder, exist_ok=True)
-    build_demo_tokenizer().save(os.path.join(folder, "tokenizer.json"))
+    build_demo_tokenizer(extra_texts).save(os.path.join(folder, "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
         "pad_token": PAD_TOKEN, "unk_token": UNK_TOKEN, "add_bos_token": False, "model_max_length": 1024,

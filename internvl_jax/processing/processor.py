@@ -28,6 +28,17 @@ def tile_bucket(n: int) -> int:
     return next((b for b in TILE_BUCKETS if b >= n), n)
 
 
+def bucketed_tiles(tiles: list) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles of one row ([n_i, S, S, 3] per image or frame, in order) -> (pixel_values float32 [1, T, S, S, 3],
+    tile_mask bool [1, T]), T the :func:`tile_bucket` of their count."""
+    stacked = jnp.concatenate(tiles)
+    n = stacked.shape[0]
+    t = tile_bucket(n)
+    pixels = np.zeros((1, t, *stacked.shape[1:]), np.float32)
+    pixels[0, :n] = np.asarray(stacked)
+    return pixels, (np.arange(t) < n)[None]
+
+
 def _agreed_image_token_id(config: InternVLConfig, raw: dict, tokenizer: Tokenizer, path: str) -> InternVLConfig:
     """``config`` with the tokenizer's IMG_CONTEXT id where config.json leaves it to the tokenizer (original
     configs: -1); a ConfigError naming both ids and their sources where the two disagree (the model would look for
@@ -88,6 +99,20 @@ class Processor:
             return render_hf(messages)
         return render(self.template, messages, system_message=self.system_message)
 
+    def image_tiles(self, images, max_tiles: int | None = None) -> list:
+        """The tiles of each image ([n_i, S, S, 3] each), by the checkpoint's dynamic-resolution rule; several
+        images share the ``max_tiles`` budget (default: the checkpoint's), as ``chat()`` does."""
+        c = self.config
+        images = [load_image(i) for i in images]
+        max_tiles = max_tiles or c.max_dynamic_patch
+        per_image = max(1, max_tiles // len(images)) if len(images) > 1 else max_tiles
+        tiles = []
+        for im in images:
+            plan = plan_tiles(im.width, im.height, min_tiles=c.min_dynamic_patch, max_tiles=per_image,
+                              tile_size=c.image_size, use_thumbnail=c.use_thumbnail)
+            tiles.append(image_tiles(np.asarray(im), plan, c.image_size))
+        return tiles
+
     def __call__(self, text: str, images=(), videos=(), *, history=(), max_tiles: int | None = None,
                  num_segments: int = 8, return_question: bool = False) -> dict:
         """One conversation turn -> numpy arrays with a batch axis of 1.
@@ -109,13 +134,7 @@ class Processor:
                 "placeholder in its question for each image (and each video frame): only the first question gets "
                 "them in front; e.g. '<image>\\nWhat about this one?'")
         images = [load_image(i) for i in images]
-        max_tiles = max_tiles or c.max_dynamic_patch
-        per_image = max(1, max_tiles // len(images)) if len(images) > 1 else max_tiles
-        tiles = []
-        for im in images:
-            plan = plan_tiles(im.width, im.height, min_tiles=c.min_dynamic_patch, max_tiles=per_image,
-                              tile_size=c.image_size, use_thumbnail=c.use_thumbnail)
-            tiles.append(image_tiles(np.asarray(im), plan, c.image_size))
+        tiles = self.image_tiles(images, max_tiles)
         frames = 0
         for path in videos:
             video, _ = load_video(path, num_segments=num_segments)
@@ -140,12 +159,7 @@ class Processor:
             )
         out = {"input_ids": ids, **({"question": text} if return_question else {})}
         if tiles:
-            stacked = jnp.concatenate(tiles)
-            n = stacked.shape[0]
-            t = tile_bucket(n)
-            pixels = np.zeros((1, t, *stacked.shape[1:]), np.float32)
-            pixels[0, :n] = np.asarray(stacked)
-            out["pixel_values"], out["tile_mask"] = pixels, (np.arange(t) < n)[None]
+            out["pixel_values"], out["tile_mask"] = bucketed_tiles(tiles)
         if self.v2pe_stride is not None:
             out["positions"] = v2pe_positions(ids[0], c.image_token_id, self.v2pe_stride,
                                               tokens_per_tile=c.tokens_per_tile)[None]
