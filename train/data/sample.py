@@ -31,6 +31,8 @@ What the original (OpenGVLab/InternVL ``internvl_chat/internvl/train/internvl_ch
   ``save(format='JPEG', quality=q)`` with its defaults, then the resize to the tile size (a no-op for tiles)
   and the normalisation. A video frame goes through the same transform untiled: JPEG at its own size, then
   the resize.
+* ``"supervise": "first_token"`` (a key of the record; default ``"all"``) keeps the loss on the first token of
+  each answer only: a process-reward critic's ``+`` / ``-`` judgements (train.prm_data) without their stop tokens.
 * Text-only samples carry one white dummy tile with ``image_flags`` 0 in the original; here zero tiles (the
   packer keeps the batch shapes static).
 
@@ -55,7 +57,7 @@ from internvl_jax.processing import (
     plan_tiles, sft_labels, training_frame_indices, v2pe_positions,
 )
 from internvl_jax.processing import video as _video
-from internvl_jax.processing.templates import IMAGE_PLACEHOLDER, SFT_TEMPLATES
+from internvl_jax.processing.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, SFT_TEMPLATES
 
 from .meta import DatasetSpec, Record
 
@@ -376,6 +378,18 @@ def _check_special_tokens(ids: np.ndarray, tokenizer: Tokenizer, num_tiles: list
             raise _Bad(f"the text holds the image token {token} itself ({n} found, {expected[token]} from the images)")
 
 
+def _supervised(labels: np.ndarray, supervise) -> np.ndarray:
+    """The labels with the record's ``supervise`` rule applied: "all" as they are, "first_token" the first token of
+    each supervised span only."""
+    if supervise == "all":
+        return labels
+    if supervise != "first_token":
+        raise _Bad(f"'supervise' is {supervise!r}: expected 'all' or 'first_token'")
+    on = labels != IGNORE_INDEX
+    first = on & ~np.concatenate([[False], on[:-1]])
+    return np.where(first, labels, IGNORE_INDEX).astype(labels.dtype)
+
+
 def _build(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.random.Generator) -> dict:
     item = _parse(record)
     system, turns = _turns(item["conversations"])
@@ -411,6 +425,7 @@ def _build(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.
         messages.append({"role": ("user", "assistant")[i % 2], "content": text})
     system = settings.system_message if system is None else system
     input_ids, labels = sft_labels(settings.template, messages, settings.tokenizer, system_message=system)
+    labels = _supervised(labels, item.get("supervise", "all"))
     limit = settings.max_tokens_no_split
     if limit is not None and len(input_ids) > limit:
         raise _Bad(f"the sample has {len(input_ids)} tokens, more than the no-split limit of {limit}")
