@@ -8,7 +8,9 @@ A rule's ``source`` is a template over canonical keys: ``{layer}`` is the index 
 and ``{part}`` one of ``parts``. A part either names a separate target (``{part}`` in ``target``), an index along
 ``part_axis`` of one fused target (the transformers ViT's q/k/v in our fused qkv), or, with ``rows``, the rows of
 one fused source that feed separate targets (Phi-3 ``qkv_proj``/``gate_up_proj``, InternLM2's grouped ``wqkv``).
-``families`` limits a rule to some LLM families (None: all).
+``families`` limits a rule to some LLM families (None: all). ``layer_stride`` / ``layer_offset``: source layer
+``stride * k + offset`` is index k of the stacked target (QLLaMA's blocks of ``cross_attention_frequency`` layers);
+such a rule takes only the source layers of its offset.
 
 Transforms take a torch tensor to our array of shape ``shape`` (``load``) and back (``save``); ``source(shape)``
 is the exact torch shape that ``load`` takes to ``shape``, checked before any reshape (a reshape would accept a
@@ -75,6 +77,21 @@ class Rule:
     part_axis: int | None = None
     rows: RowsFn | None = None
     families: tuple[str, ...] | None = None
+    layer_stride: int = 1
+    layer_offset: int = 0
+
+    def source_key(self, layer: int | None, part) -> str:
+        """The canonical source key of stacked index ``layer`` (None: unstacked) and ``part``."""
+        return self.source.format(layer=None if layer is None else layer * self.layer_stride + self.layer_offset,
+                                  part=part)
+
+    def stack_index(self, match) -> int | None:
+        """The stacked index that a matched source key fills (None: unstacked), -1 for a layer of another offset."""
+        layer = match.groupdict().get("layer")
+        if layer is None:
+            return None
+        k, r = divmod(int(layer) - self.layer_offset, self.layer_stride)
+        return k if r == 0 and k >= 0 else -1
 
     @cached_property
     def pattern(self) -> re.Pattern:
@@ -224,6 +241,24 @@ HF = Layout(
     ),
 )
 
+# InternViT in the original OpenGVLab naming (chat models and InternVL 1.0 alike)
+_ORIGINAL_VIT = (
+    Rule("vision.embeddings.class_embedding", "vision/embeddings/cls_token"),
+    Rule("vision.embeddings.position_embedding", "vision/embeddings/pos_embed"),
+    Rule("vision.embeddings.patch_embedding.weight", "vision/embeddings/patch_kernel", "conv"),
+    Rule("vision.embeddings.patch_embedding.bias", "vision/embeddings/patch_bias"),
+    Rule("vision.encoder.layers.{layer}.attn.qkv.weight", _VIT + "attn/qkv/kernel", "linear"),
+    Rule("vision.encoder.layers.{layer}.attn.qkv.bias", _VIT + "attn/qkv/bias", "flat"),
+    Rule("vision.encoder.layers.{layer}.attn.{part}_norm.weight", _VIT + "attn/{part}_norm/scale", parts=("q", "k")),
+    Rule("vision.encoder.layers.{layer}.attn.proj.weight", _VIT + "attn/proj/kernel", "linear2"),
+    Rule("vision.encoder.layers.{layer}.attn.proj.bias", _VIT + "attn/proj/bias"),
+    Rule("vision.encoder.layers.{layer}.mlp.{part}.weight", _VIT + "{part}/kernel", "linear", ("fc1", "fc2")),
+    Rule("vision.encoder.layers.{layer}.mlp.{part}.bias", _VIT + "{part}/bias", parts=("fc1", "fc2")),
+    Rule("vision.encoder.layers.{layer}.{part}.weight", _VIT + "{part}/scale", parts=("norm1", "norm2")),
+    Rule("vision.encoder.layers.{layer}.{part}.bias", _VIT + "{part}/bias", parts=("norm1", "norm2")),
+    Rule("vision.encoder.layers.{layer}.{part}", _VIT + "{part}", parts=("ls1", "ls2")),
+)
+
 # original OpenGVLab InternVLChatModel (custom code; the ViT's fused qkv, mlp1, InternLM2's own names)
 ORIGINAL = Layout(
     name="original",
@@ -235,20 +270,7 @@ ORIGINAL = Layout(
         ("language_model.output.", "output."),
     ),
     rules=(
-        Rule("vision.embeddings.class_embedding", "vision/embeddings/cls_token"),
-        Rule("vision.embeddings.position_embedding", "vision/embeddings/pos_embed"),
-        Rule("vision.embeddings.patch_embedding.weight", "vision/embeddings/patch_kernel", "conv"),
-        Rule("vision.embeddings.patch_embedding.bias", "vision/embeddings/patch_bias"),
-        Rule("vision.encoder.layers.{layer}.attn.qkv.weight", _VIT + "attn/qkv/kernel", "linear"),
-        Rule("vision.encoder.layers.{layer}.attn.qkv.bias", _VIT + "attn/qkv/bias", "flat"),
-        Rule("vision.encoder.layers.{layer}.attn.{part}_norm.weight", _VIT + "attn/{part}_norm/scale", parts=("q", "k")),
-        Rule("vision.encoder.layers.{layer}.attn.proj.weight", _VIT + "attn/proj/kernel", "linear2"),
-        Rule("vision.encoder.layers.{layer}.attn.proj.bias", _VIT + "attn/proj/bias"),
-        Rule("vision.encoder.layers.{layer}.mlp.{part}.weight", _VIT + "{part}/kernel", "linear", ("fc1", "fc2")),
-        Rule("vision.encoder.layers.{layer}.mlp.{part}.bias", _VIT + "{part}/bias", parts=("fc1", "fc2")),
-        Rule("vision.encoder.layers.{layer}.{part}.weight", _VIT + "{part}/scale", parts=("norm1", "norm2")),
-        Rule("vision.encoder.layers.{layer}.{part}.bias", _VIT + "{part}/bias", parts=("norm1", "norm2")),
-        Rule("vision.encoder.layers.{layer}.{part}", _VIT + "{part}", parts=("ls1", "ls2")),
+        *_ORIGINAL_VIT,
         *_PROJECTOR("0", "1", "3"),
         *_decoder(("qwen2", "qwen3", "llama")),
         *_INTERNLM2_DECODER,
@@ -256,3 +278,77 @@ ORIGINAL = Layout(
 )
 
 LAYOUTS = {"hf": HF, "original": ORIGINAL}
+
+
+# InternVL 1.0 (the original InternVLModel: InternVL-C / InternVL-G) ---------------------------------------------
+
+_QLLAMA_LAYER = "qllama.layers.{layer}."
+_POOLERS = ("clip_projector", "clip_projector2")
+
+
+def _qllama_layer(j: int, frequency: int) -> tuple[Rule, ...]:
+    """QLLaMA layer ``stride * k + j`` <-> ``layer_{j}`` of scanned block k (cross-attention in layer_0 only)."""
+    dst = f"qllama/blocks/layer_{j}/"
+    kw = dict(layer_stride=frequency, layer_offset=j)
+    rules = (
+        Rule(_QLLAMA_LAYER + "self_attn.{part}_proj.weight", dst + "attn/{part}_proj/kernel", "linear", ("q", "k", "v"), **kw),
+        Rule(_QLLAMA_LAYER + "self_attn.o_proj.weight", dst + "attn/o_proj/kernel", "linear2", **kw),
+        Rule(_QLLAMA_LAYER + "mlp.{part}_proj.weight", dst + "mlp/{part}_proj/kernel", "linear", ("gate", "up", "down"), **kw),
+        Rule(_QLLAMA_LAYER + "input_layernorm.weight", dst + "input_norm/scale", **kw),
+        Rule(_QLLAMA_LAYER + "post_attention_layernorm.weight", dst + "post_attn_norm/scale", **kw),
+    )
+    if j == 0:
+        rules += (
+            Rule(_QLLAMA_LAYER + "cross_attn.{part}_proj.weight", dst + "cross_attn/{part}_proj/kernel", "linear", ("q", "k", "v"), **kw),
+            Rule(_QLLAMA_LAYER + "cross_attn.o_proj.weight", dst + "cross_attn/o_proj/kernel", "linear2", **kw),
+            Rule(_QLLAMA_LAYER + "cross_attn.{part}.weight", dst + "cross_attn/{part}/scale", parts=("norm1", "norm2"), **kw),
+        )
+    return rules
+
+
+def _pooler(name: str) -> tuple[Rule, ...]:
+    """An attention-pooling block: three LayerNorms, bias-free q/k/v with separate bias vectors, proj."""
+    return (
+        Rule(name + ".norm1_{part}.weight", name + "/norm_{part}/scale", parts=("q", "k", "v")),
+        Rule(name + ".norm1_{part}.bias", name + "/norm_{part}/bias", parts=("q", "k", "v")),
+        Rule(name + ".cross_attn.{part}.weight", name + "/{part}/kernel", "linear", ("q", "k", "v")),
+        Rule(name + ".cross_attn.{part}_bias", name + "/{part}/bias", "flat", ("q", "k", "v")),
+        Rule(name + ".cross_attn.proj.weight", name + "/proj/kernel", "linear2"),
+        Rule(name + ".cross_attn.proj.bias", name + "/proj/bias"),
+    )
+
+
+def internvl_g_layout(cross_attention_frequency: int) -> Layout:
+    """The original InternVL 1.0 ``InternVLModel`` (``internvl_g`` / the hub's InternVL-14B-224px) for a QLLaMA
+    with cross-attention every ``cross_attention_frequency`` layers."""
+    return Layout(
+        name="internvl_g",
+        prefixes=(("vision_model.", "vision."), ("qllama.model.", "qllama."), ("qllama.lm_head.", "lm_head.")),
+        rules=(
+            *_ORIGINAL_VIT,
+            Rule("qllama.embed_tokens.weight", "qllama/embed_tokens"),
+            *(r for j in range(cross_attention_frequency) for r in _qllama_layer(j, cross_attention_frequency)),
+            Rule("qllama.norm.weight", "qllama/norm/scale"),
+            Rule("lm_head.weight", "qllama/lm_head/kernel", "linear"),
+            Rule("query_tokens", "query_tokens"),
+            Rule("text_projection", "text_projection"),
+            Rule("logit_scale", "logit_scale"),
+            *_pooler("clip_projector"),
+            *_pooler("clip_projector2"),
+            Rule("itm_head.weight", "itm_head/kernel", "linear"),
+            Rule("itm_head.bias", "itm_head/bias"),
+        ),
+    )
+
+
+def layout_for(name: str, config) -> Layout:
+    """The layout table called ``name`` for ``config`` (``internvl_g`` depends on the QLLaMA layer pattern)."""
+    clip = hasattr(config, "qllama")  # an InternVL 1.0 CLIPConfig
+    if name in (*LAYOUTS, "internvl_g") and (name == "internvl_g") != clip:
+        raise ValueError(f"layout {name!r} does not fit {'an InternVL 1.0' if clip else 'an InternVL chat'} model: "
+                         f"use {'internvl_g' if clip else ' or '.join(LAYOUTS)}")
+    if name == "internvl_g":
+        return internvl_g_layout(config.cross_attention_frequency)
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout {name!r}; use one of {', '.join([*LAYOUTS, 'internvl_g'])}")
+    return LAYOUTS[name]

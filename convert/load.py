@@ -65,10 +65,11 @@ def _sources(rule: Rule, shapes: dict) -> Iterator[tuple[str, list, int | None]]
     groups = [g for g in groups if all(rule.target.format(part=p) in shapes for p in g)]
     if not groups:
         return
-    depth = shapes[rule.target.format(part=groups[0][0])][0]  # a stacked param's leading axis is its layers
-    for layer in range(depth) if "{layer}" in rule.source else [None]:
+    stacked = "{layer}" in rule.source
+    depth = shapes[rule.target.format(part=groups[0][0])][0] if stacked else 0  # the leading axis is the layers
+    for layer in range(depth) if stacked else [None]:
         for parts in groups:
-            yield rule.source.format(layer=layer, part=parts[0]), parts, layer
+            yield rule.source_key(layer, parts[0]), parts, layer
 
 
 def _pieces(reader, key: str, rule: Rule, m, shapes: dict) -> list[tuple[str, tuple]]:
@@ -77,11 +78,11 @@ def _pieces(reader, key: str, rule: Rule, m, shapes: dict) -> list[tuple[str, tu
     and float64 are all cast to the params' dtype; an integer or boolean tensor is a broken file) and that its
     shape is exactly the one ``rule``'s transform takes to those pieces (a reshape would take a transposed matrix
     or a norm weight stored [8, 8] for [64] without a word). Raises :class:`CheckpointError` naming the file."""
-    layer = m.groupdict().get("layer")
+    layer = rule.stack_index(m)
     paths = [rule.target.format(part=p) for p in _parts(rule, m)]
-    if layer is not None and int(layer) >= shapes[paths[0]][0]:
-        raise CheckpointError(f"tensor {key} in {reader.where(key)} is for layer {layer}, but the model has "
-                              f"{shapes[paths[0]][0]} layers (from the config)")
+    if layer is not None and layer >= shapes[paths[0]][0]:
+        raise CheckpointError(f"tensor {key} in {reader.where(key)} is for layer {m['layer']}, but the model has "
+                              f"{shapes[paths[0]][0] * rule.layer_stride} layers (from the config)")
     dtype = np.dtype(reader.dtype(key))
     if not _is_float(dtype):
         raise CheckpointError(f"tensor {key} in {reader.where(key)} has dtype {dtype.name}, expected floating point "
@@ -116,7 +117,7 @@ def plan_groups(reader: SafetensorsReader, layout: Layout, text: TextConfig, sha
         canon = layout.canonical(key)
         if canon in ("lm_head.weight", "output.weight") and text.tie_word_embeddings:
             continue  # a tied head is the embedding table (files omit it, a state dict repeats it)
-        matches = [(i, m) for i, r in enumerate(rules) if (m := r.pattern.fullmatch(canon))]
+        matches = [(i, m) for i, r in enumerate(rules) if (m := r.pattern.fullmatch(canon)) and r.stack_index(m) != -1]
         if not matches or any(rules[i].target.format(part=p) not in shapes for i, m in matches for p in _parts(rules[i], m)):
             unexpected.append(key)
             continue
@@ -225,6 +226,23 @@ def checkpoint_layout(path: str) -> Layout:
         return layout_of(json.load(f))
 
 
+def checkpoint_model(path: str) -> tuple:
+    """(config, layout, abstract params) of a safetensors checkpoint folder, from its own config.json: an
+    InternVL chat model or InternVL 1.0 (``qllama_config``)."""
+    from .clip_checkpoint import is_clip_checkpoint
+
+    if is_clip_checkpoint(path):
+        from internvl_jax.clip_config import load_clip_config
+        from internvl_jax.clip_model import abstract_clip_params
+
+        from .keymaps import internvl_g_layout
+
+        config = load_clip_config(path)
+        return config, internvl_g_layout(config.cross_attention_frequency), abstract_clip_params(config)
+    config = load_config(path)
+    return config, checkpoint_layout(path), abstract_params(config)
+
+
 PARAMS_DIR = "params"  # the orbax checkpoint inside a folder written by ``internvl-jax convert``
 
 
@@ -285,6 +303,10 @@ def load_pretrained(path: str, dtype=jnp.float32, mesh=None, rules="fsdp") -> tu
     read by each device). Returns ``(model, params)``; call
     ``model.apply({"params": params}, input_ids=..., pixel_values=..., tile_mask=...)``.
     """
+    from .clip_checkpoint import is_clip_checkpoint, load_clip_pretrained
+
+    if is_clip_checkpoint(path):  # InternVL 1.0 (InternVL-C / InternVL-G): its own model class
+        return load_clip_pretrained(path, dtype, mesh, rules)
     name = dtype_name(as_dtype(dtype))
     config = load_config(path, dtype=name, param_dtype=name)
     if config.image_token_id < 0:  # original configs leave it to the tokenizer, as chat() does

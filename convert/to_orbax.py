@@ -15,11 +15,9 @@ import threading
 import numpy as np
 from flax import traverse_util
 
-from internvl_jax.config import load_config
 from internvl_jax.layers import as_dtype
-from internvl_jax.model import abstract_params
 
-from .load import PARAMS_DIR, Group, checkpoint_layout, plan_groups, source_dtype
+from .load import PARAMS_DIR, Group, checkpoint_model, plan_groups, source_dtype
 from .orbax_io import StreamedParam, save_streamed
 from .safetensors_io import SafetensorsReader
 from .staging import byte_bar, copy_side_files, prepare_destination, staged_folder
@@ -35,11 +33,11 @@ def convert_checkpoint(src: str, dst: str, *, dtype: str | None = None, overwrit
     it was (:mod:`convert.staging`). Returns the dtype written.
     """
     prepare_destination(dst, overwrite=overwrite)  # before any reading: a bad destination fails at once
-    config = load_config(src)
+    config, layout, abstract = checkpoint_model(src)
     with SafetensorsReader(src) as reader:
         dtype = dtype or source_dtype(reader)
-        shapes = {p: s.shape for p, s in traverse_util.flatten_dict(abstract_params(config), sep="/").items()}
-        groups = plan_groups(reader, checkpoint_layout(src), config.text, shapes, dtype)
+        shapes = {p: s.shape for p, s in traverse_util.flatten_dict(abstract, sep="/").items()}
+        groups = plan_groups(reader, layout, config.text, shapes, dtype)
         np_dtype = np.dtype(as_dtype(dtype))
         stop = threading.Event()
         params = {path: StreamedParam(path, shapes[path], np_dtype, group, stacked="/layers/" in path)

@@ -44,7 +44,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """x [B, L, E]. Without a cache, ``mask`` is the segment ids int [B, L] (causal within each segment,
-        0 = padding) and attention runs through the configured backend (:func:`internvl_jax.attention.attend`).
+        0 = padding) and attention runs through the configured backend (:func:`internvl_jax.attention.attend`),
+        or a dense bool mask [B, 1, L, L] (True = attend; QLLaMA's query/text masks), on the dense XLA path.
         With ``cache`` = (k, v) [B, K, S, D], ``mask`` is bool [B, 1, L, S]: the new keys/values go to slots
         ``cache_index`` .. ``cache_index + L - 1`` (int scalar, the same slots in every row) and attention runs
         over the whole cache; returns (output, updated cache)."""
@@ -62,7 +63,9 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         scale = c.head_dim**-0.5
-        if cache is None:
+        if cache is None and mask.ndim == 4:
+            out = attention(q, k, v, mask, scale=scale, impl=self.impl if self.impl in DENSE_IMPLS else "batched")
+        elif cache is None:
             out = attend(q, k, v, mask, mask, scale=scale, causal=True, impl=self.impl)
         else:
             # one dynamic_update_slice per buffer: every row writes at the same slots (prompts are left-padded)
@@ -96,6 +99,31 @@ class MLP(nn.Module):
         return Dense((c.hidden_size,), ("mlp",), ("embed",), c.mlp_bias, name="down_proj", **kw)(h)
 
 
+class CrossAttention(nn.Module):
+    """QLLaMA's cross-attention of the query tokens to the vision states: o_proj(softmax(q k^T / sqrt(D)) v) with
+    q = q_proj(RMSNorm1(x)), k, v = k_proj, v_proj(RMSNorm2(vision)); no mask, no RoPE, no biases, float32 softmax.
+
+    x [B, Q, E]; vision [B, S, C] (C = the ViT's width) -> [B, Q, E]."""
+
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora: tuple = ()
+
+    @nn.compact
+    def __call__(self, x, vision):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(lora=self.lora, **kw)
+        x = Norm("rms_norm", c.norm_eps, "embed", name="norm1", **kw)(x)
+        vision = Norm("rms_norm", c.norm_eps, "vit_embed", name="norm2", **kw)(vision.astype(self.dtype))
+        q = Dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), name="q_proj", **dense)(x)
+        k = Dense((c.num_heads, c.head_dim), ("vit_embed",), ("heads", "head_dim"), name="k_proj", **dense)(vision)
+        v = Dense((c.num_heads, c.head_dim), ("vit_embed",), ("heads", "head_dim"), name="v_proj", **dense)(vision)
+        out = attention(q, k, v, None, scale=c.head_dim**-0.5)
+        return Dense((c.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj", **dense)(out)
+
+
 class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
@@ -103,9 +131,13 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "batched"
     transposed: bool = False
     lora: tuple = ()
+    # QLLaMA: after self-attention, the first ``num_queries`` positions cross-attend to ``vision`` (with a residual)
+    cross_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, vision=None, num_queries: int = 0):
+        """``vision`` [B, S, C] and ``num_queries`` only with ``cross_attention``; as the original, the block is
+        skipped when the step holds fewer than ``num_queries`` positions (cached decoding) or no vision states."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = Norm("rms_norm", c.norm_eps, "embed", name="input_norm", **kw)(x)
@@ -113,6 +145,10 @@ class DecoderLayer(nn.Module):
                              **kw)(
             h, cos, sin, mask, cache, cache_index)
         x = x + h
+        if self.cross_attention and vision is not None and x.shape[1] >= num_queries:
+            queries = x[:, :num_queries]
+            queries = queries + CrossAttention(c, name="cross_attn", lora=self.lora, **kw)(queries, vision)
+            x = jnp.concatenate([queries, x[:, num_queries:]], axis=1)
         h = Norm("rms_norm", c.norm_eps, "embed", name="post_attn_norm", **kw)(x)
         x = x + MLP(c, name="mlp", transposed=self.transposed, lora=self.lora, **kw)(h)
         return constrain(x, ("batch", "length", "embed")), cache

@@ -1,0 +1,150 @@
+"""InternVL 1.0 (``InternVLModel``): InternViT-6B-224 + QLLaMA, with the InternVL-C and InternVL-G heads.
+
+* InternVL-C image feature: ``clip_projector`` (attention pooling) over all ViT tokens, class token included.
+* InternVL-G image feature: normalize(clip_projector(vit)) + normalize(clip_projector2(QLLaMA query outputs)); the
+  96 learnable queries alone go through QLLaMA, bidirectionally, cross-attending to the ViT tokens.
+* Text feature: QLLaMA over the tokens alone (causal, no vision), the final-norm state at the last real token
+  (right-padded with 0: index (ids > 0).sum - 1, the EOS) times ``text_projection``.
+* CLIP logits: exp(logit_scale) * normalize(image) @ normalize(text)^T.
+
+Pixels are NHWC, normalised. Methods other than ``__call__`` are reached with ``model.apply(..., method=...)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from .clip_config import CLIPConfig
+from .layers import Dense, as_dtype, param_with_axes
+from .pooling import AttentionPooling
+from .qllama import QLLaMA, qllama_mask
+from .vision import InternViT
+
+MODES = ("InternVL-C", "InternVL-G")
+
+
+def normalize(x):
+    """x / ||x|| over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def eos_index(input_ids):
+    """int [B]: the position of the last real token of right-padded (pad id 0) ids [B, L]."""
+    return jnp.sum(input_ids > 0, axis=1) - 1
+
+
+class InternVLCLIP(nn.Module):
+    config: CLIPConfig
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=as_dtype(c.dtype), param_dtype=as_dtype(c.param_dtype))
+        stack = dict(remat=c.remat, attention_impl=c.attention_impl)
+        self.vision = InternViT(c.vision, **stack, **kw)
+        self.qllama = QLLaMA(c, **stack, **kw)
+        e, d = c.qllama.hidden_size, c.clip_embed_dim
+        pd = kw["param_dtype"]
+        self.query_tokens = self.param("query_tokens", param_with_axes(nn.initializers.normal(0.02), (None, None, "embed")),
+                                       (1, c.num_query_token, e), pd)
+        self.text_projection = self.param("text_projection", param_with_axes(nn.initializers.normal(e**-0.5),
+                                                                             ("embed", None)), (e, d), pd)
+        self.logit_scale = self.param("logit_scale", param_with_axes(nn.initializers.constant(np.log(1 / 0.07)), ()),
+                                      (), jnp.float32)
+        self.clip_projector = AttentionPooling(d, c.attn_pool_num_heads, "vit_embed", **kw)
+        self.clip_projector2 = AttentionPooling(d, c.attn_pool_num_heads, "embed", **kw)
+        self.itm_head = Dense((2,), ("embed",), (None,), True, out_dtype=jnp.float32, **kw)
+
+    def vision_states(self, pixels):
+        """pixels [B, H, W, 3] -> ViT tokens [B, 1 + patches, C] (class token first, no final norm)."""
+        return self.vision(pixels)
+
+    def query_outputs(self, vit):
+        """ViT tokens [B, S, C] -> QLLaMA's final-norm query outputs [B, Q, E] (queries alone, bidirectional)."""
+        b = vit.shape[0]
+        q = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:])).astype(as_dtype(self.config.dtype))
+        mask = qllama_mask("full", q.shape[1], jnp.ones(q.shape[:2], bool))
+        return self.qllama(q, mask, vit)
+
+    def image_features(self, pixels, mode: str = "InternVL-C"):
+        """pixels [B, H, W, 3] -> unnormalised image features [B, D] of ``mode`` (see the module docstring)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        vit = self.vision_states(pixels)
+        backbone = self.clip_projector(vit).astype(jnp.float32)
+        if mode == "InternVL-C":
+            return backbone
+        return normalize(backbone) + normalize(self.clip_projector2(self.query_outputs(vit)))
+
+    def text_hidden(self, input_ids):
+        """int [B, L] right-padded with 0 -> final-norm hidden states [B, L, E] (causal, no vision)."""
+        return self.qllama(self.qllama.embed(input_ids), qllama_mask("causal", 0, input_ids > 0))
+
+    def text_features(self, input_ids):
+        """int [B, L] -> unnormalised text features [B, D]: the last real token's state @ text_projection."""
+        h = self.text_hidden(input_ids)
+        last = jnp.take_along_axis(h, eos_index(input_ids)[:, None, None], axis=1)[:, 0]
+        return jnp.dot(last.astype(jnp.float32), self.text_projection.astype(jnp.float32))
+
+    def logits(self, image_features, text_features):
+        """Unnormalised [N, D], [M, D] -> float32 logits_per_image [N, M] (scaled cosine similarities)."""
+        return jnp.exp(self.logit_scale) * normalize(image_features) @ normalize(text_features).T
+
+    def __call__(self, pixels, input_ids, mode: str = "InternVL-C"):
+        """-> (logits_per_image [N, M], logits_per_text [M, N])."""
+        per_image = self.logits(self.image_features(pixels, mode), self.text_features(input_ids))
+        return per_image, per_image.T
+
+    def lm_hidden(self, vit, input_ids, attention_mask, kind: str = "prefix"):
+        """[queries ; text] through QLLaMA with the query positions cross-attending to ``vit``.
+
+        vit [B, S, C]; input_ids, attention_mask int [B, L]; ``kind``: a :func:`qllama_mask` kind (``prefix`` for
+        captioning / ITG, ``full`` for ITM, ``separate`` for ITC). Returns final-norm states [B, Q + L, E]."""
+        b = vit.shape[0]
+        dtype = as_dtype(self.config.dtype)
+        q = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:])).astype(dtype)
+        x = jnp.concatenate([q, self.qllama.embed(input_ids)], axis=1)
+        valid = jnp.concatenate([jnp.ones(q.shape[:2], bool), attention_mask > 0], axis=1)
+        return self.qllama(x, qllama_mask(kind, q.shape[1], valid), vit)
+
+    def lm_logits(self, vit, input_ids, attention_mask):
+        """Image-conditioned LM logits [B, Q + L, V] over [queries ; text] (captioning's prefix mask)."""
+        return self.qllama.head(self.lm_hidden(vit, input_ids, attention_mask))
+
+    def itm_logits(self, query_states):
+        """Query outputs [B, Q, E] -> image-text matching logits [B, 2] (the head's mean over the queries)."""
+        return jnp.mean(self.itm_head(query_states), axis=1)
+
+    def init_all(self, pixels, input_ids):
+        """Touch every parameter (for ``init``)."""
+        vit = self.vision_states(pixels)
+        g = self.image_features(pixels, "InternVL-G")
+        h = self.lm_hidden(vit, input_ids, jnp.ones_like(input_ids))
+        return g, self.text_features(input_ids), self.qllama.head(h), self.itm_logits(h), self.logit_scale
+
+
+def _dummy_inputs(config: CLIPConfig):
+    s = config.image_size
+    return jnp.zeros((1, s, s, 3), as_dtype(config.dtype)), jnp.ones((1, 1), jnp.int32)
+
+
+def init_clip_params(config: CLIPConfig, rng) -> dict:
+    """Randomly initialised params (plain nested dicts)."""
+    model = InternVLCLIP(config)
+    return nn.unbox(model.init(rng, *_dummy_inputs(config), method=InternVLCLIP.init_all)["params"])
+
+
+def abstract_clip_params(config: CLIPConfig, *, boxed: bool = False) -> dict:
+    """Shapes and dtypes of the params (``jax.eval_shape``, nothing allocated); ``boxed`` keeps the logical axes."""
+    model = InternVLCLIP(config)
+    tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(config),
+                                             method=InternVLCLIP.init_all))["params"]
+    return tree if boxed else nn.unbox(tree)
+
+
+def clip_param_count(config: CLIPConfig) -> int:
+    """Exact parameter count (``jax.eval_shape``)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_clip_params(config)))
