@@ -63,7 +63,7 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         scale = c.head_dim**-0.5
-        if cache is None and mask.ndim == 4:
+        if cache is None and mask is not None and mask.ndim == 4:
             out = attention(q, k, v, mask, scale=scale, impl=self.impl if self.impl in DENSE_IMPLS else "batched")
         elif cache is None:
             out = attend(q, k, v, mask, mask, scale=scale, causal=True, impl=self.impl)
