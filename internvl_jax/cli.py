@@ -240,6 +240,54 @@ def _check_chat_args(args, config) -> None:
         raise GenerationArgumentError(f"--max-tiles is {args.max_tiles}: expected a positive tile budget")
     check_max_new_tokens(args.max_new_tokens)
     check_sampling(args.do_sample, args.temperature, args.top_k, args.top_p, config.text.vocab_size)
+    if args.best_of is None:
+        if args.critic:
+            raise ValueError("--critic needs --best-of N (the candidates it chooses among)")
+        return
+    if args.best_of < 1:
+        raise GenerationArgumentError(f"--best-of is {args.best_of}: expected a positive number of candidates")
+    if args.question is None:
+        raise ValueError("--best-of needs the question on the command line (it answers one question, no session)")
+    if args.select == "critic" and not args.critic:
+        raise ValueError("--best-of with --select critic needs --critic CRITIC_CKPT (or --select self-consistency "
+                         "or logprob)")
+    if args.critic and not os.path.isdir(args.critic):
+        raise FileNotFoundError(f"critic checkpoint folder {args.critic} does not exist")
+
+
+def _best_of(args, model, params, processor, images) -> None:
+    """``chat --best-of N``: N sampled candidates, the progress on stderr, each candidate's scores and the choice."""
+    from convert.load import load_pretrained
+
+    from .best_of_n import best_of_n
+    from .generate import unrolled_params
+    from .processing.processor import Processor
+
+    critic = critic_processor = None
+    if args.critic:
+        critic_processor = Processor.from_pretrained(args.critic)
+        with Working(f"loading the critic {args.critic} in {args.dtype}"):
+            critic_model, critic_params = load_pretrained(args.critic, dtype=args.dtype)
+            critic = (critic_model, unrolled_params(critic_params, critic_model.config))
+    generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed)
+    working = Working(f"sampling {args.best_of} candidates (the first call compiles)")
+
+    def progress(line):
+        working.stop(report=False)
+        print(line, file=sys.stderr, flush=True)
+
+    with working:
+        result = best_of_n((model, params), critic, processor, args.question, images, args.best_of,
+                           method=args.select.replace("-", "_"), mode=args.critic_mode, how=args.aggregate,
+                           generation_config=generation, critic_processor=critic_processor, max_tiles=args.max_tiles,
+                           on_progress=progress)
+    for i, c in enumerate(result.candidates):
+        scores = "" if c.score is None else (f"critic {c.score:.3f} (steps " + " ".join(f"{v:.2f}" for v in
+                                                                                       c.step_scores) + "), ")
+        print(f"[{i}] {scores}mean log-prob {c.mean_logprob:.3f}, final answer {c.final_answer!r}")
+    print(f"choice ({args.select}): candidate {result.choice}")
+    print(result.answer)
 
 
 def cmd_chat(args) -> None:
@@ -267,6 +315,9 @@ def cmd_chat(args) -> None:
         else:
             model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
         params = unrolled_params(params, model.config)  # the generation layout, once (not on every answer)
+    if args.best_of is not None:
+        _best_of(args, model, params, processor, images)
+        return
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -343,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder to put on the checkpoint")
     chat.add_argument("--merge", action="store_true", help="with --adapter: merge it into the weights first "
                       "(default: unmerged, the adapters run beside the frozen kernels)")
+    chat.add_argument("--best-of", type=int, default=None, metavar="N",
+                      help="sample N candidate answers (one shared prefill) and print the one --select chooses")
+    chat.add_argument("--critic", default=None, metavar="CRITIC_CKPT",
+                      help="with --best-of: a process-reward critic checkpoint (VisualPRM format) scoring each step")
+    chat.add_argument("--select", choices=["critic", "self-consistency", "logprob"], default="critic",
+                      help="with --best-of: the critic's best answer score (default), the majority final answer, or "
+                           "the policy's highest mean log-probability")
+    chat.add_argument("--critic-mode", choices=["process", "outcome"], default="process",
+                      help="the critic judges every step (process, default) or the whole answer once (outcome)")
+    chat.add_argument("--aggregate", choices=["mean", "min", "last"], default="mean",
+                      help="answer score from the step scores (default: mean)")
     chat.set_defaults(func=cmd_chat)
     train = sub.add_parser(
         "train", help="train or fine-tune (resumes when WORKDIR holds checkpoints)",
