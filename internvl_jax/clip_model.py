@@ -98,17 +98,24 @@ class InternVLCLIP(nn.Module):
         per_image = self.logits(self.image_features(pixels, mode), self.text_features(input_ids))
         return per_image, per_image.T
 
-    def lm_hidden(self, vit, input_ids, attention_mask, kind: str = "prefix"):
+    def lm_hidden(self, vit, input_ids, attention_mask, kind: str | tuple[str, ...] = "prefix"):
         """[queries ; text] through QLLaMA with the query positions cross-attending to ``vit``.
 
-        vit [B, S, C]; input_ids, attention_mask int [B, L]; ``kind``: a :func:`qllama_mask` kind (``prefix`` for
-        captioning / ITG, ``full`` for ITM, ``separate`` for ITC). Returns final-norm states [B, Q + L, E]."""
-        b = vit.shape[0]
+        vit [B, S, C]; input_ids, attention_mask int [k*B, L]; ``kind``: a :func:`qllama_mask` kind (``prefix``
+        for captioning / ITG, ``full`` for ITM, ``separate`` for ITC), or k kinds, one per consecutive chunk of
+        B rows, each chunk seeing the same images (the stage-2 batch [ITM ; ITC ; ITG]). Returns final-norm
+        states [k*B, Q + L, E]."""
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        rows = input_ids.shape[0]
+        if rows != len(kinds) * vit.shape[0]:
+            raise ValueError(f"{rows} text rows for {vit.shape[0]} images and {len(kinds)} mask kinds")
         dtype = as_dtype(self.config.dtype)
-        q = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:])).astype(dtype)
+        q = jnp.broadcast_to(self.query_tokens, (rows, *self.query_tokens.shape[1:])).astype(dtype)
         x = jnp.concatenate([q, self.qllama.embed(input_ids)], axis=1)
         valid = jnp.concatenate([jnp.ones(q.shape[:2], bool), attention_mask > 0], axis=1)
-        return self.qllama(x, qllama_mask(kind, q.shape[1], valid), vit)
+        chunks = jnp.split(valid, len(kinds))
+        mask = jnp.concatenate([qllama_mask(k, q.shape[1], v) for k, v in zip(kinds, chunks)], axis=0)
+        return self.qllama(x, mask, jnp.tile(vit, (len(kinds), 1, 1)))
 
     def lm_logits(self, vit, input_ids, attention_mask):
         """Image-conditioned LM logits [B, Q + L, V] over [queries ; text] (captioning's prefix mask)."""
