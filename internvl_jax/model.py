@@ -41,15 +41,17 @@ def check_image_tokens(input_ids, tile_mask, image_token_id: int, tokens_per_til
         )
 
 
-def merge_image_features(embeds, is_image, features, tile_mask):
+def merge_image_features(embeds, is_image, features, tile_mask, image_index=None):
     """Put image features into the text embeddings.
 
     embeds: [B, L, E]; is_image: bool [B, L]; features: [B, T, n, E] (n tokens per tile); tile_mask: bool [B, T].
-    The k-th image token of row b receives feature (k mod n) of the (k div n)-th valid tile of row b.
+    The k-th image token of row b receives feature (k mod n) of the (k div n)-th valid tile of row b; k counts the
+    row's image tokens, or is ``image_index`` int [B, L] where given (two sequences of a preference pair then read
+    the same tiles: the vision tower runs once for both).
     Returns [B, L, E].
     """
     b, t, n, e = features.shape
-    k = jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1
+    k = jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1 if image_index is None else image_index
     # slots of the valid tiles first, in their original order
     valid_slots = jnp.argsort(~tile_mask, axis=1, stable=True)
     slot = jnp.take_along_axis(valid_slots, jnp.clip(k // n, 0, t - 1), axis=1)
@@ -86,23 +88,24 @@ class InternVL(nn.Module):
         return self.projector(h.reshape(n, -1, h.shape[-1]))
 
     def __call__(self, input_ids, pixel_values=None, tile_mask=None, positions=None, segment_ids=None, cache=None,
-                 cache_index=None, cache_start=None, last_only: bool = False, return_hidden: bool = False):
+                 cache_index=None, cache_start=None, last_only: bool = False, return_hidden: bool = False, image_index=None):
         """input_ids int [B, L]; pixel_values [B, T, H, W, 3]; tile_mask bool [B, T] (default: all valid);
         positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed samples differ).
         ``last_only``: logits of the last position only. With a KV ``cache`` (generation, ``unrolled``), returns
         (logits, cache); see :class:`~internvl_jax.decoder.Decoder`. ``return_hidden``: the final-norm hidden
-        states [B, L, E] instead of logits (:meth:`head` makes logits of any piece of them)."""
+        states [B, L, E] instead of logits (:meth:`head` makes logits of any piece of them). ``image_index``: int
+        [B, L], which image token's feature each IMG_CONTEXT position takes (:func:`merge_image_features`)."""
         c = self.config
         if pixel_values is not None and tile_mask is None:
             tile_mask = jnp.ones(pixel_values.shape[:2], bool)
-        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(tile_mask, jax.core.Tracer):
+        if image_index is None and not isinstance(input_ids, jax.core.Tracer) and not isinstance(tile_mask, jax.core.Tracer):
             check_image_tokens(input_ids, tile_mask, c.image_token_id, c.tokens_per_tile)
         x = self.language_model.embed(input_ids)
         if pixel_values is not None:
             b, t = pixel_values.shape[:2]
             feats = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
             feats = feats.reshape(b, t, *feats.shape[1:])
-            x = merge_image_features(x, input_ids == c.image_token_id, feats, tile_mask)
+            x = merge_image_features(x, input_ids == c.image_token_id, feats, tile_mask, image_index)
         return self.language_model(
             embeddings=x, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index,
             cache_start=cache_start, last_only=last_only, return_hidden=return_hidden,

@@ -39,31 +39,36 @@ def cross_entropy(logits, labels):
     return jnp.sum(token_cross_entropy(logits, labels)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def weighted_loss_sum(head: Callable, hidden, labels, weights, *, chunk: int | None = 1024):
-    """``sum(weights * CE)`` (float32 scalar) of the logits ``head(hidden)``, made ``chunk`` positions at a time.
+def token_losses(head: Callable, hidden, labels, *, chunk: int | None = 1024):
+    """Per-position cross entropy float32 [B, L] (0 where the label is ``IGNORE``) of the logits ``head(hidden)``,
+    made ``chunk`` positions at a time.
 
-    head: hidden [B, c, E] -> float32 logits [B, c, V]; hidden [B, L, E]; labels int [B, L] (aligned, ``IGNORE``
-    = no loss); weights float [B, L] (zero where the label is ``IGNORE``). Each chunk's logits are recomputed in
-    the backward pass (``jax.checkpoint``), so at most [B, chunk, V] float32 logits live at once. ``chunk`` None
-    or >= L: one piece (the plain loss). L is padded up to a multiple of ``chunk`` with zero-weight positions.
+    head: hidden [B, c, E] -> float32 logits [B, c, V]; hidden [B, L, E]; labels int [B, L] (aligned). Each chunk's
+    logits are recomputed in the backward pass (``jax.checkpoint``), so at most [B, chunk, V] float32 logits live at
+    once. ``chunk`` None or >= L: one piece. L is padded up to a multiple of ``chunk`` (and cut back after).
     """
     b, length, e = hidden.shape
-    weights = jnp.where(labels == IGNORE, 0.0, weights.astype(jnp.float32))
     if chunk is None or chunk >= length:
-        return jnp.sum(weights * token_cross_entropy(head(hidden), labels))
+        return token_cross_entropy(head(hidden), labels)
     n = math.ceil(length / chunk)
     pad = n * chunk - length
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=IGNORE)
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
     # [n, B, chunk, ...]: the scan walks the length; rows stay where the batch sharding put them
     split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
 
     @jax.checkpoint
-    def piece(total, xs):
-        h, y, w = xs
-        return total + jnp.sum(w * token_cross_entropy(head(h), y)), None
+    def piece(_, xs):
+        h, y = xs
+        return None, token_cross_entropy(head(h), y)
 
-    total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), (split(hidden), split(labels), split(weights)))
-    return total
+    _, ce = jax.lax.scan(piece, None, (split(hidden), split(labels)))
+    return jnp.moveaxis(ce, 0, 1).reshape(b, n * chunk)[:, :length]
+
+
+def weighted_loss_sum(head: Callable, hidden, labels, weights, *, chunk: int | None = 1024):
+    """``sum(weights * CE)`` (float32 scalar) of the logits ``head(hidden)``, made ``chunk`` positions at a time
+    (:func:`token_losses`). weights float [B, L] (counted only where the label is not ``IGNORE``)."""
+    weights = jnp.where(labels == IGNORE, 0.0, weights.astype(jnp.float32))
+    return jnp.sum(weights * token_losses(head, hidden, labels, chunk=chunk))

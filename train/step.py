@@ -83,6 +83,57 @@ def _select(ok, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def frozen_cut(params, trainable):
+    """``params`` with the frozen leaves (``trainable`` False) behind ``stop_gradient`` (None: all train)."""
+    if trainable is None:
+        return params
+    return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
+def accumulated_grads(loss_fn: Callable, params, micro: dict, accum_steps: int, carry=None):
+    """Loss, gradients and aux summed over micro-batches, ``carry`` threaded through them in order.
+
+    loss_fn(params, mb, i, carry) -> (loss float32 [], (carry, aux {name: float32 []})); micro: the batch split by
+    :func:`_micro_batches` ([accum, rows / accum, ...]). Returns (loss, grads, carry, aux).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (loss, (carry, aux)), grads = grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro), 0, carry)
+        return loss, grads, carry, aux
+
+    def body(acc, xs):
+        loss, grads, carry, aux = acc
+        mb, i = xs
+        mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
+        (l, (carry, a)), g = grad_fn(params, mb, i, carry)
+        add = lambda x, y: jax.tree_util.tree_map(jnp.add, x, y)  # noqa: E731
+        return (loss + l, add(grads, g), carry, add(aux, a)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    aux0 = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(lambda: loss_fn(params, first, 0, carry)[1][1]))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (loss, grads, carry, aux), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros, carry, aux0),
+                                                (micro, jnp.arange(accum_steps)))
+    return loss, grads, carry, aux
+
+
+def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransformation, rng, *,
+                    grad_view: Callable | None = None, **changes):
+    """(state after one optimizer update, grad norm, finite). A non-finite loss or gradient norm keeps params,
+    optimizer state and ``changes`` (other state fields to set) as they were; the step counter still advances
+    and ``skipped`` counts it."""
+    grad_norm = optax.tree.norm(grad_view(grads) if grad_view else grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    kept = {k: _select(finite, v, getattr(state, k)) for k, v in changes.items()}
+    new = state.replace(
+        step=state.step + 1, params=_select(finite, params, state.params),
+        opt_state=_select(finite, opt_state, state.opt_state), rng=rng,
+        skipped=state.skipped + (~finite).astype(jnp.int32), **kept)
+    return new, grad_norm, finite
+
+
 def make_train_step(model: InternVL, tx: optax.GradientTransformation, lr_fn: Callable | None = None, *,
                     trainable=None, grad_view: Callable | None = None, accum_steps: int = 1,
                     vocab_chunk: int | None = 1024, drop_path: bool = False) -> Callable:
@@ -99,37 +150,14 @@ def make_train_step(model: InternVL, tx: optax.GradientTransformation, lr_fn: Ca
         weight_sum = jnp.sum(batch["loss_weights"].astype(jnp.float32))
         denominator = jnp.maximum(weight_sum, 1e-12)
         rng, step_rng = jax.random.split(state.rng)
-        micro = _micro_batches(batch, accum_steps)
 
-        def loss_fn(params, mb, i):
-            if trainable is not None:
-                params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+        def loss_fn(params, mb, i, carry):
             key = jax.random.fold_in(step_rng, i) if drop_path else None
-            return loss_sum(model, params, mb, key, vocab_chunk=vocab_chunk) / denominator
+            return loss_sum(model, frozen_cut(params, trainable), mb, key, vocab_chunk=vocab_chunk) / denominator, \
+                (carry, {})
 
-        grad_fn = jax.value_and_grad(loss_fn)
-
-        def accumulate(carry, xs):
-            loss, grads = carry
-            mb, i = xs
-            mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()}
-            l, g = grad_fn(state.params, mb, i)
-            return (loss + l, jax.tree_util.tree_map(jnp.add, grads, g)), None
-
-        if accum_steps == 1:
-            loss, grads = grad_fn(state.params, jax.tree_util.tree_map(lambda x: x[0], micro), 0)
-        else:
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                            (micro, jnp.arange(accum_steps)))
-        grad_norm = optax.tree.norm(grad_view(grads) if grad_view else grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(
-            step=state.step + 1, params=_select(finite, params, state.params),
-            opt_state=_select(finite, opt_state, state.opt_state), rng=rng,
-            skipped=state.skipped + (~finite).astype(jnp.int32))
+        loss, grads, _, _ = accumulated_grads(loss_fn, state.params, _micro_batches(batch, accum_steps), accum_steps)
+        new, grad_norm, finite = apply_gradients(state, grads, loss, tx, rng, grad_view=grad_view)
         metrics = {"loss": loss, "grad_norm": grad_norm, "weight_sum": weight_sum,
                    "tokens": jnp.sum(batch["labels"] != -100).astype(jnp.float32),
                    "finite": finite.astype(jnp.float32),

@@ -115,7 +115,7 @@ class PackConfig:
     IMG_CONTEXT run alone); tokens_per_tile: IMG_CONTEXT tokens per tile; loss_mode: token | sample | square;
     packing: False puts one sample per row (plain SFT; rows never mix samples); split: the original's rule for
     over-long samples (False: skip them); v2pe: float32 positions; min_supervised_ratio: ``check_valid``'s bound
-    for split pieces.
+    for split pieces; max_segments: pieces per row at most (0: any number).
     """
 
     max_tokens: int
@@ -131,6 +131,7 @@ class PackConfig:
     v2pe: bool = False
     min_supervised_ratio: float = 1 / 256
     pad_id: int = 0
+    max_segments: int = 0  # pieces per row at most (0: no bound; preference rows: the static pairs per row)
 
     def __post_init__(self):
         if self.max_tokens < 1 or self.max_tiles < 0 or self.tile_size < 1 or self.tokens_per_tile < 1:
@@ -464,6 +465,19 @@ def build_batch(rows: list[list[Piece]], cfg: PackConfig, batch_size: int) -> di
     return batch
 
 
+@dataclasses.dataclass(frozen=True)
+class RowFormat:
+    """What rows hold: ``packer(cfg)`` turns prepared items into events (a :class:`Packer`), ``build_batch(rows,
+    cfg, batch_size)`` writes the pieces of the rows into a batch. SFT samples by default (:data:`SFT_ROWS`);
+    preference pairs in ``train/data/pairs.py``."""
+
+    packer: Callable[[PackConfig], Packer]
+    build_batch: Callable[[list, PackConfig, int], dict]
+
+
+SFT_ROWS = RowFormat(Packer, build_batch)
+
+
 class StreamPacker:
     """Next-fit packing of a pulled stream, resumable from a small cursor.
 
@@ -531,6 +545,7 @@ class StreamPacker:
                 self._k += 1
                 continue
             fits = (tokens + event.tokens <= cfg.max_tokens and tiles + event.tiles <= cfg.max_tiles
+                    and not (cfg.max_segments and len(pieces) >= cfg.max_segments)
                     if cfg.packing else not pieces)
             if not fits:
                 break

@@ -42,7 +42,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from .packing import PREPARE_RAISED, Drop, PackConfig, PackStats, StreamPacker, build_batch, empty_stats
+from .packing import PREPARE_RAISED, SFT_ROWS, Drop, PackConfig, PackStats, RowFormat, StreamPacker, empty_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,14 +189,14 @@ class HostStats:
 class PackedBatchIterDataset(grain.IterDataset):
     """Packs a stream of prepared items into rows and stacks ``batch_size`` rows: elements (batch, HostStats)."""
 
-    def __init__(self, parent: grain.IterDataset, cfg: PackConfig, batch_size: int):
+    def __init__(self, parent: grain.IterDataset, cfg: PackConfig, batch_size: int, rows: RowFormat = SFT_ROWS):
         super().__init__(parent)
         if batch_size < 1:
             raise ValueError(f"PackedBatchIterDataset: batch_size must be >= 1, got {batch_size}")
-        self.cfg, self.batch_size = cfg, batch_size
+        self.cfg, self.batch_size, self.rows = cfg, batch_size, rows
 
     def __iter__(self) -> PackedBatchIterator:
-        return PackedBatchIterator(self._parent.__iter__(), self.cfg, self.batch_size)
+        return PackedBatchIterator(self._parent.__iter__(), self.cfg, self.batch_size, self.rows)
 
     def __str__(self) -> str:
         return f"PackedBatchIterDataset(L={self.cfg.max_tokens}, T={self.cfg.max_tiles}, B={self.batch_size})"
@@ -205,10 +205,10 @@ class PackedBatchIterDataset(grain.IterDataset):
 class PackedBatchIterator(grain.DatasetIterator):
     """See :class:`PackedBatchIterDataset`. State: {"parent", "event", "exhausted", "totals"} (JSON-able)."""
 
-    def __init__(self, parent: grain.DatasetIterator, cfg: PackConfig, batch_size: int):
+    def __init__(self, parent: grain.DatasetIterator, cfg: PackConfig, batch_size: int, rows: RowFormat = SFT_ROWS):
         super().__init__(parent)
-        self.cfg, self.batch_size = cfg, batch_size
-        self._packer = StreamPacker(cfg, parent.__next__, lambda: copy.deepcopy(parent.get_state()))
+        self.cfg, self.batch_size, self.rows = cfg, batch_size, rows
+        self._packer = StreamPacker(cfg, parent.__next__, lambda: copy.deepcopy(parent.get_state()), rows.packer(cfg))
         self._totals = PackStats()
         self._exhausted = False
 
@@ -232,7 +232,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         stats.add(empty_stats(self.batch_size - len(rows), self.cfg))
         self._totals.add(stats, members=False)
         totals = PackStats.from_state(self._totals.to_state())  # a copy: later batches do not change it
-        return build_batch(rows, self.cfg, self.batch_size), HostStats(stats, totals)
+        return self.rows.build_batch(rows, self.cfg, self.batch_size), HostStats(stats, totals)
 
     def get_state(self) -> dict[str, Any]:
         parent_state, event = self._packer.cursor()
@@ -255,7 +255,8 @@ class PackedBatchIterator(grain.DatasetIterator):
 def make_pipeline(sources: Sequence[Source], prepare: Callable, pack: PackConfig, *, batch_size: int,
                   seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, workers: int = 0,
                   worker_buffer: int = 2, read_threads: int = 2, read_buffer: int = 8, prefetch_batches: int = 0,
-                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+                  process_index: int | None = None, process_count: int | None = None,
+                  rows: RowFormat = SFT_ROWS) -> grain.IterDataset:
     """The whole input pipeline of one process; ``iter()`` of it is the checkpointable iterator.
 
     sources: the run's datasets (:class:`Source`); prepare(record, rng) -> Sample dict or Skipped (picklable when
@@ -264,6 +265,7 @@ def make_pipeline(sources: Sequence[Source], prepare: Callable, pack: PackConfig
     process), each holding ``worker_buffer`` prepared samples; read_threads / read_buffer: grain ReadOptions of
     each reading process; prefetch_batches: batches built ahead in a background thread (0 = none).
     process_index / process_count: this process's shard (default: jax.process_index() / jax.process_count()).
+    rows: what rows hold (SFT samples; ``train.data.pairs.PAIR_ROWS`` for preference pairs).
     """
     if workers < 0:
         raise ValueError(f"make_pipeline: workers must be >= 0, got {workers}")
@@ -276,7 +278,7 @@ def make_pipeline(sources: Sequence[Source], prepare: Callable, pack: PackConfig
         if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag when starting workers outside absl.app
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer))
-    ds = PackedBatchIterDataset(ds, pack, batch_size)
+    ds = PackedBatchIterDataset(ds, pack, batch_size, rows)
     if prefetch_batches:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
     return ds

@@ -390,8 +390,12 @@ def _supervised(labels: np.ndarray, supervise) -> np.ndarray:
     return np.where(first, labels, IGNORE_INDEX).astype(labels.dtype)
 
 
-def _build(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.random.Generator) -> dict:
-    item = _parse(record)
+def _build(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.random.Generator,
+           item: dict | None = None, alternatives: tuple[str, ...] = ()) -> dict:
+    """The Sample of ``record`` (or of ``item``, the record already parsed). ``alternatives``: other texts of the
+    last answer, each tokenized with the same prompt, tiles and positions (a preference pair's rejected answer);
+    the Sample then holds ``alternatives``, a list of (input_ids, labels, positions)."""
+    item = _parse(record) if item is None else item
     system, turns = _turns(item["conversations"])
     kind, media = _media(item)
     max_tiles = spec.max_dynamic_patch or settings.max_dynamic_patch
@@ -424,12 +428,18 @@ def _build(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.
         k += per_turn[i]
         messages.append({"role": ("user", "assistant")[i % 2], "content": text})
     system = settings.system_message if system is None else system
-    input_ids, labels = sft_labels(settings.template, messages, settings.tokenizer, system_message=system)
-    labels = _supervised(labels, item.get("supervise", "all"))
-    limit = settings.max_tokens_no_split
-    if limit is not None and len(input_ids) > limit:
-        raise _Bad(f"the sample has {len(input_ids)} tokens, more than the no-split limit of {limit}")
-    _check_special_tokens(input_ids, settings.tokenizer, num_tiles, settings.tokens_per_tile)
+
+    def tokenize(messages):
+        input_ids, labels = sft_labels(settings.template, messages, settings.tokenizer, system_message=system)
+        labels = _supervised(labels, item.get("supervise", "all"))
+        limit = settings.max_tokens_no_split
+        if limit is not None and len(input_ids) > limit:
+            raise _Bad(f"the sample has {len(input_ids)} tokens, more than the no-split limit of {limit}")
+        _check_special_tokens(input_ids, settings.tokenizer, num_tiles, settings.tokens_per_tile)
+        return input_ids, labels
+
+    input_ids, labels = tokenize(messages)
+    others = [tokenize(messages[:-1] + [{"role": "assistant", "content": text}]) for text in alternatives]
 
     if kind == "video":  # pixels after the length check: an over-long sample costs no resizing
         pixels = _frame_tiles(frames, settings, augment, rng)
@@ -437,14 +447,20 @@ def _build(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.
         pixels = _image_tiles(images, plans, settings, augment, rng)
     else:
         pixels = np.zeros((0, settings.image_size, settings.image_size, 3), np.float32)
-    if settings.v2pe is None:
-        positions = np.arange(len(input_ids), dtype=np.int32)
-    else:
+    def positions_of(ids, state):
+        if settings.v2pe is None:
+            return np.arange(len(ids), dtype=np.int32)
         stride = None if settings.v2pe == V2PE_RANDOM else float(settings.v2pe)
-        positions = v2pe_positions(input_ids, settings.tokenizer.img_context_id, stride,
-                                   tokens_per_tile=settings.tokens_per_tile, rng=rng)
-    return {"input_ids": input_ids, "labels": labels, "positions": positions, "pixel_values": pixels,
-            "dataset": record.dataset, "line": record.line}
+        rng.bit_generator.state = state  # every alternative draws the strides of the first: the prompt is shared
+        return v2pe_positions(ids, settings.tokenizer.img_context_id, stride,
+                              tokens_per_tile=settings.tokens_per_tile, rng=rng)
+
+    state = rng.bit_generator.state
+    sample = {"input_ids": input_ids, "labels": labels, "positions": positions_of(input_ids, state),
+              "pixel_values": pixels, "dataset": record.dataset, "line": record.line}
+    if alternatives:
+        sample["alternatives"] = [(ids, lab, positions_of(ids, state)) for ids, lab in others]
+    return sample
 
 
 def prepare(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.random.Generator) -> dict | Skipped:
