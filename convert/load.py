@@ -208,7 +208,7 @@ def export_tensors(params: dict, config: InternVLConfig, layout: Layout) -> Iter
                     tensor[r] = piece
             else:
                 (tensor,) = pieces
-            yield layout.on_disk(key), np.ascontiguousarray(tensor)
+            yield layout.on_disk(key), np.require(tensor, requirements="C")  # keeps a 0-d scalar 0-d
 
 
 def _shapes(tree) -> dict:

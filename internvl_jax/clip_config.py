@@ -6,7 +6,8 @@ original code's reload semantics where they differ from the file:
 * ``num_query_token`` and ``cross_attention_frequency`` come from the top level (defaults 96 and 2) and override
   the copies inside ``qllama_config``: the original's ``save_pretrained`` does not write the frequency at the top,
   so a reload there always falls back to 2 unless the top level names it;
-* the head is tied to the embeddings by the top-level ``tie_word_embeddings`` (default true), not qllama's own;
+* the head is tied to the embeddings by ``qllama_config.tie_word_embeddings`` (LlamaConfig's default: true),
+  which the original's config class copies over the top-level flag;
 * QLLaMA's RoPE is plain with base 10000 whatever ``rope_theta`` / ``rope_scaling`` say (hard-coded there);
 * InternViT 1.0 is RMSNorm only (no ``norm_type`` key), qk-norm over the full width, no final norm.
 """
@@ -85,7 +86,8 @@ def clip_config_from_dict(d: dict, **runtime) -> CLIPConfig:
     vision = _vision_config(s.section("vision_config"))
     if s.section("vision_config").has("norm_type") and vision.norm_type != "rms_norm":
         raise ConfigError(f"vision_config.norm_type is {vision.norm_type!r}: InternViT 1.0 is RMSNorm only")
-    qllama = _text_config(s.section("qllama_config"), tie_word_embeddings=s("tie_word_embeddings", BOOL, True))
+    q = s.section("qllama_config")
+    qllama = _text_config(q, tie_word_embeddings=q("tie_word_embeddings", BOOL, True))
     if qllama.family != "llama":
         raise ConfigError(f"qllama_config describes a {qllama.family} model: QLLaMA is a Llama decoder")
     return CLIPConfig(
