@@ -141,7 +141,8 @@ def _dummy_inputs(config: CLIPConfig):
 def init_clip_params(config: CLIPConfig, rng) -> dict:
     """Randomly initialised params (plain nested dicts)."""
     model = InternVLCLIP(config)
-    return nn.unbox(model.init(rng, *_dummy_inputs(config), method=InternVLCLIP.init_all)["params"])
+    init = jax.jit(lambda key: model.init(key, *_dummy_inputs(config), method=InternVLCLIP.init_all)["params"])
+    return nn.unbox(init(rng))
 
 
 def abstract_clip_params(config: CLIPConfig, *, boxed: bool = False) -> dict:
