@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from internvl_jax.config import InternVLConfig
 
 from .optim import OptimConfig, stage_rules
+from .preference import MPOConfig
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,9 @@ class TrainConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # sft: supervised rows (conversations); mpo: preference pairs (MMPR records) and the MPO loss of ``mpo``
+    objective: str = "sft"
+    mpo: MPOConfig = field(default_factory=MPOConfig)
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
@@ -192,6 +196,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r}: expected float32 or bfloat16"),
         (cfg.save_every >= 1 and cfg.keep >= 1, f"save_every={cfg.save_every}, keep={cfg.keep}: expected >= 1"),
         (cfg.lora.rank >= 0, f"lora.rank={cfg.lora.rank}: expected >= 0 (0 = no LoRA)"),
+        (cfg.objective in ("sft", "mpo"), f"objective={cfg.objective!r}: expected sft or mpo"),
         (cfg.lora.base_dtype in ("float32", "bfloat16"),
          f"lora.base_dtype={cfg.lora.base_dtype!r}: expected float32 or bfloat16"),
     ]

@@ -17,7 +17,9 @@ from internvl_jax.processing import Processor, Tokenizer, get_template
 
 from .config import ConfigError, TrainConfig
 from .data.meta import read_meta
-from .data.packing import PackConfig
+from .data.meta import records as meta_records
+from .data.packing import SFT_ROWS, PackConfig
+from .data.pairs import PAIR_ROWS, PairPrepare
 from .data.pipeline import MetaPrepare, Source, make_pipeline, meta_sources
 from .data.sample import SampleSettings
 
@@ -88,37 +90,83 @@ class Inputs:
             close()
 
 
-def build_inputs(cfg: TrainConfig, config) -> Inputs:
-    """The run's input for this process (``jax.process_index()`` of ``jax.process_count()``)."""
+@dataclass(frozen=True)
+class _Plan:
+    """What every pipeline of a run shares: processor, sample settings, packing, row format and prepare."""
+
+    processor: Processor
+    tokenizer_dir: str
+    settings: SampleSettings
+    pack: PackConfig
+    rows: object
+    mpo: bool
+
+    def prepare(self, specs, settings, reference=None):
+        return PairPrepare(specs, settings, reference) if self.mpo else MetaPrepare(specs, settings)
+
+
+def _plan(cfg: TrainConfig, config) -> _Plan:
     d = cfg.data
-    processes = jax.process_count()
-    if d.rows % processes:
-        raise ConfigError(f"data.rows={d.rows} does not split over {processes} processes")
     processor, tokenizer_dir = processor_for(cfg, config)
     v2pe = _v2pe(d.v2pe)
     settings = SampleSettings.from_config(
         config, processor.tokenizer, processor.template, system_message=processor.system_message,
         max_dynamic_patch=d.max_dynamic_patch or config.max_dynamic_patch, v2pe=v2pe,
         min_num_frames=d.min_num_frames, max_num_frames=d.max_num_frames)
+    mpo = cfg.objective == "mpo"
     pack = PackConfig.for_model(config, processor.tokenizer, max_tokens=d.max_tokens, max_tiles=d.max_tiles,
                                 loss_mode=d.loss_weighting, packing=d.packing, split=d.split_long,
-                                v2pe=v2pe is not None)
+                                v2pe=v2pe is not None, max_segments=cfg.mpo.max_pairs if mpo else 0)  # a pair: 1
+    return _Plan(processor, tokenizer_dir, settings, pack, PAIR_ROWS if mpo else SFT_ROWS, mpo)
+
+
+def one_pass(cfg: TrainConfig, config, meta: str):
+    """(every record of ``meta`` once, in file order, as a pipeline of (batch, stats) with
+    ``cfg.data.rows`` rows; the meta's dataset specs; the number of records): the reference pre-pass's input
+    (one process)."""
+    plan = _plan(cfg, config)
+    specs = read_meta(meta)
+    # each line once: a repeat_time above 1 repeats lines whose reference log-probs are the same
+    sources = [Source(s.name, meta_records(dataclasses.replace(s, repeat_time=min(s.repeat_time, 1.0))))
+               for s in specs]
+    pipeline = make_pipeline(sources, plan.prepare(specs, plan.settings), plan.pack, batch_size=cfg.data.rows,
+                             seed=cfg.seed, shuffle=False, num_epochs=1, rows=plan.rows, process_index=0,
+                             process_count=1)
+    return pipeline, specs, sum(len(s.records) for s in sources)
+
+
+def build_inputs(cfg: TrainConfig, config, reference: dict | None = None,
+                 eval_reference: dict | None = None) -> Inputs:
+    """The run's input for this process (``jax.process_index()`` of ``jax.process_count()``): SFT rows, or with
+    ``objective=mpo`` preference rows (train/data/pairs.py), their ``ref_logps`` from ``reference`` (and
+    ``eval_reference`` for the held-out pairs: {(dataset, line): (chosen, rejected)}) when given."""
+    d = cfg.data
+    processes = jax.process_count()
+    if d.rows % processes:
+        raise ConfigError(f"data.rows={d.rows} does not split over {processes} processes")
+    plan = _plan(cfg, config)
+    processor, tokenizer_dir, settings, pack = plan.processor, plan.tokenizer_dir, plan.settings, plan.pack
     specs = read_meta(d.meta)
-    pipeline = make_pipeline(meta_sources(specs), MetaPrepare(specs, settings), pack,
-                             batch_size=d.rows // processes, seed=cfg.seed, workers=d.workers)
+    pipeline = make_pipeline(meta_sources(specs), plan.prepare(specs, settings, reference), pack,
+                             batch_size=d.rows // processes, seed=cfg.seed, workers=d.workers, rows=plan.rows)
     eval_dataset = None
     if d.eval_meta and d.eval_samples > 0:
         eval_specs = read_meta(d.eval_meta)
         sources = [Source(s.name, s.records[: d.eval_samples]) for s in meta_sources(eval_specs)]
         eval_settings = dataclasses.replace(settings, data_augment=False)
-        eval_dataset = make_pipeline(sources, MetaPrepare(eval_specs, eval_settings), pack,
-                                     batch_size=d.rows // processes, seed=cfg.seed, shuffle=False, num_epochs=1)
+        eval_dataset = make_pipeline(sources, plan.prepare(eval_specs, eval_settings, eval_reference), pack,
+                                     batch_size=d.rows // processes, seed=cfg.seed, shuffle=False, num_epochs=1,
+                                     rows=plan.rows)
     s = config.image_size
     rows, length = d.rows, d.max_tokens
     shapes = {"input_ids": ((rows, length), np.int32), "labels": ((rows, length), np.int32),
               "loss_weights": ((rows, length), np.float32), "positions": ((rows, length), pack.positions_dtype),
               "segment_ids": ((rows, length), np.int32), "pixel_values": ((rows, d.max_tiles, s, s, 3), config.dtype),
               "tile_mask": ((rows, d.max_tiles), np.bool_)}
+    if plan.mpo:
+        p = cfg.mpo.max_pairs
+        shapes.update(image_index=((rows, length), np.int32), pair_mask=((rows, p), np.bool_),
+                      ref_logps=((rows, p, 2), np.float32))
     abstract = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
     os.makedirs(cfg.workdir, exist_ok=True)
     return Inputs(iter(pipeline), abstract, processor, tokenizer_dir, as_dtype(config.dtype), eval_dataset)

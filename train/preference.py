@@ -142,7 +142,8 @@ def sequence_logps(token_logps, segment_ids, completion, max_pairs: int, *, norm
     return logps, lengths
 
 
-def objective(cfg: MPOConfig, policy, reference, pair_mask, shift: Shift, nll_sum, *, pairs_total, tokens_total):
+def objective(cfg: MPOConfig, policy, reference, pair_mask, shift: Shift, nll_sum, *, pairs_total, tokens_total,
+              update_shift: bool = True):
     """The MPO loss of one (micro-)batch, normalised by global counts so that micro-batches add up.
 
     policy, reference: float32 [N, 2] sequence log-probs (``reference`` is not differentiated); pair_mask: bool
@@ -152,14 +153,16 @@ def objective(cfg: MPOConfig, policy, reference, pair_mask, shift: Shift, nll_su
 
     Returns (loss float32 [], shift after this batch, sums {name: float32 []}: each term's weighted-free sum over
     pairs, the chosen / rejected reward sums, margin sum and correct-preference count, for the step's metrics).
-    The shift moves on every call with a real pair, before the loss uses it (TRL's order).
+    The shift moves on every call with a real pair, before the loss uses it (TRL's order); with ``update_shift``
+    False (evaluation) it stays where it is.
     """
     reference = jax.lax.stop_gradient(reference)
     mask = pair_mask.astype(jnp.float32)
     n = jnp.sum(mask)
     chosen, rejected = rewards(cfg, policy, reference)
     batch_mean = jax.lax.stop_gradient((jnp.sum(chosen * mask) + jnp.sum(rejected * mask)) / jnp.maximum(2 * n, 1.0))
-    shift = shift.update(batch_mean, n > 0) if "bco_pair" in cfg.loss_types else shift
+    if update_shift and "bco_pair" in cfg.loss_types:
+        shift = shift.update(batch_mean, n > 0)
     terms = pair_losses(cfg, policy, reference, shift.mean)
     weights = dict(zip(cfg.loss_types, cfg.loss_weights))
     pairs = jnp.maximum(pairs_total, 1.0)

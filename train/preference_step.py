@@ -80,6 +80,27 @@ def pair_logps(model: InternVL, params, batch: dict, pairs: int, rng=None, *, vo
     return logps, lengths, jnp.sum(batch["loss_weights"].astype(jnp.float32) * ce)
 
 
+def reference_logps(model: InternVL, batch: dict, ref_params, pairs: int, *, vocab_chunk: int | None = 1024):
+    """The reference's sequence log-probs [B, P, 2]: of ``ref_params`` (the frozen copy), or the batch's stored
+    ``ref_logps`` when ``ref_params`` is None."""
+    if ref_params is None:
+        return batch["ref_logps"]
+    return pair_logps(model, ref_params, batch, pairs, vocab_chunk=vocab_chunk)[0]
+
+
+def preference_loss(model: InternVL, mpo: MPOConfig, params, batch: dict, ref_params, shift: Shift, *,
+                    pairs_total, tokens_total, rng=None, vocab_chunk: int | None = 1024, update_shift: bool = True):
+    """:func:`train.preference.objective` of one (micro-)batch of preference rows: (loss, shift, sums)."""
+    logps, lengths, nll = pair_logps(model, params, batch, mpo.max_pairs, rng, vocab_chunk=vocab_chunk)
+    ref = reference_logps(model, batch, ref_params, mpo.max_pairs, vocab_chunk=vocab_chunk)
+    if mpo.length_normalised:
+        logps, ref = logps / jnp.maximum(lengths, 1.0), ref / jnp.maximum(lengths, 1.0)
+    loss, shift, sums = objective(mpo, logps.reshape(-1, 2), ref.reshape(-1, 2), batch["pair_mask"].reshape(-1),
+                                  shift, nll, pairs_total=pairs_total, tokens_total=tokens_total,
+                                  update_shift=update_shift)
+    return loss, shift, jax.tree_util.tree_map(jax.lax.stop_gradient, sums)
+
+
 def make_preference_step(model: InternVL, tx: optax.GradientTransformation, mpo: MPOConfig,
                          lr_fn: Callable | None = None, *, trainable=None, grad_view: Callable | None = None,
                          accum_steps: int = 1, vocab_chunk: int | None = 1024, drop_path: bool = False) -> Callable:
@@ -90,8 +111,6 @@ def make_preference_step(model: InternVL, tx: optax.GradientTransformation, mpo:
     sft term), ``chosen_reward``, ``rejected_reward``, ``margin`` (means), ``accuracy`` (margin > 0), ``shift``
     (after the step), ``nll`` (the chosen answers' token-mean NLL), ``pairs``, ``grad_norm``, ``lr``, ``finite``.
     """
-    pairs = mpo.max_pairs
-
     def step(state: PreferenceState, batch: dict, ref_params=None):
         pairs_total = jnp.sum(batch["pair_mask"].astype(jnp.float32))
         tokens_total = jnp.sum(batch["loss_weights"].astype(jnp.float32))
@@ -99,17 +118,10 @@ def make_preference_step(model: InternVL, tx: optax.GradientTransformation, mpo:
 
         def loss_fn(params, mb, i, shift):
             key = jax.random.fold_in(step_rng, i) if drop_path else None
-            logps, lengths, nll = pair_logps(model, frozen_cut(params, trainable), mb, pairs, key,
-                                             vocab_chunk=vocab_chunk)
-            if ref_params is None:
-                ref = mb["ref_logps"]
-            else:
-                ref = pair_logps(model, ref_params, mb, pairs, vocab_chunk=vocab_chunk)[0]
-            if mpo.length_normalised:
-                logps, ref = logps / jnp.maximum(lengths, 1.0), ref / jnp.maximum(lengths, 1.0)
-            loss, shift, sums = objective(mpo, logps.reshape(-1, 2), ref.reshape(-1, 2), mb["pair_mask"].reshape(-1),
-                                          shift, nll, pairs_total=pairs_total, tokens_total=tokens_total)
-            return loss, (shift, jax.tree_util.tree_map(jax.lax.stop_gradient, sums))
+            loss, shift, sums = preference_loss(model, mpo, frozen_cut(params, trainable), mb, ref_params, shift,
+                                                pairs_total=pairs_total, tokens_total=tokens_total, rng=key,
+                                                vocab_chunk=vocab_chunk)
+            return loss, (shift, sums)
 
         micro = _micro_batches(batch, accum_steps)
         loss, grads, shift, sums = accumulated_grads(loss_fn, state.params, micro, accum_steps, state.shift)

@@ -35,6 +35,8 @@ from . import optim
 from .checkpoint import Checkpoints
 from .config import ConfigError, TrainConfig, lora_rules, optim_config, validate
 from .inputs import Inputs, build_inputs
+from .preference_step import PreferenceState, abstract_preference_state, make_preference_step, preference_loss
+from .reference_logps import check_reference, reference_table
 from .state import TrainState, abstract_state
 from .step import batch_shardings, loss_sum, make_train_step
 
@@ -55,6 +57,7 @@ class RunResult:
     inputs: Inputs
     metrics: list[dict]
     resumed_from: int | None
+    reference: object = None  # MPO with reference=copy: the frozen reference params
 
 
 def device_peak_flops() -> float | None:
@@ -162,6 +165,26 @@ def _host(metrics) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def evaluate_preference(model, params, ref_params, shift, inputs: Inputs, mesh, rules, mpo, *, vocab_chunk) -> dict:
+    """Held-out MPO metrics over ``inputs``' evaluation pairs (no update; the BCO shift stays as it is, unlike
+    the original's evaluation, which moves it): ``eval_loss``, ``eval_accuracy`` (reward margin > 0),
+    ``eval_margin``, ``eval_pairs``."""
+    def sums(p, b, r):
+        pairs, tokens = jnp.sum(b["pair_mask"].astype(jnp.float32)), jnp.sum(b["loss_weights"])
+        loss, _, s = preference_loss(model, mpo, p, b, r, shift, pairs_total=pairs, tokens_total=tokens,
+                                     vocab_chunk=vocab_chunk, update_shift=False)
+        return loss * pairs, s["correct"], s["margin"], pairs
+
+    fn = jax.jit(sums)
+    total = np.zeros(4)
+    with sharding.activate(mesh, rules):
+        for batch in inputs.eval_batches():
+            total += np.asarray(jax.device_get(fn(params, sharding.shard_batch(batch, mesh, rules), ref_params)))
+    n = max(total[3], 1.0)
+    return {"eval_loss": total[0] / n, "eval_accuracy": total[1] / n, "eval_margin": total[2] / n,
+            "eval_pairs": total[3]}
+
+
 def evaluate(model, params, inputs: Inputs, mesh, rules, *, vocab_chunk) -> dict:
     """Held-out loss: the weighted loss over ``inputs``' evaluation batches (no update)."""
     fn = jax.jit(lambda p, b: (loss_sum(model, p, b, vocab_chunk=vocab_chunk), jnp.sum(b["loss_weights"])))
@@ -222,7 +245,13 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     config, params = _initial_params(cfg, mesh)
     config, params = _with_adapters(cfg, config, params, mesh)
     model = InternVL(config)
-    inputs = build_inputs(cfg, config)
+    mpo = cfg.objective == "mpo"
+    from_file = mpo and cfg.mpo.reference == "file"
+    references = {}  # reference log-probs from file, of the training pairs and of the held-out pairs
+    for meta in (cfg.data.meta, cfg.data.eval_meta if cfg.data.eval_samples > 0 else "") if from_file else ():
+        if meta:
+            references[meta] = reference_table(cfg, model, params, mesh, base_identity(cfg), meta)
+    inputs = build_inputs(cfg, config, references.get(cfg.data.meta), references.get(cfg.data.eval_meta))
     ocfg = optim_config(cfg, config)
     trainable = optim.trainable_mask(ocfg, params)
     use_lora = bool(config.lora)
@@ -231,9 +260,12 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     tx = optim.build_optimizer(ocfg, params, cfg.steps)
     lr_fn = optim.schedule(ocfg, cfg.steps)
     boxed = abstract_params(config, boxed=True)
-    state_sh = sharding.shardings(abstract_state(boxed, tx), mesh, cfg.rules)
+    State = PreferenceState if mpo else TrainState
+    state_sh = sharding.shardings((abstract_preference_state if mpo else abstract_state)(boxed, tx), mesh, cfg.rules)
+    # MPO's frozen reference: a copy of the starting policy, sharded like it (rebuilt the same way on a resume)
+    ref_params = jax.tree.map(jnp.copy, params) if mpo and not from_file else None
     with sharding.activate(mesh, cfg.rules):
-        state = jax.jit(lambda p, k: TrainState.create(p, tx, k), out_shardings=state_sh,
+        state = jax.jit(lambda p, k: State.create(p, tx, k), out_shardings=state_sh,
                         donate_argnums=(0,))(params, jax.random.PRNGKey(cfg.seed + 1))
     del params
     checkpoints = Checkpoints(cfg.workdir, save_every=cfg.save_every, keep=cfg.keep)
@@ -263,13 +295,17 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
             state = state.replace(params=lora.combine(state.params, frozen))
         host = meta.get("host", host)
         log.info("resumed from step %d of %s", resumed, checkpoints.directory)
-    step_fn = make_train_step(model, tx, lr_fn, trainable=trainable,
-                              grad_view=lambda g: optim.trainable_grads(ocfg, g, g), accum_steps=cfg.accum_steps,
-                              vocab_chunk=cfg.vocab_chunk or None,
-                              drop_path=config.vision.drop_path_rate > 0 or (use_lora and _lora_dropout(config)))
+    step_options = dict(trainable=trainable, grad_view=lambda g: optim.trainable_grads(ocfg, g, g),
+                        accum_steps=cfg.accum_steps, vocab_chunk=cfg.vocab_chunk or None,
+                        drop_path=config.vision.drop_path_rate > 0 or (use_lora and _lora_dropout(config)))
+    if mpo:
+        step_fn = make_preference_step(model, tx, cfg.mpo, lr_fn, **step_options)
+    else:
+        step_fn = make_train_step(model, tx, lr_fn, **step_options)
     batch_sh = batch_shardings(inputs.abstract_batch, mesh, cfg.rules)
+    extra, extra_sh = ((ref_params,), (state_sh.params,)) if ref_params is not None else ((), ())
     with sharding.activate(mesh, cfg.rules):
-        step_fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+        step_fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sh) + extra_sh, out_shardings=(state_sh, None),
                           donate_argnums=(0,))
     metrics_log = MetricsLog(cfg.workdir, cfg.tensorboard)
     start = int(jax.device_get(state.step))
@@ -279,6 +315,13 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     if use_lora:
         run_meta["base"] = identity
     records = []
+
+    def held_out(state) -> dict:
+        if mpo:
+            return evaluate_preference(model, state.params, ref_params, state.shift, inputs, mesh, cfg.rules, cfg.mpo,
+                                       vocab_chunk=cfg.vocab_chunk or None)
+        return evaluate(model, state.params, inputs, mesh, cfg.rules, vocab_chunk=cfg.vocab_chunk or None)
+
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.name}", unit="step",
@@ -286,9 +329,11 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     try:
         t_last = time.perf_counter()
         batch, stats = inputs.next() if start < cfg.steps else (None, None)
+        if from_file and start == 0:  # the commonest cause of an abnormal first MPO loss: a wrong reference
+            check_reference(model, state.params, batch, mesh, cfg.rules, cfg.mpo.max_pairs, cfg.vocab_chunk or None)
         for step in range(start, cfg.steps):
             with sharding.activate(mesh, cfg.rules):
-                state, metrics = step_fn(state, sharding.shard_batch(batch, mesh, cfg.rules))
+                state, metrics = step_fn(state, sharding.shard_batch(batch, mesh, cfg.rules), *extra)
             for reason, n in stats.get("skipped", {}).items():
                 host["skipped_samples"][reason] = host["skipped_samples"].get(reason, 0) + n
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
@@ -310,7 +355,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); the update was skipped",
                             step + 1, m["loss"], m["grad_norm"])
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and inputs.has_eval:
-                record.update(evaluate(model, state.params, inputs, mesh, cfg.rules, vocab_chunk=cfg.vocab_chunk or None))
+                record.update(held_out(state))
             records.append(record)
             metrics_log.write(record)
             if on_step:
@@ -318,8 +363,10 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                log.info("step %d/%d: loss %.4f, grad norm %.3f, lr %.3e, %.0f tokens/s", step + 1, cfg.steps,
-                         m["loss"], m["grad_norm"], m["lr"], record["tokens_per_s"])
+                log.info("step %d/%d: loss %.4f, grad norm %.3f, lr %.3e, %.0f tokens/s%s", step + 1, cfg.steps,
+                         m["loss"], m["grad_norm"], m["lr"], record["tokens_per_s"],
+                         f", reward margin {m['margin']:.4f}, preference accuracy {m['accuracy']:.3f}, shift "
+                         f"{m['shift']:.4f}" if mpo else "")
             skipped = int(jax.device_get(state.skipped))
             if skipped > cfg.max_nonfinite:
                 checkpoints.wait()
@@ -333,8 +380,9 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
         metrics_log.close()
         inputs.close()
     if cfg.eval_every == 0 and inputs.has_eval:
-        final = evaluate(model, state.params, inputs, mesh, cfg.rules, vocab_chunk=cfg.vocab_chunk or None)
-        log.info("held-out loss: %.4f", final["eval_loss"])
+        final = held_out(state)
+        log.info("held-out loss: %.4f%s", final["eval_loss"],
+                 f", preference accuracy {final['eval_accuracy']:.3f}" if mpo else "")
         if records:
             records[-1].update(final)
     if cfg.export:
@@ -346,7 +394,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
             save_adapter(state.params, config, os.path.join(cfg.workdir, "adapter"), overwrite=True,
                          base_model=cfg.init or None)
             log.info("LoRA adapter (PEFT format) in %s", os.path.join(cfg.workdir, "adapter"))
-    return RunResult(state, model, inputs, records, resumed)
+    return RunResult(state, model, inputs, records, resumed, ref_params)
 
 
 def _lora_dropout(config) -> bool:
