@@ -20,8 +20,8 @@ costs <= 4x shared N = 1.
 
 Critic: ``internvl_jax.critic.step_scores`` on ``--critic-candidates`` rows, each the prompt (system prompt and
 question stand-in tokens, the tile) followed by ``--steps`` steps of ``--step-tokens`` tokens and their judgement
-turns (5 template tokens each), all in one batched forward with the tile's features computed once; seconds per
-candidate and per judged step. (Random token ids: timing needs no tokenizer.)
+turns (5 template tokens each): the shared prompt runs once into a KV cache, the candidates' steps in one batch on
+top of it; seconds per candidate and per judged step. (Random token ids: timing needs no tokenizer.)
 """
 
 from __future__ import annotations
@@ -45,21 +45,19 @@ def prompt(config, length: int, seed: int = 0):
 
 def critic_batch(config, ids, pixels, candidates: int, steps: int, step_tokens: int, seed: int = 1):
     """A CriticInputs of ``candidates`` rows: the prompt, then per step its tokens and a 5-token judgement turn whose
-    third token is the judged one (position before it read)."""
-    from internvl_jax.critic import CriticInputs
+    third token is the judged one (the position before it read); the prompt is their shared prefix."""
+    from internvl_jax.critic import pack_rows
 
     rng = np.random.default_rng(seed)
     turn = step_tokens + 5
-    length = -(-(ids.shape[1] + steps * turn) // 64) * 64
-    rows = np.zeros((candidates, length), np.int32)
-    rows[:, :ids.shape[1]] = ids[0]
-    body = rng.integers(1, min(150000, config.text.vocab_size), (candidates, steps * turn))
-    body[body == config.image_token_id] = 1
-    rows[:, ids.shape[1]:ids.shape[1] + steps * turn] = body
-    index = ids.shape[1] + np.arange(steps) * turn + step_tokens + 1
-    positions = np.tile(np.arange(length, dtype=np.int32), (candidates, 1))
-    return CriticInputs(rows, positions, np.tile(index, (candidates, 1)).astype(np.int32),
-                        np.ones((candidates, steps), bool), pixels, np.ones((1, 1), bool))
+    rows, judges = [], []
+    for _ in range(candidates):
+        body = rng.integers(1, min(150000, config.text.vocab_size), steps * turn).astype(np.int32)
+        body[body == config.image_token_id] = 1
+        rows.append(np.concatenate([ids[0], body]))
+        judges.append(ids.shape[1] + np.arange(steps) * turn + step_tokens + 1)
+    positions = [np.arange(len(r), dtype=np.int32) for r in rows]
+    return pack_rows(rows, judges, positions, pixels, np.ones((1, 1), bool), image_token_id=config.image_token_id)
 
 
 def main() -> None:
@@ -140,8 +138,8 @@ def main() -> None:
         step_scores(model, params, batch, token_ids)
         critic.append(time.perf_counter() - t)
     c = statistics.median(critic)
-    print(f"\ncritic: {args.critic_candidates} candidates x {args.steps} steps ({batch.input_ids.shape[1]}-token rows) "
-          f"in one forward: {c:.2f} s, {c / args.critic_candidates:.3f} s per candidate, "
+    print(f"\ncritic: {args.critic_candidates} candidates x {args.steps} steps (a {batch.prefix_ids.shape[1]}-token "
+          f"shared prefix, {batch.suffix_ids.shape[1]}-token rows after it) in one forward: {c:.2f} s, {c / args.critic_candidates:.3f} s per candidate, "
           f"{c / (args.critic_candidates * args.steps):.3f} s per judged step")
 
 

@@ -15,9 +15,10 @@ The outcome-reward form (``mode="outcome"``) puts the whole answer after ``### S
 judged once.
 
 Scoring puts ``+`` in every judgement turn and runs each candidate's conversation once, all candidates in one
-batched forward (right-padded rows; the image tiles go through the vision tower once and their features are
-shared by every row): the step score is P(+) against P(-) at the position that predicts each judgement token,
-``sigmoid(logit(+) - logit(-))``, which is the original's softmax over the two tokens. The token layout is
+batched forward: the part they share (system prompt, question, image tiles through the vision tower) runs once
+into a KV cache repeated to every candidate's row, then all their steps run in one batch on top of it. The step
+score is P(+) against P(-) at the position that predicts each judgement token, ``sigmoid(logit(+) - logit(-))``,
+which is the original's softmax over the two tokens. The token layout is
 :func:`internvl_jax.processing.sft_labels`' (the judgement positions are the first supervised token of each
 assistant turn), the same that critic training (``train.prm_data``) supervises.
 """
@@ -31,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .model import merge_image_features
+from .generate import init_cache, unrolled_params
 from .processing.positions import v2pe_positions
 from .processing.processor import Processor, bucketed_tiles
 from .processing.templates import IMAGE_PLACEHOLDER, SFT_TEMPLATES, IGNORE_INDEX, expand_image_tokens, sft_labels
 
 __all__ = ["AGGREGATES", "MODES", "PRM_SYSTEM_PROMPT", "CriticInputs", "aggregate", "critic_inputs",
-           "judgement_messages", "judgement_positions", "judgement_token_ids", "score_answers", "split_steps",
-           "step_scores"]
+           "judgement_messages", "judgement_positions", "judgement_token_ids", "pack_rows", "score_answers",
+           "split_steps", "step_scores"]
 
 # VisualPRM's system prompt, verbatim: a checkpoint trained with it expects exactly these words.
 PRM_SYSTEM_PROMPT = """
@@ -118,98 +119,123 @@ def judgement_positions(labels: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CriticInputs:
-    """One batch of candidate conversations for :func:`step_scores`.
+    """One batch of candidate conversations for :func:`step_scores`, split where they part: the tokens every
+    candidate shares (system prompt, question, image: the prefix, run once) and each candidate's own rest.
 
-    input_ids int32 [C, L] (right-padded), positions [C, L] (int32, or float32 V2PE), judge_index int32 [C, J]
-    (positions predicting each judgement; padded with 0), judge_mask bool [C, J], pixel_values float32
-    [1, T, S, S, 3] / tile_mask bool [1, T]: the one image set every candidate refers to (or None).
+    prefix_ids int32 [1, P] (left-padded from slot ``prefix_start``), prefix_positions [1, P]; suffix_ids int32
+    [C, S] (right-padded), suffix_positions [C, S] (int32, or float32 V2PE); judge_index int32 [C, J]: the suffix
+    positions predicting each judgement (padded with 0), judge_mask bool [C, J]; pixel_values float32
+    [1, T, H, W, 3] / tile_mask bool [1, T]: the prefix's images (or None).
     """
 
-    input_ids: np.ndarray
-    positions: np.ndarray
+    prefix_ids: np.ndarray
+    prefix_positions: np.ndarray
+    prefix_start: int
+    suffix_ids: np.ndarray
+    suffix_positions: np.ndarray
     judge_index: np.ndarray
     judge_mask: np.ndarray
     pixel_values: np.ndarray | None = None
     tile_mask: np.ndarray | None = None
 
 
-def _length_bucket(n: int) -> int:
-    return max(64, -(-n // 64) * 64)
+def _bucket(n: int, step: int = 64) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def pack_rows(rows: list[np.ndarray], judges: list[np.ndarray], positions: list[np.ndarray], pixel_values=None,
+              tile_mask=None, *, image_token_id: int = -1) -> CriticInputs:
+    """Token rows (int [L_c] each), their judgement positions and positions -> :class:`CriticInputs`: the prefix
+    is their longest common run of tokens (and positions), cut before the first judgement position of any row;
+    lengths and the judgement count are bucketed (multiples of 64 and 4), so a few programs serve any batch."""
+    shortest = min(len(r) for r in rows)
+    first = np.stack([r[:shortest] for r in rows])
+    same = (first == first[0]).all(axis=0) & (np.stack([p[:shortest] for p in positions]) == positions[0][:shortest]).all(axis=0)
+    common = int(np.argmin(same)) if not same.all() else shortest
+    cut = max(1, min(common, min(int(j.min()) for j in judges)))
+    if any((r[cut:] == image_token_id).any() for r in rows):
+        raise ValueError("image tokens after the candidates' common prefix: the images must come in the question")
+    p_len, s_len = _bucket(cut), _bucket(max(len(r) for r in rows) - cut)
+    count = -(-max(len(j) for j in judges) // 4) * 4
+    dtype = positions[0].dtype
+    prefix_ids = np.zeros((1, p_len), np.int32)
+    prefix_ids[0, p_len - cut:] = rows[0][:cut]
+    prefix_positions = np.zeros((1, p_len), dtype)
+    prefix_positions[0, p_len - cut:] = positions[0][:cut]
+    prefix_positions[0, :p_len - cut] = positions[0][0]  # padding: the first real position (never above the rest)
+    suffix_ids = np.zeros((len(rows), s_len), np.int32)
+    suffix_positions = np.zeros((len(rows), s_len), dtype)
+    index = np.zeros((len(rows), count), np.int32)
+    mask = np.zeros((len(rows), count), bool)
+    for b, (row, judge, pos) in enumerate(zip(rows, judges, positions)):
+        n = len(row) - cut
+        suffix_ids[b, :n] = row[cut:]
+        suffix_positions[b, :n] = pos[cut:]
+        suffix_positions[b, n:] = pos[-1] + 1 + np.arange(s_len - n)  # after the row: causal, read by nothing
+        index[b, :len(judge)], mask[b, :len(judge)] = judge - cut, True
+    return CriticInputs(prefix_ids, prefix_positions, p_len - cut, suffix_ids, suffix_positions, index, mask,
+                        pixel_values, tile_mask)
 
 
 def critic_inputs(processor: Processor, question: str, answers: list[list[str]], images=(), *,
                   mode: str = "process", system_message: str = PRM_SYSTEM_PROMPT,
                   max_tiles: int | None = None) -> CriticInputs:
-    """Candidates (each a list of steps; their counts may differ) -> one :class:`CriticInputs`. The row length
-    and the judgement count are bucketed (multiples of 64 and of 4) so that a few programs serve any batch."""
+    """Candidates (each a list of steps; their counts may differ) -> one :class:`CriticInputs`."""
     if processor.template is None or processor.template.name not in SFT_TEMPLATES:
         name = None if processor.template is None else processor.template.name
         raise ValueError(f"the critic needs a checkpoint with one of the chat templates {', '.join(SFT_TEMPLATES)}; "
                          f"it has {name or 'the transformers-native prompt format'}")
     if not answers:
         raise ValueError("no candidate answers to score")
-    c = processor.config
-    tiles = processor.image_tiles(images, max_tiles) if images else []
     if len(images) > 1 and question.count(IMAGE_PLACEHOLDER) != len(images):
         raise ValueError(f"{len(images)} images need one {IMAGE_PLACEHOLDER} each in the question, found "
                          f"{question.count(IMAGE_PLACEHOLDER)}")
-    rows, judges = [], []
+    c = processor.config
+    tiles = processor.image_tiles(images, max_tiles) if images else []
+    rows, judges, positions = [], [], []
     for steps in answers:
         messages = judgement_messages(question, steps, mode=mode, image=bool(images))
         messages[0]["content"] = expand_image_tokens(messages[0]["content"], [len(t) for t in tiles],
                                                      c.tokens_per_tile)
         ids, labels = sft_labels(processor.template, messages, processor.tokenizer, system_message=system_message)
+        if processor.max_length is not None and len(ids) > processor.max_length:
+            raise ValueError(f"a candidate's critic conversation is {len(ids)} tokens, more than the critic's "
+                             f"maximum of {processor.max_length}")
         rows.append(ids)
         judges.append(judgement_positions(labels))
-    length = _length_bucket(max(len(r) for r in rows))
-    if processor.max_length is not None and max(len(r) for r in rows) > processor.max_length:
-        raise ValueError(f"a candidate's critic conversation is {max(len(r) for r in rows)} tokens, more than the "
-                         f"critic's maximum of {processor.max_length}")
-    count = -(-max(len(j) for j in judges) // 4) * 4
-    ids = np.zeros((len(rows), length), np.int32)
-    positions = np.tile(np.arange(length, dtype=np.int32), (len(rows), 1))
-    if processor.v2pe_stride is not None:
-        positions = positions.astype(np.float32)
-    index = np.zeros((len(rows), count), np.int32)
-    mask = np.zeros((len(rows), count), bool)
-    for b, (row, judge) in enumerate(zip(rows, judges)):
-        ids[b, :len(row)] = row
-        index[b, :len(judge)], mask[b, :len(judge)] = judge, True
-        if processor.v2pe_stride is not None:
-            p = v2pe_positions(row, c.image_token_id, processor.v2pe_stride, tokens_per_tile=c.tokens_per_tile)
-            positions[b, :len(row)] = p
-            positions[b, len(row):] = p[-1] + 1 + np.arange(length - len(row))
+        positions.append(np.arange(len(ids), dtype=np.int32) if processor.v2pe_stride is None else v2pe_positions(
+            ids, c.image_token_id, processor.v2pe_stride, tokens_per_tile=c.tokens_per_tile))
     pixels, tile_mask = bucketed_tiles(tiles) if tiles else (None, None)
-    return CriticInputs(ids, positions, index, mask, pixels, tile_mask)
+    return pack_rows(rows, judges, positions, pixels, tile_mask, image_token_id=c.image_token_id)
 
 
-@partial(jax.jit, static_argnames=("model",))
-def _judgement_logits(model, params, input_ids, positions, judge_index, pixel_values, tile_mask, token_ids):
-    """float32 [C, J, 2]: the logits of (+, -) at the judgement positions; the shared image tiles [1, T] go
-    through the vision tower once and their features are broadcast to the C rows."""
-
-    def forward(m, ids, positions, pixel_values, tile_mask):
-        x = m.language_model.embed(ids)
-        if pixel_values is not None:
-            feats = m.encode_images(pixel_values[0])  # [T, n, E], once for every candidate
-            feats = jnp.broadcast_to(feats[None], (ids.shape[0], *feats.shape))
-            mask = jnp.broadcast_to(tile_mask, (ids.shape[0], tile_mask.shape[1]))
-            x = merge_image_features(x, ids == m.config.image_token_id, feats, mask)
-        hidden = m.language_model(embeddings=x, positions=positions, return_hidden=True)
-        picked = jnp.take_along_axis(hidden, judge_index[..., None], axis=1)  # [C, J, E]
-        return m.head(picked)[..., token_ids]
-
-    return model.apply({"params": params}, input_ids, positions, pixel_values, tile_mask, method=forward)
+@partial(jax.jit, static_argnames=("model", "prefix_start"))
+def _judgement_logits(model, params, prefix_ids, prefix_positions, suffix_ids, suffix_positions, judge_index,
+                      pixel_values, tile_mask, token_ids, *, prefix_start):
+    """float32 [C, J, 2]: the logits of (+, -) at the judgement positions. The prefix (and its image tiles) runs
+    once into a KV cache, which is repeated to the C rows; their suffixes then run in one batch on top of it."""
+    p, (c, s) = prefix_ids.shape[1], suffix_ids.shape
+    cache = init_cache(model.config, 1, p + s)
+    start = jnp.full((1,), prefix_start, jnp.int32)
+    _, cache = model.apply({"params": params}, prefix_ids, pixel_values, tile_mask, positions=prefix_positions,
+                           cache=cache, cache_index=0, cache_start=start, last_only=True)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, c, axis=0), cache)
+    hidden = model.apply({"params": params}, suffix_ids, positions=suffix_positions, cache=cache, cache_index=p,
+                         cache_start=jnp.repeat(start, c), return_hidden=True)
+    picked = jnp.take_along_axis(hidden, judge_index[..., None], axis=1)  # [C, J, E]
+    return model.apply({"params": params}, picked, method="head")[..., token_ids]
 
 
 def step_scores(model, params, batch: CriticInputs, token_ids: tuple[int, int]) -> np.ndarray:
     """float32 [C, J]: P(+) against P(-) at each judgement (NaN where ``judge_mask`` is False). token_ids: the
-    ids of ``+`` and ``-`` (:func:`judgement_token_ids`). params: as stored, or in the generation layout
-    (:func:`internvl_jax.generate.unrolled_params`, so one copy serves a critic that is also the policy)."""
-    model = model.clone(unrolled="layers" not in params["language_model"])
-    logits = _judgement_logits(model, params, jnp.asarray(batch.input_ids), jnp.asarray(batch.positions),
+    ids of ``+`` and ``-`` (:func:`judgement_token_ids`). params: best in the generation layout
+    (:func:`internvl_jax.generate.unrolled_params`, converted once; the KV cache runs in it); params as stored are
+    converted on every call."""
+    model, params = model.clone(unrolled=True), unrolled_params(params, model.config)
+    logits = _judgement_logits(model, params, jnp.asarray(batch.prefix_ids), jnp.asarray(batch.prefix_positions),
+                               jnp.asarray(batch.suffix_ids), jnp.asarray(batch.suffix_positions),
                                jnp.asarray(batch.judge_index), batch.pixel_values, batch.tile_mask,
-                               jnp.asarray(token_ids, jnp.int32))
+                               jnp.asarray(token_ids, jnp.int32), prefix_start=int(batch.prefix_start))
     score = np.asarray(jax.nn.sigmoid(logits[..., 0] - logits[..., 1]))
     return np.where(batch.judge_mask, score, np.nan)
 

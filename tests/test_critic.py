@@ -83,11 +83,15 @@ def test_step_scores_equal_the_float64_reference_for_candidates_of_different_ste
         assert np.max(np.abs(lasts - [e[-1] for e in expected])) <= TOL_SCORE
 
 
-def test_unrolled_params_score_the_same(critic):
+def test_the_prompt_and_image_run_once_and_both_param_layouts_score_the_same(critic):
     from internvl_jax.generate import unrolled_params
 
     model, params, processor, image = critic
     batch = critic_inputs(processor, QUESTION, [split_steps(a) for a in ANSWERS], [image])
+    prefix = batch.prefix_ids[0, batch.prefix_start:]
+    image_id = model.config.image_token_id
+    assert (prefix == image_id).sum() == model.config.tokens_per_tile * int(batch.tile_mask.sum())
+    assert not (batch.suffix_ids == image_id).any() and len(prefix) > len(PRM_SYSTEM_PROMPT.split())
     ids = judgement_token_ids(processor)
     a = step_scores(model, params, batch, ids)
     b = step_scores(model, unrolled_params(params, model.config), batch, ids)
