@@ -60,6 +60,22 @@ def critic_batch(config, ids, pixels, candidates: int, steps: int, step_tokens: 
     return pack_rows(rows, judges, positions, pixels, np.ones((1, 1), bool), image_token_id=config.image_token_id)
 
 
+def report(args, med: dict) -> None:
+    """The sampling table from the median seconds of each (runner, N), and the goal."""
+    one = med.get(("shared", 1))
+    print(f"\n{'N':>3}  {'shared s':>9}  {'cand/s':>7}  {'separate s':>10}  {'cand/s':>7}  {'speed-up':>8}  {'vs N=1':>6}")
+    for n in args.ns:
+        s = med[("shared", n)]
+        sep = s if n == 1 else med[("separate", n)] * (1 if args.separate_all else n)
+        rel = f"{s / one:5.2f}x" if one else "-"
+        print(f"{n:>3}  {s:9.2f}  {n / s:7.2f}  {sep:10.2f}  {n / sep:7.2f}  {sep / s:7.2f}x  {rel:>6}")
+    if one and 16 in args.ns:
+        ratio = med[("shared", 16)] / one
+        print(f"goal: shared N=16 costs <= 4x N=1: {ratio:.2f}x, {'met' if ratio <= 4 else 'NOT met'}")
+    if not args.separate_all:
+        print("(separate N = N x the median of one batch-1 generation, timed in the same rounds)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="InternVL2_5-1B")
@@ -69,6 +85,7 @@ def main() -> None:
     p.add_argument("--ns", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--separate-all", action="store_true", help="run the N separate calls instead of counting one N times")
+    p.add_argument("--skip-sampling", action="store_true", help="time the critic only")
     p.add_argument("--critic-candidates", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--step-tokens", type=int, default=24)
@@ -101,8 +118,8 @@ def main() -> None:
         calls = n if args.separate_all else 1
         return lambda: [generate(model, params, seed=i, **kw) for i in range(calls)]
 
-    runners = {("shared", n): shared(n) for n in args.ns}
-    runners.update({("separate", n): separate(n) for n in args.ns if n > 1})
+    runners = {} if args.skip_sampling else {("shared", n): shared(n) for n in args.ns}
+    runners.update({} if args.skip_sampling else {("separate", n): separate(n) for n in args.ns if n > 1})
     times = {key: [] for key in runners}
     for key, fn in runners.items():  # warm-up: compiles each shape once
         t = time.perf_counter()
@@ -115,19 +132,8 @@ def main() -> None:
             times[key].append(time.perf_counter() - t)
         print(f"  round {r + 1}/{args.repeats} done", flush=True)
     med = {key: statistics.median(v) for key, v in times.items()}
-    one = med[("shared", 1)] if ("shared", 1) in med else None
-    print(f"\n{'N':>3}  {'shared s':>9}  {'cand/s':>7}  {'separate s':>10}  {'cand/s':>7}  {'speed-up':>8}"
-          f"  {'vs N=1':>6}")
-    for n in args.ns:
-        s = med[("shared", n)]
-        sep = s if n == 1 else med[("separate", n)] * (1 if args.separate_all else n)
-        rel = f"{s / one:5.2f}x" if one else "-"
-        print(f"{n:>3}  {s:9.2f}  {n / s:7.2f}  {sep:10.2f}  {n / sep:7.2f}  {sep / s:7.2f}x  {rel:>6}")
-    if one and 16 in args.ns:
-        ratio = med[("shared", 16)] / one
-        print(f"goal: shared N=16 costs <= 4x N=1: {ratio:.2f}x, {'met' if ratio <= 4 else 'NOT met'}")
-    if not args.separate_all:
-        print("(separate N = N x the median of one batch-1 generation, timed in the same rounds)")
+    if not args.skip_sampling:
+        report(args, med)
 
     batch = critic_batch(config, ids, pix, args.critic_candidates, args.steps, args.step_tokens)
     token_ids = (10, 12)
@@ -139,8 +145,9 @@ def main() -> None:
         critic.append(time.perf_counter() - t)
     c = statistics.median(critic)
     print(f"\ncritic: {args.critic_candidates} candidates x {args.steps} steps (a {batch.prefix_ids.shape[1]}-token "
-          f"shared prefix, {batch.suffix_ids.shape[1]}-token rows after it) in one forward: {c:.2f} s, {c / args.critic_candidates:.3f} s per candidate, "
-          f"{c / (args.critic_candidates * args.steps):.3f} s per judged step")
+          f"shared prefix, {batch.suffix_ids.shape[1]}-token rows after it) in one forward: {c:.2f} s, "
+          f"{c / args.critic_candidates:.3f} s per candidate, {c / (args.critic_candidates * args.steps):.3f} s per "
+          "judged step")
 
 
 if __name__ == "__main__":
