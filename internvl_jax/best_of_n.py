@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .chat import _answer, _stop
+from .chat import answer_text, stop_token
 from .critic import AGGREGATES, MODES, PRM_SYSTEM_PROMPT, score_answers, split_steps
 from .generate import GenerationArgumentError, generate
 from .processing.templates import IMAGE_PLACEHOLDER
@@ -110,14 +110,14 @@ def best_of_n(policy, critic, processor, question: str, images=(), n: int = 8, *
     say = on_progress or (lambda line: None)
     model, params = policy
     batch = processor(question, images=images, max_tiles=max_tiles)
-    stop_text, stop_id = _stop(processor)
+    stop_text, stop_id = stop_token(processor)
     timings = {}
     tokens, logprobs = generate(model, params, input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                                 tile_mask=batch.get("tile_mask"), positions=batch.get("positions"),
                                 num_return_sequences=n, do_sample=True,
                                 eos_token_id=stop_id, pad_token_id=stop_id, return_logprobs=True, timings=timings,
                                 **config)
-    texts = [_answer(processor, row, stop_text, stop_id) for row in tokens]
+    texts = [answer_text(processor, row, stop_text, stop_id) for row in tokens]
     means = _mean_logprobs(tokens, logprobs, stop_id)
     candidates = [Candidate(t, split_steps(t), final_answer(t), float(m)) for t, m in zip(texts, means)]
     say(f"sampled {n} candidate{'s' * (n != 1)} in {timings['prefill_s'] + timings['decode_s']:.1f} s (prefill "

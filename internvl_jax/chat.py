@@ -18,12 +18,14 @@ from .processing.processor import Processor, tile_bucket
 HF_STOP = "<|im_end|>"  # the transformers-native chat template ends turns with it
 
 
-def _stop(processor: Processor) -> tuple[str, int]:
+def stop_token(processor: Processor) -> tuple[str, int]:
+    """(text, id) of the token that ends an answer: the template's separator, or transformers' ``<|im_end|>``."""
     text = processor.template.stop_token if processor.template is not None else HF_STOP
     return text, processor.tokenizer.token_to_id(text)
 
 
-def _answer(processor: Processor, tokens, stop_text: str, stop_id: int) -> str:
+def answer_text(processor: Processor, tokens, stop_text: str, stop_id: int) -> str:
+    """The answer of generated ``tokens``: decoded without special tokens up to the stop token, stripped."""
     tokens = list(tokens)
     if stop_id in tokens:
         tokens = tokens[: tokens.index(stop_id)]
@@ -61,21 +63,21 @@ def chat(model, params, processor: Processor, question: str, *, images=(), video
     generation = _gen_kwargs(generation_config, model)
     batch = processor(question, images=images, videos=videos, history=history, max_tiles=max_tiles,
                       return_question=True)
-    stop_text, stop_id = _stop(processor)
+    stop_text, stop_id = stop_token(processor)
     inputs = dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                   tile_mask=batch.get("tile_mask"), positions=batch.get("positions"), eos_token_id=stop_id)
     if on_text is None:
         tokens = generate(model, params, **inputs, pad_token_id=stop_id, **generation)[0]
-        answer = _answer(processor, tokens, stop_text, stop_id)
+        answer = answer_text(processor, tokens, stop_text, stop_id)
     else:
         tokens, shown = [], ""
         for step in generate_stream(model, params, **inputs, **generation):
             tokens.append(int(step[0]))
-            text = _answer(processor, tokens, stop_text, stop_id)
+            text = answer_text(processor, tokens, stop_text, stop_id)
             if text.startswith(shown) and len(text) > len(shown):
                 on_text(text[len(shown):])
                 shown = text
-        answer = _answer(processor, tokens, stop_text, stop_id)
+        answer = answer_text(processor, tokens, stop_text, stop_id)
     history.append((batch["question"], answer))  # with its placeholders: later turns pass the images again
     return (answer, history) if return_history else answer
 
@@ -108,7 +110,7 @@ def batch_chat(model, params, processor: Processor, questions: list[str], *, ima
         if "tile_mask" in s:
             k = int(s["tile_mask"].sum())
             pixels[b, :k], tile_mask[b, :k] = s["pixel_values"][0, :k], True
-    stop_text, stop_id = _stop(processor)
+    stop_text, stop_id = stop_token(processor)
     out = generate(model, params, input_ids=ids, attention_mask=mask, pixel_values=pixels, tile_mask=tile_mask,
                    positions=positions, eos_token_id=stop_id, pad_token_id=stop_id, **generation)
-    return [_answer(processor, row, stop_text, stop_id) for row in out]
+    return [answer_text(processor, row, stop_text, stop_id) for row in out]

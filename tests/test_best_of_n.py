@@ -10,7 +10,7 @@ import pytest
 from convert.export import export_checkpoint
 from convert.load import load_pretrained
 from internvl_jax.best_of_n import best_of_n, final_answer, majority_choice
-from internvl_jax.chat import _answer, _stop
+from internvl_jax.chat import answer_text, stop_token
 from internvl_jax.cli import main
 from internvl_jax.critic import score_answers
 from internvl_jax.generate import generate, unrolled_params
@@ -53,10 +53,10 @@ def test_best_of_n_candidates_scores_and_picks_follow_their_rules(loaded):
     result = best_of_n(policy, critic, processor, QUESTION, (), 4, generation_config=GEN, on_progress=lines.append)
     # the candidates are the shared-prefill sampling's, decoded as chat decodes
     batch = processor(QUESTION)
-    stop_text, stop_id = _stop(processor)
+    stop_text, stop_id = stop_token(processor)
     tokens = generate(*policy, input_ids=batch["input_ids"], num_return_sequences=4, do_sample=True,
                       eos_token_id=stop_id, pad_token_id=stop_id, **GEN)
-    texts = [_answer(processor, row, stop_text, stop_id) for row in tokens]
+    texts = [answer_text(processor, row, stop_text, stop_id) for row in tokens]
     assert [c.text for c in result.candidates] == texts
     per_answer, scores = score_answers(*critic, processor, QUESTION, texts)
     assert [c.step_scores for c in result.candidates] == per_answer
