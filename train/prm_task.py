@@ -10,9 +10,11 @@ question does not list, inserted at a random step (so their count is one too man
 wrong answers and they agree with each other, so a majority vote of its final answers (self-consistency) is
 usually wrong too. The critic is trained on step-labelled answers (train.prm_data's input format): steps are
 ``+`` until the hallucinated one and ``-`` from it on (the original's Monte-Carlo labels mark every step after an
-error wrong). It only has to see whether a step's colour appears in the question; best-of-N with it finds a
-correct candidate whenever one was sampled. Text-only (no image), so that both models learn in seconds; the
-critic still runs the VisualPRM conversation with its full system prompt.
+error wrong). A critic can tell a wrong answer by a step whose colour the question lacks, or by a listing step one
+past the question's count (what the critic of bench/best_of_n_task.py learns first: it flags that step, and the
+mean of the step scores then ranks the answers with the right count first). Text-only (no image), so that both
+models learn in minutes on a CPU; the critic runs the VisualPRM conversation with its system prompt (or
+:data:`SHORT_SYSTEM`).
 """
 
 from __future__ import annotations
