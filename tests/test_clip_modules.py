@@ -20,6 +20,8 @@ from internvl_jax.pooling import AttentionPooling
 from internvl_jax.processing.pixels import IMAGENET_MEAN, IMAGENET_STD
 from internvl_jax.qllama import qllama_mask
 
+import clip_data
+
 TOL = 1e-5  # float32 modules against float64 references
 
 
@@ -77,10 +79,7 @@ TINY = CLIPConfig(
 @pytest.fixture(scope="module")
 def tiny():
     rng = np.random.default_rng(1)
-    # random values on the params' shapes (no compiled init): norm scales near 1, the rest small
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, s: (1.0 if path[-1].key == "scale" else 0.0) + rng.normal(size=s.shape).astype(np.float32) * 0.2,
-        abstract_clip_params(TINY))
+    params = clip_data.random_params(TINY, seed=1)
     pixels = jnp.asarray(rng.normal(size=(2, 28, 28, 3)), jnp.float32)
     ids = jnp.asarray([[1, 5, 9, 2, 0, 0], [1, 7, 3, 4, 8, 2]], jnp.int32)
     return InternVLCLIP(TINY), params, pixels, ids
@@ -189,20 +188,8 @@ def test_preprocess_crops_for_classification_and_squeezes_for_retrieval():
         preprocess([image], "detection")
 
 
-class _Words:
-    """A word-level tokenizer with the interface tokenize() reads (BOS 1, EOS 2, words from 3)."""
-
-    bos_id, eos_id = 1, 2
-
-    def __init__(self):
-        self.vocab = {}
-
-    def encode(self, text, add_special_tokens=False):
-        return [self.vocab.setdefault(w, 3 + len(self.vocab)) for w in text.replace(":", ": ").split()]
-
-
 def test_tokenize_prefixes_adds_eos_and_truncates_before_it():
-    tok = _Words()
+    tok = clip_data.WordTokenizer(["summarize: a red circle x"])
     ids = tokenize(tok, ["a red circle", " ".join(["x"] * 100)], max_length=8)
-    s, a, red, circle, x = (tok.vocab[w] for w in ("summarize:", "a", "red", "circle", "x"))
-    np.testing.assert_array_equal(ids, [[1, s, a, red, circle, 2, 0, 0], [1, s, x, x, x, x, x, 2]])
+    s, colon, a, red, circle, x = (tok.vocab[w] for w in ("summarize", ":", "a", "red", "circle", "x"))
+    np.testing.assert_array_equal(ids, [[1, s, colon, a, red, circle, 2, 0], [1, s, colon, x, x, x, x, 2]])

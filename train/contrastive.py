@@ -52,7 +52,7 @@ def clip_loss(image, text, logit_scale, valid=None, *, label_smoothing: float = 
     return jnp.sum(jnp.where(valid, rows, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def gathered_clip_loss(image, text, logit_scale, mesh, batch_axes: tuple[str, ...], valid=None, *,
+def gathered_clip_loss(image, text, logit_scale, valid=None, *, mesh, batch_axes: tuple[str, ...],
                        label_smoothing: float = 0.0):
     """The loss with the batch split over ``batch_axes`` of ``mesh``: each shard scores its rows against the
     features all-gathered from every shard (gradients flow back to every shard); the row losses are summed over
