@@ -11,6 +11,7 @@ import pytest
 
 from internvl_jax.critic import (PRM_SYSTEM_PROMPT, aggregate, judgement_messages, score_answers, split_steps,
                                  step_scores, critic_inputs, judgement_token_ids)
+from internvl_jax.generate import unrolled_params
 from internvl_jax.model import InternVL, init_params
 from internvl_jax.processing.processor import Processor
 from internvl_jax.processing.templates import expand_image_tokens, get_template, render
@@ -39,9 +40,8 @@ def critic(tmp_path_factory):
                                                      max_position_embeddings=1024))
     model = InternVL(config)
     params = jax.jit(lambda key: init_params(config, key))(jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))  # spread the logits: P(+) far from 1/2
-    params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    rng = np.random.default_rng(1)  # spread the logits: P(+) far from 1/2
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.3 * rng.standard_normal(x.shape, np.float32), params)
     processor = Processor(tokenizer=tokenizer, config=config, template=get_template("internvl2_5"),
                           max_length=config.text.max_position_embeddings)
     image = draw_scene(random_scene(np.random.default_rng(0)))
@@ -68,7 +68,8 @@ def reference_scores(model, params, processor, answer, image, mode):
 @pytest.mark.parametrize("mode", ["process", "outcome"])
 def test_step_scores_equal_the_float64_reference_for_candidates_of_different_step_counts(critic, mode):
     model, params, processor, image = critic
-    per_answer, means = score_answers(model, params, processor, QUESTION, ANSWERS, [image], mode=mode)
+    ours = unrolled_params(params, model.config)  # the layout scoring runs in, converted once
+    per_answer, means = score_answers(model, ours, processor, QUESTION, ANSWERS, [image], mode=mode)
     expected = [reference_scores(model, params, processor, a, image, mode) for a in ANSWERS]
     counts = [1, 3, 2] if mode == "process" else [1, 1, 1]
     assert [len(s) for s in per_answer] == [len(e) for e in expected] == counts
@@ -77,15 +78,13 @@ def test_step_scores_equal_the_float64_reference_for_candidates_of_different_ste
     assert np.max(np.abs(means - [np.mean(e) for e in expected])) <= TOL_SCORE
     if mode == "process":
         assert np.std(np.concatenate(expected)) > 0.05  # the scores differ: a misplaced position would show
-        _, mins = score_answers(model, params, processor, QUESTION, ANSWERS, [image], how="min")
-        _, lasts = score_answers(model, params, processor, QUESTION, ANSWERS, [image], how="last")
+        _, mins = score_answers(model, ours, processor, QUESTION, ANSWERS, [image], how="min")
+        _, lasts = score_answers(model, ours, processor, QUESTION, ANSWERS, [image], how="last")
         assert np.max(np.abs(mins - [e.min() for e in expected])) <= TOL_SCORE
         assert np.max(np.abs(lasts - [e[-1] for e in expected])) <= TOL_SCORE
 
 
 def test_the_prompt_and_image_run_once_and_both_param_layouts_score_the_same(critic):
-    from internvl_jax.generate import unrolled_params
-
     model, params, processor, image = critic
     batch = critic_inputs(processor, QUESTION, [split_steps(a) for a in ANSWERS], [image])
     prefix = batch.prefix_ids[0, batch.prefix_start:]
