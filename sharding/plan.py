@@ -132,10 +132,18 @@ def forward_step(config, mesh: Mesh, rules: str | Rules, *, rows: int, seq_len: 
 
 
 def train_step(config, mesh: Mesh, rules: str | Rules, *, rows: int, seq_len: int, tiles: int,
-               optimizer: str | Optimizer = "adamw") -> Step:
+               optimizer: str | Optimizer = "adamw", mpo: str | None = None) -> Step:
     """The trainer's step (:func:`train.step.make_train_step`: weighted cross entropy over the global batch,
-    gradients, an optimizer update) with ``(state, batch)`` abstract and sharded by the rules, state donated."""
+    gradients, an optimizer update) with ``(state, batch)`` abstract and sharded by the rules, state donated;
+    with ``mpo`` ("copy" | "file"), the MPO step (:func:`train.preference_step.make_preference_step`, one pair
+    per row) with its frozen reference copy or stored reference log-probs."""
     opt = optimizer if isinstance(optimizer, Optimizer) else make_optimizer(config, optimizer)
+    if mpo:
+        from train.preference import MPOConfig
+        from train.preference_step import preference_step_spec
+
+        return preference_step_spec(config, mesh, rules, opt.tx, MPOConfig(reference=mpo, max_pairs=1), rows=rows,
+                                    seq_len=seq_len, tiles=tiles, trainable=opt.trainable)
     return train_step_spec(config, mesh, rules, opt.tx, rows=rows, seq_len=seq_len, tiles=tiles,
                            trainable=opt.trainable)
 
@@ -247,10 +255,11 @@ class Estimate:
     inputs: int
     kv_cache: int
     model_flops: float
+    reference: int = 0  # MPO with a frozen copy: the reference's params
 
     @property
     def train(self) -> int:
-        return self.params + self.grads + self.opt_state + self.activations + self.inputs
+        return self.params + self.grads + self.opt_state + self.activations + self.inputs + self.reference
 
     @property
     def inference(self) -> int:
@@ -298,10 +307,11 @@ def program_flops(step: Step) -> float:
 
 
 def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, seq_len: int, tiles: int,
-             optimizer: str | Optimizer = "adamw") -> Estimate:
+             optimizer: str | Optimizer = "adamw", mpo: str | None = None) -> Estimate:
     """Per-device bytes of training and inference for ``config`` (its dtype and remat) on a mesh of ``sizes``
-    with ``rows`` global rows of ``seq_len`` tokens and ``tiles`` image tiles each. Raises
-    :class:`~sharding.ShardingError` when the mesh does not divide a parameter or the batch."""
+    with ``rows`` global rows of ``seq_len`` tokens and ``tiles`` image tiles each; ``mpo="copy"`` adds the
+    frozen reference's params (sharded like the policy's). Raises :class:`~sharding.ShardingError` when the mesh
+    does not divide a parameter or the batch."""
     rules = get_rules(rules)
     boxed = _boxed_params(config)
     _check_divides(boxed, rules, sizes)
@@ -328,7 +338,8 @@ def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, se
     inputs = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values()) // shards
     cache = tree_bytes_per_device(abstract_cache(config, rows, seq_len), rules, sizes)
     return Estimate(params, grads, opt, llm_kept + vit_kept + max(llm_work, vit_work) + logits, inputs, cache,
-                    model_flops(config, rows, seq_len, tiles, math.prod(sizes.values())))
+                    model_flops(config, rows, seq_len, tiles, math.prod(sizes.values())),
+                    reference=params if mpo == "copy" else 0)
 
 
 def _check_divides(boxed, rules: Rules, sizes: dict[str, int]) -> None:
@@ -382,6 +393,7 @@ class Plan:
     program_flops: float | None  # per device, see program_flops()
     step_time: float | None
     smallest: tuple[Slice, dict[str, int], Estimate] | None
+    mpo: str | None = None
 
     @property
     def per_device_bytes(self) -> int:
@@ -406,7 +418,9 @@ class Plan:
         per_shard = self.rows // _divisor(("batch",), get_rules(self.rules), self.mesh)
         torus = f", torus {self.target.topology.split(':')[1]}" if self.target.topology else ""
         out = [
-            f"plan: {self.preset}, {self.config.dtype} params and compute, {self.optimizer}, remat {self.config.remat}",
+            f"plan: {self.preset}, {self.config.dtype} params and compute, {self.optimizer}, remat {self.config.remat}"
+            + (f", MPO step (reference: {'frozen copy' if self.mpo == 'copy' else 'log-probs from file'})"
+               if self.mpo else ""),
             f"target: {self.target.name} ({self.target.chips} x {chip.name}{torus}, {_gib(cap)} each), "
             f"mesh {self.mesh}, rules {self.rules}",
             f"batch: {self.rows} rows x {self.seq_len} tokens ({per_shard} per batch shard), {self.tiles} tiles per row",
@@ -415,6 +429,7 @@ class Plan:
             f"  params             {_gib(e.params)}",
             f"  gradients          {_gib(e.grads)}",
             f"  optimizer state    {_gib(e.opt_state)}",
+            *([f"  frozen reference   {_gib(e.reference)}"] if self.mpo == "copy" else []),
             f"  activations        {_gib(e.activations)}",
             f"  inputs             {_gib(e.inputs)}",
             f"  training total     {pct(e.train)}",
@@ -452,7 +467,7 @@ def _gib(b: int) -> str:
 
 
 def _smallest(config, chip: Chip, rules: Rules, rows: int | None, rows_per_shard: int, seq_len: int, tiles: int,
-              optimizer: Optimizer, boxed):
+              optimizer: Optimizer, boxed, mpo: str | None = None):
     """The fewest power-of-two chips (and the most sharded mesh there) whose estimate fits: ``rows`` global rows
     if given, else ``rows_per_shard`` per batch shard."""
     n = 1
@@ -461,7 +476,7 @@ def _smallest(config, chip: Chip, rules: Rules, rows: int | None, rows_per_shard
             shard_rows = rows if rows is not None else rows_per_shard * _divisor(("batch",), rules, sizes)
             try:
                 est = estimate(config, sizes, rules, rows=shard_rows, seq_len=seq_len, tiles=tiles,
-                               optimizer=optimizer)
+                               optimizer=optimizer, mpo=mpo)
             except ShardingError:  # the batch does not divide here
                 continue
             if est.train <= chip.memory:
@@ -477,7 +492,7 @@ def _no_progress(message: str) -> contextlib.AbstractContextManager:
 def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rules: str = "fsdp",
          seq_len: int = 2048, batch: int | None = None, tiles: int | None = None, remat: str = "full",
          dtype: str = "bfloat16", optimizer: str = "adamw", step_time: float | None = None,
-         compile: bool = True, stage: str | None = None,
+         compile: bool = True, stage: str | None = None, mpo: str | None = None,
          progress: Callable[[str], contextlib.AbstractContextManager] | None = None) -> Plan:
     """Plan training (and inference) of ``preset`` on the slice ``chips`` (e.g. ``v5p-64``, ``v5p:4x4x2``,
     ``v5e-16``, ``h100-8``; see :mod:`sharding.topology`).
@@ -487,8 +502,11 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
     (default :func:`default_tiles`); step_time: seconds, for the MFU it needs. With ``compile`` (TPU slices
     only), the real train step is compiled for the slice's abstract devices and its memory analysis reported;
     ``progress(message)``, a context manager, is entered around that compile (minutes for a large model: the
-    command line shows the message and the elapsed time).
+    command line shows the message and the elapsed time). mpo: "copy" | "file" plans the MPO step (one pair per
+    row: ``seq_len`` holds its chosen and rejected sequences) with a frozen reference copy or stored log-probs.
     """
+    if mpo not in (None, "copy", "file"):
+        raise ValueError(f"mpo is {mpo!r}: expected copy or file")
     if remat not in REMATS:
         raise ValueError(f"unknown remat policy {remat!r}; use one of {', '.join(REMATS)}")
     for name, value, least in (("seq_len", seq_len, 1), ("batch", batch, 1), ("tiles", tiles, 0)):
@@ -508,7 +526,7 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
     tiles = default_tiles(config, seq_len) if tiles is None else tiles
     if tiles * config.tokens_per_tile > seq_len:
         raise ValueError(f"{tiles} tiles x {config.tokens_per_tile} image tokens do not fit in {seq_len} tokens")
-    est = estimate(config, sizes, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=optimizer)
+    est = estimate(config, sizes, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=optimizer, mpo=mpo)
     compiled = seconds = flops = None
     if compile and target.chip.torus:
         message = (f"compiling the train step for {target.name} ({target.topology}, mesh {sizes}), {rows} rows x "
@@ -516,13 +534,15 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
         with (progress or _no_progress)(message):
             m = make_mesh(*(sizes[a] for a in MESH_AXES), devices=tpu_devices(target.topology))
             t0 = time.perf_counter()
-            step = train_step(config, m, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=optimizer)
+            step = train_step(config, m, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=optimizer,
+                              mpo=mpo)
             compiled = step.compile(m, table)[1]
             seconds = time.perf_counter() - t0
             flops = program_flops(step) / target.chips
-    smallest = _smallest(config, target.chip, table, batch, max(1, rows // shards), seq_len, tiles, optimizer, boxed)
+    smallest = _smallest(config, target.chip, table, batch, max(1, rows // shards), seq_len, tiles, optimizer, boxed,
+                         mpo)
     return Plan(preset, config, target, rules, sizes, rows, seq_len, tiles, optimizer.name, est, compiled, seconds,
-                flops, step_time, smallest)
+                flops, step_time, smallest, mpo)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -549,6 +569,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None,
                    help="a train config (e.g. internvl2_5_stage1): the trainer's optimizer with its frozen parameters, "
                         "which hold no optimizer state and get no gradients")
+    p.add_argument("--mpo", default=None, choices=["copy", "file"],
+                   help="plan the MPO step (a pair per row) with a frozen reference copy, or reference log-probs "
+                        "from a pre-pass file")
     p.add_argument("--step-time", type=float, default=None, help="target seconds per step: prints the MFU it needs")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="estimate only (TPU slices otherwise compile the train step ahead of time)")
@@ -560,5 +583,5 @@ def run(args) -> None:
     """Print the plan of parsed ``plan`` arguments (the compile's progress on stderr)."""
     result = plan(args.preset, chips=args.chips, mesh=args.mesh, rules=args.rules, seq_len=args.seq_len,
                   batch=args.batch, tiles=args.tiles, remat=args.remat, dtype=args.dtype, optimizer=args.optimizer,
-                  stage=args.stage, step_time=args.step_time, compile=args.compile, progress=Working)
+                  stage=args.stage, step_time=args.step_time, compile=args.compile, mpo=args.mpo, progress=Working)
     print("\n".join(result.lines()))

@@ -79,6 +79,20 @@ def test_compiled_figures_for_a_tpu_slice():
     assert text.endswith(f"per-device bytes: {c.total}\nverdict: fits")
 
 
+def test_the_mpo_step_compiles_for_a_tpu_slice_with_its_reference():
+    """The MPO step's plan: the frozen copy is an argument of the compiled step and a line of the estimate; with
+    stored log-probs there is no second model."""
+    kw = dict(chips="v5e:2x2", seq_len=32, dtype="float32", rules="fsdp")
+    copy, file = P.plan("tiny-qwen2", mpo="copy", **kw), P.plan("tiny-qwen2", mpo="file", **kw)
+    assert copy.estimate.reference == copy.estimate.params and file.estimate.reference == 0
+    assert copy.estimate.train - file.estimate.train == copy.estimate.params
+    # the compiled reference: the params once more, in the TPU's padded layout (small tensors pad to whole tiles),
+    # so at least their plain bytes and less than half the policy's state (params + two Adam moments)
+    extra = copy.compiled.argument_bytes - file.compiled.argument_bytes
+    assert copy.estimate.params <= extra < file.compiled.argument_bytes / 2, (extra, copy.estimate.params)
+    assert "MPO step (reference: frozen copy)" in copy.lines()[0] and "frozen reference" in "\n".join(copy.lines())
+
+
 def test_command_line(capsys):
     parser = argparse.ArgumentParser()
     P.add_parser(parser.add_subparsers())

@@ -82,9 +82,9 @@ def test_sequence_logps_sum_each_half_of_each_pair():
 
 
 def test_config_errors_name_the_setting():
-    with pytest.raises(ValueError, match="mpo.loss_types=dpo"):
+    with pytest.raises(ValueError, match="unknown MPO loss type.s. dpo"):
         MPOConfig(loss_types=("dpo",), loss_weights=(1.0,))
     with pytest.raises(ValueError, match="mpo.loss_weights has 2 values for 3"):
-        MPOConfig(loss_weights=(0.8, 0.2))
-    with pytest.raises(ValueError, match="mpo.reference='model'"):
+        MPOConfig(loss_weights=(0.8, 0.2)).check()
+    with pytest.raises(ValueError, match="MPO reference 'model'"):
         MPOConfig(reference="model")

@@ -208,6 +208,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.init and not os.path.isdir(cfg.init):
         raise ConfigError(f"init={cfg.init}: no such checkpoint folder")
     lora_rules(cfg)  # a bad table or target set fails here, before anything is loaded
+    try:
+        cfg.mpo.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------------------

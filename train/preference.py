@@ -46,18 +46,22 @@ class MPOConfig:
     def __post_init__(self):
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
         if unknown or not self.loss_types:
-            raise ValueError(f"mpo.loss_types={','.join(self.loss_types)}: expected some of {', '.join(LOSS_TYPES)}")
+            raise ValueError(f"unknown MPO loss type(s) {','.join(unknown) or '(none given)'}: expected some of "
+                             f"{', '.join(LOSS_TYPES)}")
+        if self.beta <= 0:
+            raise ValueError(f"MPO beta {self.beta}: expected > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"MPO label smoothing {self.label_smoothing}: expected in [0, 0.5)")
+        if self.reference not in ("copy", "file"):
+            raise ValueError(f"MPO reference {self.reference!r}: expected copy or file")
+        if self.max_pairs < 1:
+            raise ValueError(f"MPO max_pairs {self.max_pairs}: expected >= 1")
+
+    def check(self) -> None:
+        """What a single field's check cannot see (the command line sets the fields one at a time)."""
         if len(self.loss_weights) != len(self.loss_types):
             raise ValueError(f"mpo.loss_weights has {len(self.loss_weights)} values for {len(self.loss_types)} "
-                             f"loss types ({','.join(self.loss_types)})")
-        if self.beta <= 0:
-            raise ValueError(f"mpo.beta={self.beta}: expected > 0")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"mpo.label_smoothing={self.label_smoothing}: expected in [0, 0.5)")
-        if self.reference not in ("copy", "file"):
-            raise ValueError(f"mpo.reference={self.reference!r}: expected copy or file")
-        if self.max_pairs < 1:
-            raise ValueError(f"mpo.max_pairs={self.max_pairs}: expected >= 1")
+                             f"loss types ({','.join(self.loss_types)}); give one weight per loss type")
 
     @property
     def length_normalised(self) -> bool:
@@ -164,7 +168,7 @@ def objective(cfg: MPOConfig, policy, reference, pair_mask, shift: Shift, nll_su
     if update_shift and "bco_pair" in cfg.loss_types:
         shift = shift.update(batch_mean, n > 0)
     terms = pair_losses(cfg, policy, reference, shift.mean)
-    weights = dict(zip(cfg.loss_types, cfg.loss_weights))
+    weights = dict(zip(cfg.loss_types, cfg.loss_weights, strict=True))
     pairs = jnp.maximum(pairs_total, 1.0)
     loss = sum(weights[t] * jnp.sum(jnp.where(pair_mask, v, 0.0)) / pairs for t, v in terms.items())
     sums = {t: jnp.sum(jnp.where(pair_mask, v, 0.0)) for t, v in terms.items()}

@@ -111,6 +111,8 @@ def make_preference_step(model: InternVL, tx: optax.GradientTransformation, mpo:
     sft term), ``chosen_reward``, ``rejected_reward``, ``margin`` (means), ``accuracy`` (margin > 0), ``shift``
     (after the step), ``nll`` (the chosen answers' token-mean NLL), ``pairs``, ``grad_norm``, ``lr``, ``finite``.
     """
+    mpo.check()
+
     def step(state: PreferenceState, batch: dict, ref_params=None):
         pairs_total = jnp.sum(batch["pair_mask"].astype(jnp.float32))
         tokens_total = jnp.sum(batch["loss_weights"].astype(jnp.float32))
