@@ -15,7 +15,7 @@ original code's reload semantics where they differ from the file:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import (BOOL, NUMBER, SIZE, ConfigError, RopeConfig, TextConfig, VisionConfig, _Section, _text_config,
                      _vision_config, parse_config_file, text_config_to_hf_dict)
@@ -25,15 +25,10 @@ QLLAMA_ROPE = RopeConfig(type="default", theta=10000.0)  # hard-coded in modelin
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """InternVL 1.0. Defaults describe InternVL-14B-224px (InternViT-6B-224 + QLLaMA-8B)."""
+    """InternVL 1.0 (the full size: ``internvl_jax.presets.CLIP_PRESETS``)."""
 
-    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
-        hidden_size=3200, num_layers=48, num_heads=25, intermediate_size=12800, image_size=224,
-        norm_type="rms_norm", qk_norm=True, qkv_bias=False))
-    qllama: TextConfig = field(default_factory=lambda: TextConfig(
-        family="llama", vocab_size=49954, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-        head_dim=128, intermediate_size=11008, norm_eps=1e-6, max_position_embeddings=2048, rope=QLLAMA_ROPE,
-        tie_word_embeddings=True))
+    vision: VisionConfig
+    qllama: TextConfig
     num_query_token: int = 96
     cross_attention_frequency: int = 2  # cross-attention in QLLaMA layers i with i % frequency == 0
     clip_embed_dim: int = 768
@@ -139,8 +134,3 @@ def to_internvl_g_dict(c: CLIPConfig) -> dict:
         "use_backbone_lora": 0,
         "use_qllama_lora": 0,
     }
-
-
-CLIP_PRESETS: dict[str, CLIPConfig] = {
-    "InternVL-14B-224px": CLIPConfig(),
-}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .clip_config import QLLAMA_ROPE, CLIPConfig
 from .config import InternVLConfig, RopeConfig, TextConfig, VisionConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -55,6 +56,11 @@ def _vit6b() -> VisionConfig:
         hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800,
         norm_type="rms_norm", qk_norm=True, qkv_bias=False,
     )
+
+
+def _vit6b_v1_0(image_size: int) -> VisionConfig:
+    """InternViT-6B-224px (InternVL 1.0) and InternViT-6B-448px-V1-0: the 6B ViT with all 48 layers."""
+    return dataclasses.replace(_vit6b(), num_layers=48, image_size=image_size)
 
 
 def _qwen2(vocab, hidden, layers, heads, kv, mlp, *, eps=1e-6, rope=_DYNAMIC_X2) -> TextConfig:
@@ -241,6 +247,32 @@ PRESETS.update({
         ),
     ),
 })
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision towers on their own, and InternVL 1.0 (InternVL-C / InternVL-G, internvl_jax.clip_model)
+# ----------------------------------------------------------------------------------------------
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "InternViT-300M-448px": _vit300m(),
+    "InternViT-6B-224px": _vit6b_v1_0(224),
+    "InternViT-6B-448px-V1-0": _vit6b_v1_0(448),
+    "InternViT-6B-448px-V1-2": _vit6b(),
+    "InternViT-6B-448px-V1-5": _vit6b(),
+    "InternViT-6B-448px-V2_5": _vit6b(),
+}
+
+CLIP_PRESETS: dict[str, CLIPConfig] = {
+    # reference section 9: InternViT-6B-224px + QLLaMA (LLaMA-7B shapes, vocab 49954, 96 queries, cross-attention
+    # every 2nd layer), 768-d CLIP space, 16 pooling heads
+    "InternVL-14B-224px": CLIPConfig(
+        vision=VISION_PRESETS["InternViT-6B-224px"],
+        qllama=TextConfig(  # unverified: max_position_embeddings, tie_word_embeddings (LlamaConfig's defaults)
+            family="llama", vocab_size=49954, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+            head_dim=128, intermediate_size=11008, norm_eps=1e-6, max_position_embeddings=2048, rope=QLLAMA_ROPE,
+            tie_word_embeddings=True),
+    ),
+}
 
 
 def get_preset(name: str) -> InternVLConfig:

@@ -103,3 +103,14 @@ def test_export_refuses_a_layout_of_the_other_family():
     model, params = load_pretrained(FIXTURE)
     with pytest.raises(ValueError, match="use internvl_g"):
         export_checkpoint(params, model.config, "/nonexistent/out", layout="hf")
+
+
+def test_loading_onto_a_mesh_places_each_tensor_in_its_sharding():
+    import sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
+    _, params = load_pretrained(FIXTURE)
+    _, placed = load_pretrained(FIXTURE, mesh=mesh, rules="fsdp")
+    kernel = placed["qllama"]["blocks"]["layer_0"]["cross_attn"]["k_proj"]["kernel"]  # [blocks, vit_embed, ...]
+    assert kernel.sharding.shard_shape(kernel.shape) == (1, 32 // mesh.size, 4, 16)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), placed, params)

@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from internvl_jax.clip import preprocess, tokenize
-from internvl_jax.clip_config import CLIP_PRESETS, CLIPConfig
+from internvl_jax.clip_config import CLIPConfig
 from internvl_jax.clip_model import InternVLCLIP as M, abstract_clip_params, clip_param_count
 from internvl_jax.config import TextConfig, VisionConfig
 from internvl_jax.decoder import DecoderLayer
 from internvl_jax.pooling import AttentionPooling
+from internvl_jax.presets import CLIP_PRESETS, VISION_PRESETS
 from internvl_jax.processing.pixels import IMAGENET_MEAN, IMAGENET_STD
 from internvl_jax.qllama import qllama_mask
 
@@ -162,6 +163,8 @@ def test_full_size_parameter_count():
     assert 13.5e9 < expected < 14.5e9  # "InternVL-14B": InternViT-6B + QLLaMA-8B
     untied = dataclasses.replace(c, qllama=dataclasses.replace(q, tie_word_embeddings=False))
     assert clip_param_count(untied) == expected + q.vocab_size * e
+    assert c.vision == VISION_PRESETS["InternViT-6B-224px"] and c.vision.num_layers == 48
+    assert VISION_PRESETS["InternViT-6B-448px-V1-0"].num_layers == 48 and VISION_PRESETS["InternViT-6B-448px-V1-0"].grid == 32
     boxed = abstract_clip_params(c, boxed=True)
     assert boxed["qllama"]["blocks"]["layer_0"]["cross_attn"]["k_proj"]["kernel"].names == (
         "layers", "vit_embed", "heads", "head_dim")
