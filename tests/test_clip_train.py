@@ -78,6 +78,26 @@ def test_stage_presets_freeze_by_path():
     assert set(STAGE_RULES) == {"contrastive", "contrastive_frozen_vit", "generative"}
 
 
+def test_generative_stage_trains_only_its_parameters():
+    config = _config(vocab=40, image=28)
+    model = InternVLCLIP(config)
+    params = clip_data.random_params(config)
+    rng = np.random.default_rng(0)
+    b = 4
+    ids = lambda: np.concatenate([np.ones((b, 1)), rng.integers(3, 40, (b, 4)), np.full((b, 1), 2)], 1).astype(np.int32)  # noqa: E731
+    batch = {"pixel_values": rng.normal(size=(b, 28, 28, 3)).astype(np.float32)}
+    for key in ("", "positive_", "negative_", "summarize_"):
+        batch[f"{key}input_ids"] = ids()
+        batch[f"{key}attention_mask"] = np.ones_like(batch[f"{key}input_ids"])
+    batch["labels"] = batch["input_ids"].copy()
+    new, history = train_clip(model, params, iter([batch] * 2), stage="generative", steps=2,
+                              optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"))
+    assert all(h["finite"] == 1.0 for h in history) and set(history[0]) >= {"loss_itm", "loss_itc", "loss_itg"}
+    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, new)
+    expected = trainable_mask(optim_for("generative", OptimConfig()), params)
+    assert moved == expected
+
+
 IMAGE, PATCH, STEPS = 56, 7, 500  # an 8 x 8 patch grid
 
 
