@@ -144,10 +144,15 @@ def init_clip_params(config: CLIPConfig, rng) -> dict:
     builds fastest)."""
     model = InternVLCLIP(config)
     init = jax.jit(lambda key: model.init(key, *_dummy_inputs(config), method=InternVLCLIP.init_all)["params"])
-    # run once: on the CPU, compiled without XLA's expensive passes (several times faster to build)
+    # it runs once: a small model on the CPU is compiled without XLA's expensive passes (several times faster to
+    # build); a large one gets them, its unoptimised forward would take longer than the compile saves
+    small = clip_param_count(config) < SMALL_INIT_PARAMS and jax.default_backend() == "cpu"
     fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-    compiled = init.lower(rng).compile(compiler_options=fast if jax.default_backend() == "cpu" else None)
+    compiled = init.lower(rng).compile(compiler_options=fast if small else None)
     return nn.unbox(compiled(rng))
+
+
+SMALL_INIT_PARAMS = 50_000_000
 
 
 def abstract_clip_params(config: CLIPConfig, *, boxed: bool = False) -> dict:

@@ -83,10 +83,8 @@ def tiny():
     params = clip_data.random_params(TINY, seed=1)
     pixels = jnp.asarray(rng.normal(size=(2, 28, 28, 3)), jnp.float32)
     ids = jnp.asarray([[1, 5, 9, 2, 0, 0], [1, 7, 3, 4, 8, 2]], jnp.int32)
-    return InternVLCLIP(TINY), params, pixels, ids
+    return M(TINY), params, pixels, ids
 
-
-InternVLCLIP = M
 
 
 def test_cross_attention_sits_in_every_frequency_th_layer_and_reaches_the_queries_only(tiny):
