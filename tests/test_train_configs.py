@@ -30,6 +30,8 @@ TRAINABLE = {
     "internvl2_5_stage2": {"vision", "projector", "language_model"},  # full model
     "internvl3_pretrain": {"vision", "projector", "language_model"},  # native multimodal pre-training
     "internvl3_finetune": {"projector", "language_model"},  # second fine-tune
+    "mpo": {"vision", "projector", "language_model"},  # InternVL2.5-8B-MPO: everything
+    "internvl3_mpo": {"vision", "projector", "language_model"},  # InternVL3-8B's MPO
 }
 
 # the original's settings per preset: lr, (warmup_steps, warmup_ratio), weight decay, drop_path, global rows,
@@ -43,6 +45,9 @@ SCRIPT = {
     "internvl2_5_stage2": (4e-5, (0, 0.03), 0.05, 0.1, 512, 16384, 48, True, "square"),
     "internvl3_pretrain": (4e-5, (0, 0.03), 0.05, 0.1, 512, 16384, 48, True, "square"),
     "internvl3_finetune": (2e-5, (0, 0.03), 0.05, 0.0, 128, 16384, 13, False, "token"),
+    # MPO: 256 pairs a step, one pair (two sequences of --max_seq_length) a row
+    "mpo": (1e-6, (0, 0.03), 0.05, 0.1, 256, 2 * 8192, 13, True, "token"),
+    "internvl3_mpo": (2e-7, (0, 0.03), 0.05, 0.1, 256, 2 * 12288, 13, True, "token"),
 }
 
 STAGE_PRESETS = sorted(TRAINABLE)
@@ -77,8 +82,8 @@ def _multipliers_by_path(cfg: TrainConfig, config, params) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 
 def test_every_preset_has_a_stage_here():
-    """A new preset in train/configs must get its expected split in TRAINABLE (demo is the lead's)."""
-    assert set(preset_names()) - {"demo"} == set(TRAINABLE)
+    """A new preset in train/configs must get its expected split in TRAINABLE (the demos are the lead's)."""
+    assert set(preset_names()) - {"demo", "mpo_demo"} == set(TRAINABLE)
 
 
 @pytest.mark.parametrize("name", STAGE_PRESETS)

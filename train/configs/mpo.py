@@ -39,7 +39,9 @@ CONFIG = TrainConfig(
     remat="full",
     save_every=100,
     keep=3,
-    data=DataConfig(rows=256, max_tokens=16384, max_tiles=13, packing=True, max_dynamic_patch=12, workers=8),
+    # loss_weighting: the SFT term is a token mean over the chosen answers whatever this says; "token" states it
+    data=DataConfig(rows=256, max_tokens=16384, max_tiles=13, packing=True, loss_weighting="token",
+                    max_dynamic_patch=12, workers=8),
     optim=OptimConfig(lr=1e-6, warmup_steps=0, warmup_ratio=0.03, weight_decay=0.05, schedule="cosine"),
     mpo=MPOConfig(loss_types=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0), beta=0.1, max_pairs=1),
 )
