@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("src", help="a checkpoint folder (original or transformers-native safetensors layout)")
     export.add_argument("dst", help="the folder to write (written under a temporary name, renamed when complete)")
-    export.add_argument("--layout", choices=["hf", "original"], default="hf",
-                        help="hf: transformers InternVLForConditionalGeneration; original: OpenGVLab custom code")
+    export.add_argument("--layout", choices=["hf", "original", "internvl_g"], default="hf",
+                        help="hf: transformers InternVLForConditionalGeneration; original: OpenGVLab custom code; "
+                             "internvl_g: InternVL 1.0's original InternVLModel")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="tensor dtype of the output (default: the source's own, so a round trip is lossless)")
     export.add_argument("--overwrite", action="store_true", help="replace dst if it exists")

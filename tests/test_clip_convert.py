@@ -114,3 +114,13 @@ def test_loading_onto_a_mesh_places_each_tensor_in_its_sharding():
     kernel = placed["qllama"]["blocks"]["layer_0"]["cross_attn"]["k_proj"]["kernel"]  # [blocks, vit_embed, ...]
     assert kernel.sharding.shard_shape(kernel.shape) == (1, 32 // mesh.size, 4, 16)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), placed, params)
+
+
+def test_cli_export_writes_the_internvl_g_layout_and_refuses_the_others(tmp_path, capsys):
+    assert main(["export", FIXTURE, str(tmp_path / "out"), "--layout", "internvl_g"]) == 0
+    _assert_same_tensors(_tensors(tmp_path / "out"), _tensors(FIXTURE))
+    capsys.readouterr()
+    assert main(["export", FIXTURE, str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "internvl-jax export: error: layout 'hf' does not fit an InternVL 1.0 model: use internvl_g"
+    assert not os.path.exists(tmp_path / "hf")
