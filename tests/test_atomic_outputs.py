@@ -168,7 +168,7 @@ def _existing(tmp_path):
     return tmp_path / "dst", "already exists (pass --overwrite to replace it)"
 
 
-@pytest.mark.parametrize("command,module,reader", [("convert", convert.to_orbax, "load_config"),
+@pytest.mark.parametrize("command,module,reader", [("convert", convert.to_orbax, "checkpoint_model"),
                                                    ("export", convert.load, "load_pretrained")])
 @pytest.mark.parametrize("bad", [_existing, _not_a_folder, _read_only])
 def test_a_bad_destination_fails_before_the_source_is_read(tmp_path, capsys, monkeypatch, case, command, module,
