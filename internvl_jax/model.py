@@ -88,7 +88,8 @@ class InternVL(nn.Module):
         return self.projector(h.reshape(n, -1, h.shape[-1]))
 
     def __call__(self, input_ids, pixel_values=None, tile_mask=None, positions=None, segment_ids=None, cache=None,
-                 cache_index=None, cache_start=None, last_only: bool = False, return_hidden: bool = False, image_index=None):
+                 cache_index=None, cache_start=None, last_only: bool = False, return_hidden: bool = False,
+                 image_index=None):
         """input_ids int [B, L]; pixel_values [B, T, H, W, 3]; tile_mask bool [B, T] (default: all valid);
         positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed samples differ).
         ``last_only``: logits of the last position only. With a KV ``cache`` (generation, ``unrolled``), returns
@@ -98,7 +99,8 @@ class InternVL(nn.Module):
         c = self.config
         if pixel_values is not None and tile_mask is None:
             tile_mask = jnp.ones(pixel_values.shape[:2], bool)
-        if image_index is None and not isinstance(input_ids, jax.core.Tracer) and not isinstance(tile_mask, jax.core.Tracer):
+        concrete = not isinstance(input_ids, jax.core.Tracer) and not isinstance(tile_mask, jax.core.Tracer)
+        if image_index is None and concrete:  # an image_index maps tokens to tiles itself (preference rows)
             check_image_tokens(input_ids, tile_mask, c.image_token_id, c.tokens_per_tile)
         x = self.language_model.embed(input_ids)
         if pixel_values is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.nn import log_sigmoid
 
 PAIR_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "apo_zero", "bco_pair")
 LOSS_TYPES = PAIR_LOSSES + ("sft",)
@@ -89,10 +90,6 @@ class Shift:
         return Shift(mean=jnp.where(valid, mean, self.mean), count=jnp.where(valid, count, self.count))
 
 
-def _log_sigmoid(x):
-    return jax.nn.log_sigmoid(x)
-
-
 def pair_losses(cfg: MPOConfig, policy, reference, delta) -> dict:
     """Per-pair losses of the pair terms of ``cfg.loss_types`` (``sft`` excluded; it is a token mean).
 
@@ -105,21 +102,21 @@ def pair_losses(cfg: MPOConfig, policy, reference, delta) -> dict:
     logits = chosen_ratio - rejected_ratio
     z = beta * logits
     terms = {
-        "sigmoid": lambda: -_log_sigmoid(z) * (1 - eps) - _log_sigmoid(-z) * eps,
+        "sigmoid": lambda: -log_sigmoid(z) * (1 - eps) - log_sigmoid(-z) * eps,
         "hinge": lambda: jax.nn.relu(1 - z),
         "ipo": lambda: (logits - 1 / (2 * beta)) ** 2,
-        "robust": lambda: (-_log_sigmoid(z) * (1 - eps) + _log_sigmoid(-z) * eps) / (1 - 2 * eps),
+        "robust": lambda: (-log_sigmoid(z) * (1 - eps) + log_sigmoid(-z) * eps) / (1 - 2 * eps),
         "exo_pair": lambda: _exo_pair(z, eps or 1e-3),
         "apo_zero": lambda: (1 - jax.nn.sigmoid(beta * chosen_ratio)) + jax.nn.sigmoid(beta * rejected_ratio),
-        "bco_pair": lambda: (-_log_sigmoid(beta * chosen_ratio - delta) - _log_sigmoid(-(beta * rejected_ratio - delta))),
+        "bco_pair": lambda: (-log_sigmoid(beta * chosen_ratio - delta) - log_sigmoid(-(beta * rejected_ratio - delta))),
     }
     return {t: terms[t]() for t in cfg.loss_types if t != "sft"}
 
 
 def _exo_pair(z, eps):
     """EXO-pref (arXiv 2402.00856, eq. 16) for two answers: KL(softmax policy || [1 - eps, eps])."""
-    return (jax.nn.sigmoid(z) * (_log_sigmoid(z) - jnp.log1p(-eps))
-            + jax.nn.sigmoid(-z) * (_log_sigmoid(-z) - jnp.log(eps)))
+    return (jax.nn.sigmoid(z) * (log_sigmoid(z) - jnp.log1p(-eps))
+            + jax.nn.sigmoid(-z) * (log_sigmoid(-z) - jnp.log(eps)))
 
 
 def rewards(cfg: MPOConfig, policy, reference):
@@ -170,8 +167,8 @@ def objective(cfg: MPOConfig, policy, reference, pair_mask, shift: Shift, nll_su
     terms = pair_losses(cfg, policy, reference, shift.mean)
     weights = dict(zip(cfg.loss_types, cfg.loss_weights, strict=True))
     pairs = jnp.maximum(pairs_total, 1.0)
-    loss = sum(weights[t] * jnp.sum(jnp.where(pair_mask, v, 0.0)) / pairs for t, v in terms.items())
     sums = {t: jnp.sum(jnp.where(pair_mask, v, 0.0)) for t, v in terms.items()}
+    loss = sum(weights[t] * v for t, v in sums.items()) / pairs
     if "sft" in cfg.loss_types:
         loss = loss + weights["sft"] * nll_sum / jnp.maximum(tokens_total, 1.0)
     margin = chosen - rejected

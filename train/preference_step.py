@@ -131,7 +131,8 @@ def make_preference_step(model: InternVL, tx: optax.GradientTransformation, mpo:
         per_pair = lambda x: x / jnp.maximum(pairs_total, 1.0)  # noqa: E731
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
                    "lr": jnp.asarray(lr_fn(state.step) if lr_fn else 0.0, jnp.float32),
-                   "chosen_reward": per_pair(sums["chosen_reward"]), "rejected_reward": per_pair(sums["rejected_reward"]),
+                   "chosen_reward": per_pair(sums["chosen_reward"]),
+                   "rejected_reward": per_pair(sums["rejected_reward"]),
                    "margin": per_pair(sums["margin"]), "accuracy": per_pair(sums["correct"]),
                    "shift": new.shift.mean, "nll": sums["nll"] / jnp.maximum(tokens_total, 1.0), "pairs": pairs_total}
         metrics.update({f"loss/{t}": per_pair(sums[t]) for t in mpo.loss_types if t != "sft"})

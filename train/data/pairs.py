@@ -30,6 +30,8 @@ import json
 
 import numpy as np
 
+from train.loss import IGNORE
+
 from .meta import Record
 from .packing import (
     MALFORMED, TOO_MANY_TILES, Drop, Packer, PackConfig, RowFormat, _is_skipped, empty_rows, shift_labels,
@@ -157,7 +159,7 @@ def write_pair_row(row: dict[str, np.ndarray], pieces: list[PairPiece], cfg: Pac
             row["input_ids"][sl], row["labels"][sl], row["positions"][sl] = ids, labels, positions
             row["segment_ids"][sl] = 2 * j + 1 + half
             if half == 0:
-                row["loss_weights"][sl] = labels != -100
+                row["loss_weights"][sl] = labels != IGNORE
             is_image = ids == cfg.img_context_id
             row["image_index"][sl][is_image] = tile * cfg.tokens_per_tile + np.arange(int(is_image.sum()))
             at += len(ids)
