@@ -170,6 +170,16 @@ def test_later_turns_ask_other_questions_about_the_same_image(tmp_path):
     assert all(len(r["conversations"]) == 2 for r in read_jsonl(paths.heldout))
 
 
+def test_shapes_bounds_the_number_of_shapes_per_image(tmp_path):
+    paths = write_demo_dataset(str(tmp_path), train=40, heldout=10, seed=2, kinds=("colour",), shapes=(1, 1))
+    for r in read_jsonl(paths.train) + read_jsonl(paths.heldout):
+        assert len(r["scene"]) == 1, r
+        image, labels = read_pixels(paths, r)
+        question = r["conversations"][0]["value"].removeprefix("<image>\n")
+        assert pixel_answer("colour", question, image, labels, r) == r["conversations"][1]["value"] == \
+            r["scene"][0]["colour"]
+
+
 def test_heldout_images_are_not_training_images(demo):
     def digests(path):
         return {hashlib.sha256(read_pixels(demo, r)[0].tobytes()).hexdigest() for r in read_jsonl(path)}
@@ -180,6 +190,7 @@ def test_heldout_images_are_not_training_images(demo):
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(kinds=("colour", "size")), "kinds"), (dict(image_format="gif"), "image_format"), (dict(turns=0), "turns"),
+    (dict(shapes=(0, 2)), "shapes"), (dict(shapes=(3, 2)), "shapes"),
 ])
 def test_bad_arguments_are_named(tmp_path, kwargs, word):
     with pytest.raises(ValueError, match=word):

@@ -69,6 +69,7 @@ SHORT_SIDE = (40, 100)  # the short side of an image, px (inclusive range)
 # A shape's side as a fraction of the image's short side, by the number of shapes: large, so that a shape spans
 # several 14 px patches of its tile and its outline, not a sub-patch detail, tells circle, square and triangle apart.
 SHAPE_SIDES = {1: (0.6, 0.9), 2: (0.45, 0.65), 3: (0.4, 0.5)}
+SHAPE_COUNTS = (1, 3)  # shapes per image: fewest, most
 
 _SPLITS = {"train": 0, "heldout": 1}  # a split's number in the per-sample random seed
 
@@ -140,10 +141,11 @@ def _place(rng: np.random.Generator, width: int, height: int, count: int) -> lis
         lo, hi = lo * 0.9, hi * 0.9
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    """A scene: a random size (:func:`_image_size`), 1-3 shapes of distinct colours, kinds drawn with repeats."""
+def random_scene(rng: np.random.Generator, shapes: tuple[int, int] = SHAPE_COUNTS) -> Scene:
+    """A scene: a random size (:func:`_image_size`), ``shapes`` = (fewest, most) shapes (default 1-3) of distinct
+    colours, kinds drawn with repeats."""
     width, height = _image_size(rng)
-    count = int(rng.integers(1, 4))
+    count = int(rng.integers(shapes[0], shapes[1] + 1))
     colours = rng.choice(len(COLOURS), size=count, replace=False)
     names = list(COLOURS)
     shapes = tuple(
@@ -202,14 +204,15 @@ def questions(scene: Scene, kind: str) -> list[tuple[str, str]]:
     raise ValueError(f"unknown question kind {kind!r}; known: {', '.join(QUESTION_KINDS)}")
 
 
-def demo_sample(seed: int, split: str, index: int, *, kinds=QUESTION_KINDS, turns: int = 1):
+def demo_sample(seed: int, split: str, index: int, *, kinds=QUESTION_KINDS, turns: int = 1,
+                shapes: tuple[int, int] = SHAPE_COUNTS):
     """One sample, a pure function of (seed, split, index): (scene, [(kind, question, answer)] of ``turns`` distinct
     questions). The first kind is drawn uniformly from ``kinds`` and scenes are drawn until one answers a question
     of that kind; later turns take further questions of any of ``kinds`` about the same scene."""
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     first = kinds[int(rng.integers(len(kinds)))]
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, shapes)
         pool = {k: questions(scene, k) for k in kinds}
         if pool[first] and sum(len(v) for v in pool.values()) >= turns:
             break
@@ -244,14 +247,14 @@ def _scene_key(scene: Scene) -> tuple:
 
 
 def _write_split(folder: str, split: str, n: int, seed: int, kinds, turns: int, image_format: str, quality: int,
-                 exclude: set) -> tuple[str, set]:
+                 exclude: set, shapes: tuple[int, int] = SHAPE_COUNTS) -> tuple[str, set]:
     """Images under folder/images/<split>/ and folder/<split>.jsonl; returns (jsonl path, scene keys written)."""
     os.makedirs(os.path.join(folder, "images", split), exist_ok=True)
     path = os.path.join(folder, f"{split}.jsonl")
     keys, index, written = set(), 0, 0
     with open(path, "w", encoding="utf-8") as f:
         while written < n:
-            scene, asked = demo_sample(seed, split, index, kinds=kinds, turns=turns)
+            scene, asked = demo_sample(seed, split, index, kinds=kinds, turns=turns, shapes=shapes)
             index += 1
             if _scene_key(scene) in exclude:  # held-out images never repeat a training image
                 continue
@@ -278,12 +281,14 @@ def _write_meta(path: str, name: str, images: str, annotation: str, length: int)
 
 
 def write_demo_dataset(folder: str, *, train: int = 4000, heldout: int = 200, seed: int = 0,
-                       kinds=QUESTION_KINDS, turns: int = 1, image_format: str = "jpg", quality: int = 90) -> DemoPaths:
+                       kinds=QUESTION_KINDS, turns: int = 1, image_format: str = "jpg", quality: int = 90,
+                       shapes: tuple[int, int] = SHAPE_COUNTS) -> DemoPaths:
     """Write the demo set into ``folder`` (created; files of an earlier call are overwritten) and return its paths.
 
     train / heldout: number of images (= JSONL lines) per split. seed: the same seed writes identical files.
     kinds: question kinds asked (a subset of :data:`QUESTION_KINDS`). turns: questions per training image (the
     first carries ``<image>``); held-out records always ask one. image_format: "jpg" (``quality``) or "png".
+    shapes: (fewest, most) shapes per image, within :data:`SHAPE_COUNTS` (the default).
     The meta JSONs name absolute paths; both set ``max_dynamic_patch`` = :data:`MAX_TILES` and no augmentation.
     """
     unknown = [k for k in kinds if k not in QUESTION_KINDS]
@@ -293,11 +298,15 @@ def write_demo_dataset(folder: str, *, train: int = 4000, heldout: int = 200, se
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if train < 0 or heldout < 0 or turns < 1:
         raise ValueError(f"need train >= 0, heldout >= 0 and turns >= 1, got {train}, {heldout}, {turns}")
+    if not SHAPE_COUNTS[0] <= shapes[0] <= shapes[1] <= SHAPE_COUNTS[1]:
+        raise ValueError(f"shapes must be (fewest, most) within {SHAPE_COUNTS}, got {tuple(shapes)}")
     folder = os.path.abspath(folder)
     images = os.path.join(folder, "images")
     kinds = tuple(kinds)
-    train_path, train_keys = _write_split(folder, "train", train, seed, kinds, turns, image_format, quality, set())
-    heldout_path, _ = _write_split(folder, "heldout", heldout, seed, kinds, 1, image_format, quality, train_keys)
+    train_path, train_keys = _write_split(folder, "train", train, seed, kinds, turns, image_format, quality, set(),
+                                          shapes)
+    heldout_path, _ = _write_split(folder, "heldout", heldout, seed, kinds, 1, image_format, quality, train_keys,
+                                    shapes)
     paths = DemoPaths(folder, os.path.join(folder, "meta.json"), os.path.join(folder, "heldout_meta.json"),
                       train_path, heldout_path, images)
     _write_meta(paths.meta, "demo_train", images, train_path, train)

@@ -41,12 +41,16 @@ def preference_records(annotation: str, seed: int) -> list[dict]:
 
 
 def write_preference_set(folder: str, *, train: int = TRAIN_IMAGES, heldout: int = HELDOUT_IMAGES,
-                         seed: int = 0) -> tuple[str, str]:
-    """The demo images and questions in ``folder`` (train.demo_data) and their preference pairs; returns the
-    (training, held-out) meta JSON paths of the pairs."""
-    from .demo_data import write_demo_dataset
+                         seed: int = 0, kinds: tuple[str, ...] | None = None,
+                         shapes: tuple[int, int] | None = None) -> tuple[str, str]:
+    """The demo images and questions in ``folder`` (train.demo_data; ``kinds``: the question kinds asked, default
+    all; ``shapes``: the (fewest, most) shapes per image, default the demo's) and their preference pairs; returns
+    the (training, held-out) meta JSON paths of the pairs. The SFT form of the same questions stays in ``folder``
+    (``meta.json``, ``heldout_meta.json``)."""
+    from .demo_data import QUESTION_KINDS, SHAPE_COUNTS, write_demo_dataset
 
-    paths = write_demo_dataset(folder, train=train, heldout=heldout, seed=seed)
+    paths = write_demo_dataset(folder, train=train, heldout=heldout, seed=seed, kinds=kinds or QUESTION_KINDS,
+                               shapes=shapes or SHAPE_COUNTS)
     metas = []
     for split, meta in (("train", paths.meta), ("heldout", paths.heldout_meta)):
         with open(meta) as f:
