@@ -118,8 +118,8 @@ class Dense(nn.Module):
             keep = 1.0 - adapter.dropout
             mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
             x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-        delta = lora_rules.low_rank(x, a, b, len(in_shape), adapter.split, self.dtype)
-        return (y.astype(jnp.float32) + adapter.scale * delta).astype(y.dtype)
+        delta = lora_rules.low_rank(x, a, b, len(in_shape), adapter.split, self.dtype, adapter.scale)
+        return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 
 class Norm(nn.Module):

@@ -147,22 +147,29 @@ def shapes_and_axes(in_shape: tuple, features: tuple, in_axes: tuple, out_axes: 
     return (*in_shape, r), (*in_axes, RANK_AXIS), (r, *features), (RANK_AXIS, *out_axes)
 
 
-def low_rank(x, a, b, n_in: int, split: bool, dtype):
-    """The adapter's product (unscaled): x [..., *in] . A . B -> [..., *features] in float32.
+def low_rank(x, a, b, n_in: int, split: bool, dtype, scale: float = 1.0):
+    """The adapter's product: scale * x [..., *in] . A . B -> [..., *features] in float32.
 
     A, B as :func:`shapes_and_axes`; both cast to ``dtype`` (the compute dtype), products accumulate in float32.
-    The [..., r] intermediate is all that is added to the activations (no [in, out] matrix is formed).
+    The [..., r] intermediate is all that is added to the activations (no [in, out] matrix is formed); the scale
+    multiplies it, not the wider product. Both products run on 2-D views, every leading axis flattened into one
+    token axis N and the kernel's input axes into one, so their gradients are plain matrix products as well: left
+    N-d, B's gradient contracts two token axes, and XLA's CPU backend copies the output's cotangent transposed
+    for it, which made the LoRA step slower than full fine-tuning (``bench/lora.py``).
     """
     x, a, b = x.astype(dtype), a.astype(dtype), b.astype(dtype)
-    lead = x.ndim - n_in
-    contract = (tuple(range(lead, x.ndim)), tuple(range(n_in)))
-    xa = jax.lax.dot_general(x, a, (contract, ((), ())), preferred_element_type=jnp.float32).astype(dtype)
-    if not split:  # xa [..., r] . B [r, *features]
-        return jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    # xa [..., P, r] . B [P, r, *rest]: P is a batch dimension (each part its own adapter), put back after the lead
-    y = jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (1,)), ((xa.ndim - 2,), (0,))),
-                            preferred_element_type=jnp.float32)  # [P, ..., *rest]
-    return jnp.moveaxis(y, 0, lead)
+    lead = x.shape[:x.ndim - n_in]
+    x2 = x.reshape(math.prod(lead), -1)  # [N, I]
+    if not split:  # [N, r] . B [r, O]
+        xa = jnp.dot(x2, a.reshape(x2.shape[1], -1), preferred_element_type=jnp.float32)
+        y = jnp.dot((xa * scale).astype(dtype), b.reshape(b.shape[0], -1), preferred_element_type=jnp.float32)
+        return y.reshape(*lead, *b.shape[1:])
+    # split: [N, P, r] . B [P, r, K], P a batch dimension (each part its own adapter)
+    p, r = a.shape[-2:]
+    xa = jnp.dot(x2, a.reshape(x2.shape[1], p * r), preferred_element_type=jnp.float32).reshape(-1, p, r)
+    y = jnp.einsum("npr,prk->npk", (xa * scale).astype(dtype), b.reshape(p, r, -1),
+                   preferred_element_type=jnp.float32)
+    return y.reshape(*lead, p, *b.shape[2:])
 
 
 def delta_kernel(a, b, split: bool):

@@ -29,7 +29,8 @@ from sharding.topology import Step
 from .loss import IGNORE, token_losses
 from .preference import MPOConfig, Shift, objective, sequence_logps
 from .state import TrainState, abstract_state
-from .step import _micro_batches, abstract_batch, accumulated_grads, apply_gradients, batch_shardings, frozen_cut
+from .step import (_micro_batches, abstract_batch, accumulated_grads, apply_gradients, batch_shardings, frozen_cut,
+                   uses_dropout)
 
 TERM_METRICS = ("chosen_reward", "rejected_reward", "margin", "accuracy", "shift", "nll", "pairs")
 
@@ -103,7 +104,7 @@ def preference_loss(model: InternVL, mpo: MPOConfig, params, batch: dict, ref_pa
 
 def make_preference_step(model: InternVL, tx: optax.GradientTransformation, mpo: MPOConfig,
                          lr_fn: Callable | None = None, *, trainable=None, grad_view: Callable | None = None,
-                         accum_steps: int = 1, vocab_chunk: int | None = 1024, drop_path: bool = False) -> Callable:
+                         accum_steps: int = 1, vocab_chunk: int | None = 1024, dropout: bool = False) -> Callable:
     """``step(state: PreferenceState, batch, ref_params=None) -> (state, metrics)`` (pure; jit it, donating the
     state). ``ref_params`` None: the reference log-probs are the batch's ``ref_logps``.
 
@@ -119,7 +120,7 @@ def make_preference_step(model: InternVL, tx: optax.GradientTransformation, mpo:
         rng, step_rng = jax.random.split(state.rng)
 
         def loss_fn(params, mb, i, shift):
-            key = jax.random.fold_in(step_rng, i) if drop_path else None
+            key = jax.random.fold_in(step_rng, i) if dropout else None
             loss, shift, sums = preference_loss(model, mpo, frozen_cut(params, trainable), mb, ref_params, shift,
                                                 pairs_total=pairs_total, tokens_total=tokens_total, rng=key,
                                                 vocab_chunk=vocab_chunk)
@@ -152,7 +153,7 @@ def preference_step_spec(config, mesh, rules, tx: optax.GradientTransformation, 
     batch = abstract_preference_batch(config, rows, seq_len, tiles, mpo.max_pairs)
     fn = make_preference_step(InternVL(config), tx, mpo, lr_fn, trainable=trainable, grad_view=grad_view,
                               accum_steps=accum_steps, vocab_chunk=vocab_chunk,
-                              drop_path=config.vision.drop_path_rate > 0)
+                              dropout=uses_dropout(config))
     state_sh = shardings(state, mesh, rules)
     rep = NamedSharding(mesh, PartitionSpec())
     args, arg_sh = (nn.unbox(state), batch), (state_sh, batch_shardings(batch, mesh, get_rules(rules)))

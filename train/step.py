@@ -11,7 +11,7 @@
   ViT costs no backward), and the optimizer holds no state for them (``train.optim``);
 - a non-finite loss or gradient norm leaves params and optimizer state as they were (the step counter still
   advances and ``skipped`` counts it);
-- drop path draws from the state's rng, split once per step and folded per micro-batch.
+- drop path and LoRA dropout draw from the state's rng, split once per step and folded per micro-batch.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from internvl_jax import lora
 from internvl_jax.layers import constrain
 from internvl_jax.model import InternVL, abstract_params
 from sharding.place import batch_spec, shardings
@@ -134,17 +135,25 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
     return new, grad_norm, finite
 
 
+def uses_dropout(config) -> bool:
+    """Whether the model draws dropout masks when trained: ViT drop path, or a LoRA rule with dropout (the step
+    then passes it a dropout rng)."""
+    return config.vision.drop_path_rate > 0 or any(
+        adapter is not None and adapter.dropout > 0 for _, adapter in lora.compile_rules(config.lora))
+
+
 def make_train_step(model: InternVL, tx: optax.GradientTransformation, lr_fn: Callable | None = None, *,
                     trainable=None, grad_view: Callable | None = None, accum_steps: int = 1,
-                    vocab_chunk: int | None = 1024, drop_path: bool = False) -> Callable:
+                    vocab_chunk: int | None = 1024, dropout: bool = False) -> Callable:
     """``step(state: TrainState, batch) -> (state, metrics)`` (pure; jit it, donating the state).
 
     trainable: bool tree like the params (None: all); grad_view: grads -> the gradients the optimizer clips
     (``train.optim.trainable_grads``: frozen slices of partly frozen stacks zeroed), whose norm is reported;
     lr_fn: step -> learning rate, for the metrics;
-    drop_path: pass a dropout rng to the model (its ``drop_path_rate`` > 0). metrics: float32 scalars ``loss``,
-    ``grad_norm`` (of the trainable gradients, before clipping), ``lr``, ``weight_sum`` (global sum of the loss
-    weights), ``tokens`` (supervised positions), ``finite`` (1.0 when the update was applied).
+    dropout: pass a dropout rng to the model (:func:`uses_dropout`: ViT drop path, LoRA dropout).
+    metrics: float32 scalars ``loss``, ``grad_norm`` (of the trainable gradients, before clipping), ``lr``,
+    ``weight_sum`` (global sum of the loss weights), ``tokens`` (supervised positions), ``finite`` (1.0 when the
+    update was applied).
     """
     def step(state: TrainState, batch: dict):
         weight_sum = jnp.sum(batch["loss_weights"].astype(jnp.float32))
@@ -152,7 +161,7 @@ def make_train_step(model: InternVL, tx: optax.GradientTransformation, lr_fn: Ca
         rng, step_rng = jax.random.split(state.rng)
 
         def loss_fn(params, mb, i, carry):
-            key = jax.random.fold_in(step_rng, i) if drop_path else None
+            key = jax.random.fold_in(step_rng, i) if dropout else None
             return loss_sum(model, frozen_cut(params, trainable), mb, key, vocab_chunk=vocab_chunk) / denominator, \
                 (carry, {})
 
@@ -176,7 +185,7 @@ def train_step_spec(config, mesh, rules, tx: optax.GradientTransformation, *, ro
     state = abstract_state(boxed, tx)
     batch = abstract_batch(config, rows, seq_len, tiles, float_positions=config.v2pe_stride is not None)
     fn = make_train_step(InternVL(config), tx, lr_fn, trainable=trainable, grad_view=grad_view,
-                         accum_steps=accum_steps, vocab_chunk=vocab_chunk, drop_path=config.vision.drop_path_rate > 0)
+                         accum_steps=accum_steps, vocab_chunk=vocab_chunk, dropout=uses_dropout(config))
     state_sh = shardings(state, mesh, rules)
     rep = NamedSharding(mesh, PartitionSpec())
     metrics_sh = {k: rep for k in ("loss", "grad_norm", "weight_sum", "tokens", "finite", "lr")}

@@ -38,7 +38,7 @@ from .inputs import Inputs, build_inputs
 from .preference_step import PreferenceState, abstract_preference_state, make_preference_step, preference_loss
 from .reference_logps import check_reference, reference_table
 from .state import TrainState, abstract_state
-from .step import batch_shardings, loss_sum, make_train_step
+from .step import batch_shardings, loss_sum, make_train_step, uses_dropout
 
 log = main_process_logger("internvl_jax.train")
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
         log.info("resumed from step %d of %s", resumed, checkpoints.directory)
     step_options = dict(trainable=trainable, grad_view=lambda g: optim.trainable_grads(ocfg, g, g),
                         accum_steps=cfg.accum_steps, vocab_chunk=cfg.vocab_chunk or None,
-                        drop_path=config.vision.drop_path_rate > 0 or (use_lora and _lora_dropout(config)))
+                        dropout=uses_dropout(config))
     if mpo:
         step_fn = make_preference_step(model, tx, cfg.mpo, lr_fn, **step_options)
     else:
@@ -395,11 +395,6 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
                          base_model=cfg.init or None)
             log.info("LoRA adapter (PEFT format) in %s", os.path.join(cfg.workdir, "adapter"))
     return RunResult(state, model, inputs, records, resumed, ref_params)
-
-
-def _lora_dropout(config) -> bool:
-    """Whether any LoRA rule has dropout (the step then passes a dropout rng)."""
-    return any(adapter is not None and adapter.dropout > 0 for _, adapter in lora.compile_rules(config.lora))
 
 
 def export(params, config, dst: str, layout: str, inputs: Inputs) -> None:
