@@ -38,7 +38,7 @@ from train.trainer import _mesh, evaluate_preference, train
 
 THRESHOLD = 0.95  # held-out preference accuracy after MPO (the issue's)
 TRAIN, HELDOUT = 400, 96  # images (one question each)
-SFT_STEPS, MPO_STEPS = 12, 30
+SFT_STEPS, MPO_STEPS = 12, 30  # 20 MPO steps leave seed 1 at 0.93
 SEED = 0  # data, init and shuffling
 COMMON = ("setup=", "progress=false", "save_every=1000", "log_every=1000", "data.rows=8",
           "data.max_tokens=256", "export=original")
@@ -56,7 +56,8 @@ def data(tmp_path_factory):
 def _sft(data, workdir):
     cfg = apply_overrides(load_train_config("demo"), [
         f"workdir={workdir}", f"data.meta={data['folder']}/meta.json", "data.eval_samples=0",  # evaluated below
-        f"data.eval_meta={data['folder']}/heldout_meta.json", f"tokenizer={data['tokenizer']}", f"steps={SFT_STEPS}", f"seed={SEED}", *COMMON])
+        f"data.eval_meta={data['folder']}/heldout_meta.json", f"tokenizer={data['tokenizer']}", f"steps={SFT_STEPS}",
+        f"seed={SEED}", *COMMON])
     train(cfg)
     return cfg, os.path.join(workdir, "export")
 
