@@ -31,7 +31,7 @@ import sharding
 from internvl_jax import lora
 from internvl_jax.model import abstract_params
 from internvl_jax.presets import get_preset
-from sharding.plan import Optimizer, _smallest, estimate, target_config, train_step
+from sharding.plan import Optimizer, _smallest, estimate, plan, target_config, train_step, with_lora
 from sharding.rules import get_rules
 from sharding.topology import parse_slice
 from train import optim
@@ -41,19 +41,16 @@ bench_step = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_step)
 
 RANK = 16
-LORA_LR_RULES = ((r"/lora_[ab]$", 1.0), (r"^vision/", 0.0), (r"^language_model/", 0.0))  # projector trains
 
 
-def lora_config(config, rank: int = RANK):
-    """``config`` with the original's ViT and LLM target sets at ``rank`` (alpha 2r, dropout 0.05)."""
-    return config.replace(lora=lora.preset_rules("vit,llm", rank))
-
-
-def trainer_optimizer(config, lr_rules: tuple, name: str) -> Optimizer:
-    """The trainer's AdamW (``train.optim.build_optimizer``) with these lr rules, as a planner ``Optimizer``."""
-    ocfg = optim.OptimConfig(lr_rules=lr_rules)
+def variants(config) -> tuple:
+    """(name, config, Optimizer) of full fine-tuning (the trainer's AdamW, everything trains) and of LoRA r=16 on
+    the ViT and the LLM (``sharding.plan.with_lora``: the original's targets, alpha 2r, dropout 0.05, projector
+    trained, base frozen), as ``internvl-jax plan [--lora 16]`` builds them."""
     params = abstract_params(config)
-    return Optimizer(name, optim.build_optimizer(ocfg, params, 1000), optim.trainable_mask(ocfg, params))
+    ocfg = optim.OptimConfig()
+    full = Optimizer("full", optim.build_optimizer(ocfg, params, 1000), optim.trainable_mask(ocfg, params))
+    return ("full", config, full), (f"LoRA r={RANK}", *with_lora(config, RANK))
 
 
 def small_config(hidden: int, layers: int):
@@ -71,8 +68,7 @@ def cpu_part(args) -> None:
     mesh = sharding.make_mesh(1, 1, 1)
     seq_len = args.tiles * config.tokens_per_tile + args.text_tokens
     results = {}
-    for name, cfg, rules in (("full", config, ()), (f"LoRA r={RANK}", lora_config(config), LORA_LR_RULES)):
-        opt = trainer_optimizer(cfg, rules, name)
+    for name, cfg, opt in variants(config):
         step = train_step(cfg, mesh, "fsdp", rows=args.rows, seq_len=seq_len, tiles=args.tiles, optimizer=opt)
         compiled, stats = step.compile(mesh, "fsdp")
         seconds = bench_step.timed(compiled, bench_step.random_inputs(step, cfg, mesh, "fsdp"), args.repeats, True)
@@ -88,30 +84,29 @@ def cpu_part(args) -> None:
           f"{args.tiles} tiles)")
 
 
+MESHES_8B = ({"data": 1, "fsdp": 16, "tensor": 1}, {"data": 1, "fsdp": 1, "tensor": 1})  # the same for both
+
+
 def plan_part(args) -> None:
     table = get_rules("fsdp")
-    seq_len = 4096
+    seq_len, tiles = 4096, 6
     for preset in ("InternVL2_5-8B", "InternVL2_5-78B"):
-        full_cfg = target_config(preset, dtype="bfloat16", remat="full")
-        variants = (("full", full_cfg, trainer_optimizer(full_cfg, (), "full")),
-                    (f"LoRA r={RANK}", lora_config(full_cfg),
-                     trainer_optimizer(lora_config(full_cfg), LORA_LR_RULES, "lora")))
-        tiles = 6
-        if preset == "InternVL2_5-8B":
-            sizes = {"data": 1, "fsdp": 16, "tensor": 1}  # the same mesh for both
+        both = variants(target_config(preset, dtype="bfloat16", remat="full"))
+        for sizes in MESHES_8B if preset == "InternVL2_5-8B" else ():
+            rows = sizes["fsdp"]
             est = {}
-            for name, cfg, opt in variants:
-                e = estimate(cfg, sizes, table, rows=16, seq_len=seq_len, tiles=tiles, optimizer=opt)
-                est[name] = e
-                print(f"{preset} {name} on mesh {sizes} (16 rows x {seq_len}): per device {e.train / 2**30:.2f} GiB "
-                      f"(params {e.params / 2**30:.2f}, grads {e.grads / 2**30:.3f}, optimizer "
+            for name, cfg, opt in both:
+                e = est[name] = estimate(cfg, sizes, table, rows=rows, seq_len=seq_len, tiles=tiles, optimizer=opt)
+                print(f"{preset} {name} on mesh {sizes} ({rows} rows x {seq_len}): per device {e.train / 2**30:.2f} "
+                      f"GiB (params {e.params / 2**30:.2f}, grads {e.grads / 2**30:.3f}, optimizer "
                       f"{e.opt_state / 2**30:.3f}, activations {e.activations / 2**30:.2f})")
             full, low = est.values()
-            print(f"{preset}: LoRA / full per-device bytes {low.train / full.train:.2f}x "
-                  f"(params+grads+optimizer {(low.params + low.grads + low.opt_state) / (full.params + full.grads + full.opt_state):.2f}x)")
+            state = lambda e: e.params + e.grads + e.opt_state  # noqa: E731
+            print(f"{preset} on mesh {sizes}: LoRA / full per-device bytes {low.train / full.train:.2f}x "
+                  f"(params+grads+optimizer {state(low) / state(full):.2f}x)")
         for chip in ("v5e-1", "v5p-2"):
             target = parse_slice(chip).chip
-            for name, cfg, opt in variants:
+            for name, cfg, opt in both:
                 boxed = abstract_params(cfg, boxed=True)
                 found = _smallest(cfg, target, table, None, 1, seq_len, tiles, opt, boxed)
                 if found is None:
@@ -120,6 +115,21 @@ def plan_part(args) -> None:
                 sl, sizes, e = found
                 print(f"{preset} {name}: smallest {target.name} slice {sl.name} (mesh {sizes}), "
                       f"{e.train / 2**30:.2f} GiB per device of {target.memory / 2**30:.0f}")
+
+
+def compile_part(chips: str) -> None:
+    """The InternVL2.5-8B train step, full and LoRA, compiled ahead of time for ``chips`` (``internvl-jax plan
+    InternVL2_5-8B --chips CHIPS --seq-len 4096 [--lora 16]``): exact per-device bytes and their ratio."""
+    totals = []
+    for rank in (0, RANK):
+        p = plan("InternVL2_5-8B", chips=chips, seq_len=4096, tiles=6, lora=rank)
+        c = p.compiled
+        totals.append(c.total)
+        print(f"InternVL2_5-8B {'LoRA r=%d' % rank if rank else 'full'} compiled for {chips} (mesh {p.mesh}, "
+              f"{p.rows} rows x 4096): {c.total / 2**30:.2f} GiB per device (arguments {c.argument_bytes / 2**30:.2f}, "
+              f"temporaries {c.temp_bytes / 2**30:.2f}; estimate {p.estimate.train / 2**30:.2f}), "
+              f"compile {p.compile_seconds:.0f} s", flush=True)
+    print(f"InternVL2_5-8B on {chips}: LoRA / full compiled per-device bytes {totals[1] / totals[0]:.2f}x")
 
 
 def main():
@@ -132,11 +142,16 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-plan", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--compile", nargs="*", metavar="CHIPS", default=None,
+                   help="also compile the 8B steps ahead of time for these v5p slices (default v5p-32 and v5p-2: "
+                        "the two meshes above; minutes each, needs libtpu)")
     args = p.parse_args()
     if not args.skip_cpu:
         cpu_part(args)
     if not args.skip_plan:
         plan_part(args)
+    for chips in (args.compile or ["v5p-32", "v5p-2"]) if args.compile is not None else ():
+        compile_part(chips)
 
 
 if __name__ == "__main__":

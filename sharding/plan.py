@@ -15,7 +15,8 @@ nothing allocated). Activations are an estimate, per device:
   values); ``none`` every intermediate (norms, softmax, the MLP product);
 - plus the working set of the backward pass of one layer (all of its intermediates and as many cotangents), for
   the larger of the LLM and the ViT, the float32 logits three times (logits, log-probabilities, their cotangent)
-  and the input batch;
+  of one chunk of the loss (``vocab_chunk`` positions of every row, the train step's 1024 by default) and the
+  input batch;
 - each term divided by the mesh axes its logical axes map to (``batch`` and, under ``fsdp_tp``, heads / MLP /
   vocab over ``tensor``). Attention scores are counted as the batched implementation materialises them
   ([rows, heads, L, L] float32); a fused (splash) kernel would not.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -84,6 +86,24 @@ def make_optimizer(config, optimizer: str = "adamw", stage: str | None = None) -
     ocfg = optim_config(load_train_config(stage), config)
     params = abstract_params(config)
     return Optimizer(f"adamw of stage {stage}", build_optimizer(ocfg, params, 1000), trainable_mask(ocfg, params))
+
+
+def with_lora(config, rank: int, stage: str | None = None):
+    """``config`` with the adapters of ``internvl-jax train STAGE lora.rank=RANK`` and that run's optimizer
+    (adapters and the stage's other trained params train; the towers under adapters are frozen: no gradient, no
+    optimizer state). Without ``stage``: LoRA on the ViT and the LLM with the projector trained (the original's
+    ``use_backbone_lora`` + ``use_llm_lora``). Returns ``(config, Optimizer)``."""
+    from train.config import LoraConfig, TrainConfig, load_train_config, lora_rules, optim_config
+    from train.optim import build_optimizer, trainable_mask
+
+    base = load_train_config(stage) if stage else TrainConfig(name="vit+llm")
+    cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank))
+    config = config.replace(lora=lora_rules(cfg))
+    ocfg = optim_config(cfg, config)
+    params = abstract_params(config)
+    name = f"adamw, LoRA r={rank} on {stage or 'the ViT and the LLM'}"
+    return config, Optimizer(name, build_optimizer(ocfg, params, 1000), trainable_mask(ocfg, params))
+
 
 REMATS = ("full", "dots_no_batch", "dots", "none")  # most to least recomputation (internvl_jax.layers.REMAT_POLICIES)
 _PROJ = {"none", "dots", "dots_no_batch"}  # policies that keep projection (matmul without batch dims) outputs
@@ -307,11 +327,13 @@ def program_flops(step: Step) -> float:
 
 
 def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, seq_len: int, tiles: int,
-             optimizer: str | Optimizer = "adamw", mpo: str | None = None) -> Estimate:
+             optimizer: str | Optimizer = "adamw", mpo: str | None = None,
+             vocab_chunk: int | None = 1024) -> Estimate:
     """Per-device bytes of training and inference for ``config`` (its dtype and remat) on a mesh of ``sizes``
     with ``rows`` global rows of ``seq_len`` tokens and ``tiles`` image tiles each; ``mpo="copy"`` adds the
-    frozen reference's params (sharded like the policy's). Raises :class:`~sharding.ShardingError` when the mesh
-    does not divide a parameter or the batch."""
+    frozen reference's params (sharded like the policy's); ``vocab_chunk``: the positions whose logits the loss
+    makes at once (the train step's default; None: the whole row). Raises :class:`~sharding.ShardingError` when
+    the mesh does not divide a parameter or the batch."""
     rules = get_rules(rules)
     boxed = _boxed_params(config)
     _check_divides(boxed, rules, sizes)
@@ -333,7 +355,8 @@ def estimate(config, sizes: dict[str, int], rules: str | Rules, *, rows: int, se
     vit_kept, vit_work = (0, 0) if not tiles else _stack_bytes(
         _vit_terms(v, vit_tokens), config.vision_layers_used, rows * tiles * vit_tokens, item, config.remat, rules,
         sizes)
-    logits = 3 * rows * seq_len * t.vocab_size * 4 // _divisor(("batch", "length", "vocab"), rules, sizes)
+    logit_positions = seq_len if vocab_chunk is None else min(seq_len, vocab_chunk)
+    logits = 3 * rows * logit_positions * t.vocab_size * 4 // _divisor(("batch", "length", "vocab"), rules, sizes)
     batch = abstract_batch(config, rows, seq_len, tiles)
     inputs = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values()) // shards
     cache = tree_bytes_per_device(abstract_cache(config, rows, seq_len), rules, sizes)
@@ -492,7 +515,7 @@ def _no_progress(message: str) -> contextlib.AbstractContextManager:
 def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rules: str = "fsdp",
          seq_len: int = 2048, batch: int | None = None, tiles: int | None = None, remat: str = "full",
          dtype: str = "bfloat16", optimizer: str = "adamw", step_time: float | None = None,
-         compile: bool = True, stage: str | None = None, mpo: str | None = None,
+         compile: bool = True, stage: str | None = None, mpo: str | None = None, lora: int = 0,
          progress: Callable[[str], contextlib.AbstractContextManager] | None = None) -> Plan:
     """Plan training (and inference) of ``preset`` on the slice ``chips`` (e.g. ``v5p-64``, ``v5p:4x4x2``,
     ``v5e-16``, ``h100-8``; see :mod:`sharding.topology`).
@@ -504,6 +527,8 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
     ``progress(message)``, a context manager, is entered around that compile (minutes for a large model: the
     command line shows the message and the elapsed time). mpo: "copy" | "file" plans the MPO step (one pair per
     row: ``seq_len`` holds its chosen and rejected sequences) with a frozen reference copy or stored log-probs.
+    lora: a rank > 0 plans LoRA fine-tuning (:func:`with_lora`: on the towers ``stage`` trains, or the ViT and
+    the LLM).
     """
     if mpo not in (None, "copy", "file"):
         raise ValueError(f"mpo is {mpo!r}: expected copy or file")
@@ -518,7 +543,12 @@ def plan(preset: str, chips: str = "v5p-64", mesh: str | dict | None = None, rul
     target = parse_slice(chips)
     table = get_rules(rules)
     config = target_config(preset, dtype=dtype, remat=remat, platform=target.chip.platform)
-    optimizer = make_optimizer(config, optimizer, stage)
+    if lora < 0:
+        raise ValueError(f"lora is {lora}: expected a rank > 0, or 0 for none")
+    if lora:
+        config, optimizer = with_lora(config, lora, stage)
+    else:
+        optimizer = make_optimizer(config, optimizer, stage)
     boxed = _boxed_params(config)
     sizes = parse_mesh(mesh, target.chips, boxed, table)
     shards = _divisor(("batch",), table, sizes)
@@ -572,6 +602,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mpo", default=None, choices=["copy", "file"],
                    help="plan the MPO step (a pair per row) with a frozen reference copy, or reference log-probs "
                         "from a pre-pass file")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="plan LoRA fine-tuning at this rank: adapters on the towers --stage trains (default: the ViT "
+                        "and the LLM, projector trained), their base weights frozen")
     p.add_argument("--step-time", type=float, default=None, help="target seconds per step: prints the MFU it needs")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="estimate only (TPU slices otherwise compile the train step ahead of time)")
@@ -583,5 +616,6 @@ def run(args) -> None:
     """Print the plan of parsed ``plan`` arguments (the compile's progress on stderr)."""
     result = plan(args.preset, chips=args.chips, mesh=args.mesh, rules=args.rules, seq_len=args.seq_len,
                   batch=args.batch, tiles=args.tiles, remat=args.remat, dtype=args.dtype, optimizer=args.optimizer,
-                  stage=args.stage, step_time=args.step_time, compile=args.compile, mpo=args.mpo, progress=Working)
+                  stage=args.stage, step_time=args.step_time, compile=args.compile, mpo=args.mpo, lora=args.lora,
+                  progress=Working)
     print("\n".join(result.lines()))

@@ -104,3 +104,26 @@ def test_command_line(capsys):
                      (["--mesh", "1,8,1", "--rules", "fsdp_tp", "--chips", "h100-16"], "needs 8 devices")]:
         with pytest.raises(ValueError, match=msg):
             P.run(parser.parse_args(["plan", "tiny-qwen2", *bad]))
+
+
+def test_lora_plan_keeps_gradients_and_moments_for_the_adapters_and_the_projector_only():
+    """``plan(..., lora=r)`` / ``--lora r``: the adapters of ``train ... lora.rank=r`` on the ViT and the LLM;
+    gradients and Adam moments exist for the adapters and the projector alone (counted on one device); the
+    activations are the full fine-tuning's."""
+    parser = argparse.ArgumentParser()
+    P.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["plan", "tiny-qwen2", "--chips", "h100-1", "--seq-len", "32", "--dtype", "float32",
+                              "--lora", "4"])
+    kw = dict(chips=args.chips, seq_len=args.seq_len, dtype=args.dtype)
+    low, full = P.plan("tiny-qwen2", lora=args.lora, **kw), P.plan("tiny-qwen2", **kw)
+    config, opt = P.with_lora(CONFIG, 4)
+    flat = jax.tree_util.tree_flatten_with_path(P.abstract_params(config))[0]
+    trained = {jax.tree_util.keystr(p): x.size for (p, x), t in zip(flat, jax.tree_util.tree_leaves(opt.trainable))
+               if t}
+    assert trained and all("lora_" in p or "projector" in p for p in trained)
+    assert any("vision" in p for p in trained) and any("language_model" in p for p in trained)
+    n = sum(trained.values())
+    assert low.estimate.grads == 4 * n < full.estimate.grads
+    assert 8 * n <= low.estimate.opt_state < 8 * n + 64  # two float32 moments, plus step counts
+    assert low.estimate.activations == full.estimate.activations
+    assert "LoRA r=4 on the ViT and the LLM" in low.lines()[0]
