@@ -321,16 +321,27 @@ def load_adapter(path: str, config: InternVLConfig) -> tuple[InternVLConfig, dic
 def load_with_adapter(base: str, adapter: str, *, dtype=None, merge: bool = False, mesh=None, rules="fsdp"):
     """(model, params) of a base checkpoint (either safetensors layout or a ``convert`` folder) with a PEFT adapter
     on it: unmerged (the low-rank path runs in each layer; no merge needed to evaluate) or ``merge``d into the
-    kernels (the plain model, as fast as the base)."""
+    kernels (the plain model, as fast as the base). On a ``mesh`` the base loads sharded by ``rules`` and the
+    adapters go where the same rules put them (their logical axes); merged kernels keep their kernel's sharding."""
     import jax.numpy as jnp
 
     from internvl_jax.model import InternVL
+    from sharding.place import shardings
 
     from .load import load_pretrained
 
     model, params = load_pretrained(base, dtype=jnp.float32 if dtype is None else dtype, mesh=mesh, rules=rules)
     config, adapters = load_adapter(adapter, model.config)
-    params = lora.combine(params, jax.tree.map(jnp.asarray, adapters))
+    if mesh is None:
+        adapters = jax.tree.map(jnp.asarray, adapters)
+    else:
+        boxed = lora.adapters_of(abstract_params(config, boxed=True))
+        adapters = jax.device_put(adapters, shardings(boxed, mesh, rules))
+    params = lora.combine(params, adapters)
     if merge:
-        return InternVL(config.replace(lora=())), lora.merge(params, config.lora)
+        merged = lora.merge(params, config.lora)
+        if mesh is not None:
+            merged = jax.tree.map(lambda m, p: jax.device_put(m, p.sharding), merged,
+                                  lora.partition(params, lambda path: not lora.is_adapter_path(path))[0])
+        return InternVL(config.replace(lora=())), merged
     return InternVL(config), params

@@ -28,7 +28,7 @@ from convert.export import export_checkpoint
 from convert.load import load_pretrained
 from convert.peft import from_peft_tensors, load_adapter, load_with_adapter, save_adapter, to_peft_tensors
 from internvl_jax import lora
-from internvl_jax.model import InternVL, _dummy_inputs
+from internvl_jax.model import InternVL, _dummy_inputs, abstract_params
 from reference import image_batch, max_diff, tiny_internvl
 from train import optim
 from train.loss import IGNORE
@@ -170,12 +170,11 @@ def _dig(tree, path):
     return tree
 
 
-def test_fused_qkv_adapter_exports_to_peft_and_merged_safetensors(setup):
-    """The original's target set (one adapter on the ViT's fused qkv) with random B: the PEFT export (q/k/v sharing
-    A) in PEFT, the merged hf-layout export in transformers, and ours unmerged give the same logits."""
-    from transformers import InternVLForConditionalGeneration
-
-    folder, config, base, (ids, torch_pixels, pixels, mask) = setup
+@pytest.fixture(scope="module")
+def fused_adapter(setup):
+    """The original's target set (one adapter on the ViT's fused qkv, the LLM's projections) with random B, saved
+    in PEFT's format to ``<folder>/fused``: (config, adapters, base + adapters)."""
+    folder, config, base, _ = setup
     fused = config.replace(lora=lora.preset_rules("vit,llm", R, alpha=ALPHA))
     init = jax.jit(lambda k: lora.adapters_of(nn.unbox(InternVL(fused).init(k, *_dummy_inputs(fused))["params"])))(
         jax.random.PRNGKey(7))
@@ -184,12 +183,22 @@ def test_fused_qkv_adapter_exports_to_peft_and_merged_safetensors(setup):
         lambda p, x: 0.2 * jax.random.normal(jax.random.fold_in(key, len(jax.tree_util.keystr(p))), x.shape)
         if p[-1].key == "lora_b" else x, init)
     params = lora.combine(base, adapters)
+    save_adapter(params, fused, str(folder / "fused"))
+    return fused, adapters, params
+
+
+def test_fused_qkv_adapter_exports_to_peft_and_merged_safetensors(setup, fused_adapter):
+    """The original's target set (one adapter on the ViT's fused qkv) with random B: the PEFT export (q/k/v sharing
+    A) in PEFT, the merged hf-layout export in transformers, and ours unmerged give the same logits."""
+    from transformers import InternVLForConditionalGeneration
+
+    folder, config, base, (ids, torch_pixels, pixels, mask) = setup
+    fused, adapters, params = fused_adapter
     ours = _ours_logits(fused, params, ids, pixels, mask)
 
     tensors, _ = to_peft_tensors(params, fused)
     a = [tensors[f"base_model.model.model.vision_tower.encoder.layer.0.attention.{p}_proj.lora_A.weight"] for p in "qkv"]
     assert np.array_equal(a[0], a[1]) and np.array_equal(a[0], a[2])
-    save_adapter(params, fused, str(folder / "fused"))
     peft = _peft_model(folder, folder / "fused")
     print(f"fused qkv: ours -> PEFT logits {max_diff(_torch_logits(peft, ids, torch_pixels), ours):.2e}")
     assert max_diff(_torch_logits(peft, ids, torch_pixels), ours) <= TOL_LOGITS
@@ -212,3 +221,31 @@ def test_fused_qkv_adapter_exports_to_peft_and_merged_safetensors(setup):
     assert not model.config.lora
     for path, x in jax.tree_util.tree_flatten_with_path(merged)[0]:
         np.testing.assert_allclose(np.asarray(_dig(merged_again, path)), np.asarray(x), rtol=0, atol=TOL_MERGE)
+
+
+def test_generate_with_an_adapter_unmerged_and_merged_on_a_mesh(setup, fused_adapter):
+    """``load_with_adapter(mesh=)``, the serving path of ``chat --adapter [--merge]`` on 8 devices: every adapter in
+    the sharding the fsdp rules give its logical axes, merged kernels in their kernel's; greedy generation with the
+    adapters unmerged, merged, and unmerged on the host gives the same tokens."""
+    import sharding
+    from internvl_jax.generate import generate
+
+    folder, _, _, (ids, _, pixels, mask) = setup
+    mesh = sharding.make_mesh(1, 8, 1)
+    args = (str(folder / "base"), str(folder / "fused"))
+    model, unmerged = load_with_adapter(*args, mesh=mesh)
+    want = sharding.shardings(lora.adapters_of(abstract_params(model.config, boxed=True)), mesh, "fsdp")
+    placed = jax.tree_util.tree_leaves(lora.adapters_of(unmerged))
+    assert len(placed) == len(jax.tree_util.tree_leaves(want)) > 0
+    for x, s in zip(placed, jax.tree_util.tree_leaves(want)):
+        assert x.sharding.is_equivalent_to(s, x.ndim)
+    assert any(not x.sharding.is_fully_replicated for x in placed)
+    merged_model, merged = load_with_adapter(*args, mesh=mesh, merge=True)
+    kernel = merged["language_model"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert kernel.sharding.is_equivalent_to(unmerged["language_model"]["layers"]["attn"]["q_proj"]["kernel"].sharding,
+                                            kernel.ndim)
+    host_model, host = load_with_adapter(*args)
+    tokens = [np.asarray(generate(m, p, input_ids=ids, pixel_values=pixels, tile_mask=mask, max_new_tokens=6))
+              for m, p in ((model, unmerged), (merged_model, merged), (host_model, host))]
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+    np.testing.assert_array_equal(tokens[0], tokens[2])
