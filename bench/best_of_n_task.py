@@ -25,12 +25,12 @@ import tempfile
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--workdir", default=None, help="where the data and both runs go (default: a temporary folder)")
-    p.add_argument("--policy-steps", type=int, default=150)
-    p.add_argument("--policy-lr", type=float, default=3e-3)
-    p.add_argument("--critic-steps", type=int, default=500)
-    p.add_argument("--critic-lr", type=float, default=1e-3)
+    p.add_argument("--policy-steps", type=int, default=150, help="the policy's training steps (from scratch)")
+    p.add_argument("--policy-lr", type=float, default=3e-3, help="the policy's peak learning rate")
+    p.add_argument("--critic-steps", type=int, default=500, help="the critic's steps (from the policy)")
+    p.add_argument("--critic-lr", type=float, default=1e-3, help="the critic's peak learning rate")
     p.add_argument("--critic-rows", type=int, default=8, help="packed rows in a critic step")
     p.add_argument("--short-system", action="store_true", help="the critic's one-line system message")
     p.add_argument("--narrow", action="store_true", help="a decoder of hidden size 64 (2 heads) for both models")
