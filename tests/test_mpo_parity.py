@@ -15,6 +15,7 @@ scale of the numbers whose differences make the rewards).
 import copy
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
@@ -27,10 +28,12 @@ from train.data.packing import PackConfig
 from train.data.pairs import PAIR_ROWS
 from train.loss import IGNORE
 from train.preference import MPOConfig
-from train.preference_step import PreferenceState, make_preference_step
+from train.preference_step import PreferenceState, make_preference_step, pair_logps
 from trl_reference import TRLLoss
 
 TOL = 1e-5  # relative (loss, terms, gradients); params: max abs difference
+TOL_DP = 1e-6  # 8 data-parallel devices vs one (float32 sums in another order): loss relative, the shift relative
+# to beta x the largest |sequence log-prob|; the params after 3 steps as against torch (TOL)
 STEPS = 3
 L, T, P = 96, 4, 2
 MPO = MPOConfig(max_pairs=P)
@@ -65,12 +68,13 @@ def _pairs(seed):
     return [_pair(*spec, rng, i + 1) for i, spec in enumerate(PAIRS)]
 
 
-def _batch(pairs):
+def _batch(pairs, rows: int = 2):
+    """The pairs packed two a row (the last row takes what is left), ``rows`` rows."""
     cfg = PackConfig(max_tokens=L, max_tiles=T, tile_size=IMAGE_SIZE, img_context_id=IMAGE_TOKEN_ID,
                      img_start_id=IMG_START, img_end_id=IMG_END, tokens_per_tile=TOKENS_PER_TILE, max_segments=P)
     packer = PAIR_ROWS.packer(cfg)
     pieces = [packer.expand(p)[0] for p in pairs]
-    return PAIR_ROWS.build_batch([pieces[:2], pieces[2:]], cfg, 2)
+    return PAIR_ROWS.build_batch([pieces[2 * r:2 * r + 2] for r in range(rows)], cfg, rows)
 
 
 def _torch_logps(model, ids, labels, pixels):
@@ -141,3 +145,49 @@ def test_mpo_step_matches_torch_and_trl_for_three_steps():
     moved, _ = _worst(state.params, params, relative=False)
     assert moved > 100 * TOL
     assert abs(m["margin"]) > 1e-3  # the later steps compared rewards that are not zero
+
+
+def test_over_8_data_parallel_devices_the_shift_equals_the_single_device_run():
+    """The issue's data-parallel check: 3 MPO steps on 8 rows of 2 pairs, on one device and with the rows split over
+    8 simulated devices (dp rules: each device its row, params replicated): the shift (the running mean merges
+    every row's rewards) and the loss agree within TOL_DP, the params within TOL. A reference unlike the policy makes the
+    rewards and the shift non-zero from the first step."""
+    import sharding
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sharding.rules import get_rules
+    from train.step import batch_shardings
+
+    policy = tiny_internvl("qwen2")
+    model, params = from_state_dict(policy.state_dict(), policy.config)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    ref_params = jax.tree_util.tree_unflatten(
+        tree, [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    tx = optim.build_optimizer(OPTIM, params, TOTAL_STEPS)
+    fn = make_preference_step(model, tx, MPO, trainable=optim.trainable_mask(OPTIM, params), vocab_chunk=16)
+    batches = [_batch([_pair(*PAIRS[i % 2], np.random.default_rng(100 * t + i), i + 1) for i in range(16)], rows=8)
+               for t in range(STEPS)]
+    mesh = sharding.make_mesh(8, 1, 1)
+    rep = NamedSharding(mesh, PartitionSpec())
+    batch_sh = batch_shardings(batches[0], mesh, get_rules("dp"))
+    runs = {"single": jax.jit(fn), "8 devices": jax.jit(fn, in_shardings=(rep, batch_sh, rep), out_shardings=rep)}
+    out = {}
+    for name, step in runs.items():
+        state, shifts, losses = PreferenceState.create(params, tx, jax.random.PRNGKey(0)), [], []
+        for batch in batches:
+            state, m = step(state, batch, ref_params)
+            shifts.append(float(m["shift"]))
+            losses.append(float(m["loss"]))
+            assert m["pairs"] == 16
+        out[name] = (np.array(shifts), np.array(losses), jax.device_get(state.params))
+    (s1, l1, p1), (s8, l8, p8) = out.values()
+    # as in the torch comparison, the shift's float32 error scales with beta x the largest |sequence log-prob|
+    scale = MPO.beta * max(float(jnp.abs(pair_logps(model, p, batches[0], P)[0]).max()) for p in (params, ref_params))
+    print(f"shift per step {s1}, 8 devices - single {np.abs(s8 - s1).max():.2e} (scale {scale:.2f}); "
+          f"loss {np.abs(l8 - l1).max():.2e}")
+    assert np.abs(s1).max() > 1e-3  # the rewards are not zero
+    np.testing.assert_allclose(s8, s1, rtol=0, atol=TOL_DP * scale)
+    np.testing.assert_allclose(l8, l1, rtol=TOL_DP, atol=0)
+    err, path = _worst(p8, p1, relative=False)
+    assert err <= TOL, f"{path}: {err:.2e}"  # Adam scales the noise of near-zero gradients (k bias) up to lr size
