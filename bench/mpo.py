@@ -12,21 +12,28 @@
    time, pairs/s, and the ratios MPO / SFT (goals: <= 2.1x with the copy, <= 1.1x from file).
 2. The planner: per-device bytes of the InternVL2.5-8B and -78B MPO steps (frozen copy and from file) and the
    smallest v5p slice where each fits (fsdp rules, one pair of 2 x 4096 tokens per row, one row per batch shard).
-3. ``--compile``: the MPO steps (frozen copy and from file) compiled ahead of time for the abstract devices of the
-   smallest v5p slice the estimate fits and of v5p-128 (libtpu's compiler, no TPU needed), same rows; printed:
-   the compiled per-device bytes (arguments + outputs - donated + temporaries + code) next to the estimate.
+3. ``--compile``: the MPO steps (frozen copy and from file) compiled ahead of time for the abstract devices of
+   v5p-128 and of the smallest v5p slice the estimate fits, then of ever smaller slices while the compiled step
+   still fits (libtpu's compiler, no TPU needed), same rows; printed: the compiled per-device bytes (arguments +
+   outputs - donated + temporaries + code) next to the estimate, and the smallest slice the compiled step fits.
 
 Compiled per-device memory (jax 0.10.2, libtpu 0.0.42.1; rows of 2 x 4096 tokens with 6 tiles, one row per
 fsdp shard, bf16, remat full, AdamW), of 95 GiB HBM:
 
 | model | slice (mesh fsdp) | frozen copy | from file |
 |---|---|---|---|
-| InternVL2.5-8B | v5p-4 (2), the smallest the estimate fits | 48.31 GiB | 40.77 GiB |
+| InternVL2.5-8B | v5p-2 (1 chip): the smallest | 85.22 GiB | 70.22 GiB |
+| InternVL2.5-8B | v5p-4 (2) | 48.31 GiB | 40.77 GiB |
 | InternVL2.5-8B | v5p-128 (64) | 9.35 GiB | 8.95 GiB |
+| InternVL2.5-78B | v5p-32 (16): the smallest | 77.38 GiB | 68.36 GiB |
+| InternVL2.5-78B | v5p-64 (32) | 51.22 GiB | 46.59 GiB |
 | InternVL2.5-78B | v5p-128 (64) | 48.21 GiB | 45.91 GiB |
 
-All fit; the planner's estimates of the same steps were larger (0.2-0.6x compiled / estimated at the time of
-writing). The 8B compiles took 2.5-12 min and the 78B ones 6-14 min on a busy 2-core host (peak RSS 2.5-4.2 GB).
+All fit. The planner's estimates are upper bounds (8B on one chip: 112.8 / 97.8 GiB; 78B on v5p-32: 127.6 / 118.4),
+which is why ``--compile`` walks down from the estimate's smallest slice. 78B on v5p-16 (fsdp 8) was not compiled:
+its params, gradients and Adam moments alone are 73 GiB per device (exact, from the shardings) and the step's
+temporaries at this row length were 40.8 GiB on v5p-32. The 8B compiles took 1.5-12 min and the 78B ones 1.5-14
+min on a busy 2-core host (peak RSS 2.5-4.2 GB).
 """
 
 from __future__ import annotations
@@ -157,20 +164,32 @@ def plan_part(args) -> None:
             print(f"{preset} MPO ({mpo}) on v5p-128 mesh {sizes}: {e.train / 2**30:.2f} GiB per device (estimate)")
     for preset in args.compile or ():
         for mpo in ("copy", "file"):
-            for chips in dict.fromkeys(c for c in (smallest.get((preset, mpo)), "v5p-128") if c):
-                compile_line(preset, chips, mpo, seq_len)
+            compile_line(preset, "v5p-128", mpo, seq_len)
+            smallest_compiled(preset, mpo, smallest.get((preset, mpo)) or "v5p-128", seq_len)
 
 
-def compile_line(preset: str, chips: str, mpo: str, seq_len: int) -> None:
-    """Compile ``preset``'s MPO step ahead of time for the v5p slice ``chips`` (sharding.plan) and print its
-    per-device bytes next to the planner's estimate."""
+def compile_line(preset: str, chips: str, mpo: str, seq_len: int) -> bool:
+    """Compile ``preset``'s MPO step ahead of time for the v5p slice ``chips`` (sharding.plan), print its
+    per-device bytes next to the planner's estimate; whether it fits the chip's memory."""
     t0 = time.perf_counter()
     p = plan(preset, chips=chips, seq_len=seq_len, tiles=TILES, mpo=mpo)
     c, chip = p.compiled, p.target.chip
+    fits = c.total <= chip.memory
     print(f"{preset} MPO ({mpo}) compiled for {chips} (mesh {p.mesh}, {p.rows} rows): {c.total / 2**30:.2f} GiB per "
           f"device of {chip.memory / 2**30:.0f} (arguments {c.argument_bytes / 2**30:.2f}, temporaries "
           f"{c.temp_bytes / 2**30:.2f}); estimate {p.estimate.train / 2**30:.2f} GiB; "
-          f"{'fits' if c.total <= chip.memory else 'does not fit'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+          f"{'fits' if fits else 'does not fit'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return fits
+
+
+def smallest_compiled(preset: str, mpo: str, start: str, seq_len: int) -> None:
+    """The smallest v5p slice the compiled step fits: from ``start`` (the estimate's smallest; the compiled step
+    needs less, the estimate being an upper bound), halve the chips while it still fits."""
+    chips, best = parse_slice(start).chips, None
+    while chips >= 1 and compile_line(preset, f"v5p-{2 * chips}", mpo, seq_len):
+        best, chips = f"v5p-{2 * chips}", chips // 2
+    print(f"{preset} MPO ({mpo}): smallest v5p slice the compiled step fits: {best or 'none from ' + start}",
+          flush=True)
 
 
 def main():
@@ -183,9 +202,9 @@ def main():
     p.add_argument("--answer", type=int, default=56)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", nargs="*", metavar="PRESET", default=None,
-                   help="also compile these presets' MPO steps (frozen copy and from file) ahead of time for the "
-                        "smallest v5p slice the planner's estimate fits and for v5p-128 (no preset: InternVL2_5-8B; "
-                        "minutes each, InternVL2_5-78B about 15)")
+                   help="also compile these presets' MPO steps (frozen copy and from file) ahead of time for v5p-128 "
+                        "and from the smallest v5p slice the planner's estimate fits down to the smallest the "
+                        "compiled step fits (no preset: InternVL2_5-8B; minutes each, InternVL2_5-78B up to 15)")
     p.add_argument("--skip-plan", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
     args = p.parse_args()
