@@ -93,11 +93,14 @@ def with_lora(config, rank: int, stage: str | None = None):
     (adapters and the stage's other trained params train; the towers under adapters are frozen: no gradient, no
     optimizer state). Without ``stage``: LoRA on the ViT and the LLM with the projector trained (the original's
     ``use_backbone_lora`` + ``use_llm_lora``). Returns ``(config, Optimizer)``."""
-    from train.config import LoraConfig, TrainConfig, load_train_config, lora_rules, optim_config
+    from train.config import TrainConfig, load_train_config, lora_rules, lora_targets, optim_config
     from train.optim import build_optimizer, trainable_mask
 
     base = load_train_config(stage) if stage else TrainConfig(name="vit+llm")
     cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank))
+    if stage and not lora_targets(cfg):
+        raise ValueError(f"--lora {rank} with --stage {stage}: the stage freezes the ViT and the LLM, so LoRA has no "
+                         "tower to adapt; leave out --stage for adapters on the ViT and the LLM")
     config = config.replace(lora=lora_rules(cfg))
     ocfg = optim_config(cfg, config)
     params = abstract_params(config)

@@ -128,3 +128,5 @@ def test_lora_plan_keeps_gradients_and_moments_for_the_adapters_and_the_projecto
     assert 8 * n <= low.estimate.opt_state < 8 * n + 64  # two float32 moments, plus step counts
     assert low.estimate.activations == full.estimate.activations
     assert "LoRA r=4 on the ViT and the LLM" in low.lines()[0]
+    with pytest.raises(ValueError, match="freezes the ViT and the LLM, so LoRA has no tower"):
+        P.plan("tiny-qwen2", lora=4, stage="internvl2_5_stage1", **kw)  # the MLP-only stage
