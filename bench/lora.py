@@ -36,7 +36,7 @@ import sharding
 from internvl_jax import lora
 from internvl_jax.model import abstract_params
 from internvl_jax.presets import get_preset
-from sharding.plan import Optimizer, _smallest, estimate, plan, target_config, train_step, with_lora
+from sharding.plan import _smallest, estimate, plan, target_config, train_step, trainer_optimizer, with_lora
 from sharding.rules import get_rules
 from sharding.topology import parse_slice
 from train import optim
@@ -52,9 +52,7 @@ def variants(config) -> tuple:
     """(name, config, Optimizer) of full fine-tuning (the trainer's AdamW, everything trains) and of LoRA r=16 on
     the ViT and the LLM (``sharding.plan.with_lora``: the original's targets, alpha 2r, dropout 0.05, projector
     trained, base frozen), as ``internvl-jax plan [--lora 16]`` builds them."""
-    params = abstract_params(config)
-    ocfg = optim.OptimConfig()
-    full = Optimizer("full", optim.build_optimizer(ocfg, params, 1000), optim.trainable_mask(ocfg, params))
+    full = trainer_optimizer("full", optim.OptimConfig(), config)
     return ("full", config, full), (f"LoRA r={RANK}", *with_lora(config, RANK))
 
 

@@ -81,11 +81,17 @@ def make_optimizer(config, optimizer: str = "adamw", stage: str | None = None) -
             raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         return Optimizer(optimizer, OPTIMIZERS[optimizer]())
     from train.config import load_train_config, optim_config
+
+    return trainer_optimizer(f"adamw of stage {stage}", optim_config(load_train_config(stage), config), config)
+
+
+def trainer_optimizer(name: str, ocfg, config) -> Optimizer:
+    """The trainer's AdamW of the ``train.optim.OptimConfig`` ``ocfg`` for ``config``'s params, with its trainable
+    mask (frozen params: no optimizer state, no gradient)."""
     from train.optim import build_optimizer, trainable_mask
 
-    ocfg = optim_config(load_train_config(stage), config)
     params = abstract_params(config)
-    return Optimizer(f"adamw of stage {stage}", build_optimizer(ocfg, params, 1000), trainable_mask(ocfg, params))
+    return Optimizer(name, build_optimizer(ocfg, params, 1000), trainable_mask(ocfg, params))
 
 
 def with_lora(config, rank: int, stage: str | None = None):
@@ -94,7 +100,6 @@ def with_lora(config, rank: int, stage: str | None = None):
     optimizer state). Without ``stage``: LoRA on the ViT and the LLM with the projector trained (the original's
     ``use_backbone_lora`` + ``use_llm_lora``). Returns ``(config, Optimizer)``."""
     from train.config import TrainConfig, load_train_config, lora_rules, lora_targets, optim_config
-    from train.optim import build_optimizer, trainable_mask
 
     base = load_train_config(stage) if stage else TrainConfig(name="vit+llm")
     cfg = dataclasses.replace(base, lora=dataclasses.replace(base.lora, rank=rank))
@@ -102,10 +107,8 @@ def with_lora(config, rank: int, stage: str | None = None):
         raise ValueError(f"--lora {rank} with --stage {stage}: the stage freezes the ViT and the LLM, so LoRA has no "
                          "tower to adapt; leave out --stage for adapters on the ViT and the LLM")
     config = config.replace(lora=lora_rules(cfg))
-    ocfg = optim_config(cfg, config)
-    params = abstract_params(config)
-    name = f"adamw, LoRA r={rank} on {stage or 'the ViT and the LLM'}"
-    return config, Optimizer(name, build_optimizer(ocfg, params, 1000), trainable_mask(ocfg, params))
+    return config, trainer_optimizer(f"adamw, LoRA r={rank} on {stage or 'the ViT and the LLM'}",
+                                     optim_config(cfg, config), config)
 
 
 REMATS = ("full", "dots_no_batch", "dots", "none")  # most to least recomputation (internvl_jax.layers.REMAT_POLICIES)

@@ -22,6 +22,7 @@ models learn in minutes on a CPU; the critic runs the VisualPRM conversation wit
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import zlib
@@ -56,7 +57,7 @@ def is_heldout(colours) -> bool:
     return zlib.crc32(task_prompt(colours).encode()) % 5 == 0
 
 
-HELDOUT_QUESTIONS = 79
+HELDOUT_QUESTIONS = sum(is_heldout(c) for k in (1, 2, 3) for c in itertools.permutations(COLOURS, k))  # 79
 
 
 def draw(rng: np.random.Generator, error_rate: float, heldout: bool = False
