@@ -21,8 +21,10 @@ import numpy as np
 from PIL import Image
 
 from .clip_model import MODES, InternVLCLIP, normalize
+from .generate import _programs_for, cache_length, check_max_new_tokens, greedy_tokens, row_keys, token_logprobs
 from .processing.images import load_image
 from .processing.pixels import normalize as imagenet_normalize
+from .qllama import init_cache as init_qllama_cache
 
 TEXT_PREFIX = "summarize:"
 MAX_TEXT_LENGTH = 80
@@ -152,32 +154,35 @@ def retrieve(model: InternVLCLIP, params, tokenizer, images, texts: Sequence[str
 
 
 @partial(jax.jit, static_argnums=(0, 4))
-def _greedy(model, params, pixels, prompt_ids, max_new_tokens):
+def _caption_prefill(model, params, pixels, prompt_ids, cache_length):
+    """The ViT once, then [queries ; prompt] into a fresh QLLaMA cache: (first token int32 [B], its log-prob
+    [B], cache)."""
     v = {"params": params}
     vit = model.apply(v, pixels, method=InternVLCLIP.vision_states)
-    b, p = prompt_ids.shape
-    q = model.config.num_query_token
-    ids = jnp.concatenate([prompt_ids, jnp.zeros((b, max_new_tokens), prompt_ids.dtype)], axis=1)
-
-    def step(i, carry):
-        ids, scores = carry
-        # the unfilled tail is masked out, and causal masking keeps it from the filled positions anyway
-        mask = (jnp.arange(ids.shape[1]) < p + i)[None].astype(jnp.int32).repeat(b, 0)
-        logits = model.apply(v, vit, ids, mask, method=InternVLCLIP.lm_logits)[:, q + p + i - 1]
-        ids = ids.at[:, p + i].set(jnp.argmax(logits, axis=-1).astype(ids.dtype))
-        return ids, scores.at[:, i].set(logits)
-
-    vocab = model.config.qllama.vocab_size
-    ids, scores = jax.lax.fori_loop(0, max_new_tokens, step, (ids, jnp.zeros((b, max_new_tokens, vocab), jnp.float32)))
-    return ids[:, p:], scores
+    cache = init_qllama_cache(model.config, prompt_ids.shape[0], cache_length)
+    logits, cache = model.apply(v, vit, prompt_ids, cache, method=InternVLCLIP.caption_prefill)
+    token = greedy_tokens(logits[:, 0])
+    return token, token_logprobs(logits[:, 0], token), cache
 
 
-def caption(model: InternVLCLIP, params, pixels, prompt_ids, max_new_tokens: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy captioning through QLLaMA over [queries ; prompt ; generated] (the original's ``generate``: queries
-    bidirectional and cross-attending to the ViT, text causal). Each step recomputes the whole sequence (no KV
-    cache: QLLaMA's query block changes with the vision states only, and captions are short).
+def caption(model: InternVLCLIP, params, pixels, prompt_ids, max_new_tokens: int = 20, *,
+            eos_token_id=None, pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy captioning through QLLaMA as the original's ``generate``: a prefill over [queries ; prompt] (queries
+    bidirectional and cross-attending to the ViT, text causal) fills a KV cache, then each new token is one
+    cached decode step of :mod:`internvl_jax.generate`'s on-device loop (no cross-attention in those steps).
 
-    pixels [B, 224, 224, 3]; prompt_ids int [B, P] (BOS + prompt, no padding). Returns (new token ids int
-    [B, max_new_tokens], per-step logits float32 [B, max_new_tokens, V]); nothing stops at EOS here."""
-    ids, scores = _greedy(model, params, jnp.asarray(pixels), jnp.asarray(prompt_ids, jnp.int32), int(max_new_tokens))
-    return np.asarray(ids), np.asarray(scores)
+    pixels [B, 224, 224, 3]; prompt_ids int [B, P] (BOS + prompt, no padding). Returns (new token ids int32
+    [B, max_new_tokens], each token's log-probability float32 [B, max_new_tokens]). With ``eos_token_id`` (one id
+    or several) a row is padded with ``pad_token_id`` after its EOS and the loop stops once every row ended;
+    without it nothing stops early."""
+    check_max_new_tokens(max_new_tokens)
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    b, slot = prompt_ids.shape[0], model.config.num_query_token + prompt_ids.shape[1]
+    token, first_lp, cache = _caption_prefill(model, params, jnp.asarray(pixels), prompt_ids,
+                                              cache_length(slot, max_new_tokens))
+    eos = jnp.asarray(np.atleast_1d(-1 if eos_token_id is None else eos_token_id), jnp.int32)
+    loop = _programs_for(None)[1]
+    ids, logprobs = loop(model, params, jnp.zeros((b,), jnp.int32), jnp.int32(slot), token,
+                         jnp.full((b,), slot, jnp.int32), cache, row_keys(0, b), eos, jnp.int32(pad_token_id),
+                         first_lp, max_new_tokens=int(max_new_tokens), sampling=(False, 1.0, 0, 1.0))
+    return np.asarray(ids), np.asarray(logprobs)

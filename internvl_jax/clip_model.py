@@ -20,7 +20,7 @@ import flax.linen as nn
 from .clip_config import CLIPConfig
 from .layers import Dense, as_dtype, param_with_axes
 from .pooling import AttentionPooling
-from .qllama import QLLaMA, qllama_mask
+from .qllama import QLLaMA, cached_prefix_mask, qllama_mask
 from .vision import InternViT
 
 MODES = ("InternVL-C", "InternVL-G")
@@ -120,6 +120,29 @@ class InternVLCLIP(nn.Module):
     def lm_logits(self, vit, input_ids, attention_mask):
         """Image-conditioned LM logits [B, Q + L, V] over [queries ; text] (captioning's prefix mask)."""
         return self.qllama.head(self.lm_hidden(vit, input_ids, attention_mask))
+
+    def caption_prefill(self, vit, input_ids, cache):
+        """The first step of captioning into a KV cache (:func:`~internvl_jax.qllama.init_cache`): [queries ;
+        prompt] at slots 0 .. Q + P - 1, the queries cross-attending to ``vit`` [B, S, C]; input_ids int [B, P]
+        (no padding). Returns (float32 logits [B, 1, V] of the last prompt position, cache)."""
+        b, p = input_ids.shape
+        dtype = as_dtype(self.config.dtype)
+        q = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:])).astype(dtype)
+        x = jnp.concatenate([q, self.qllama.embed(input_ids)], axis=1)
+        mask = cached_prefix_mask(q.shape[1], jnp.arange(x.shape[1]), cache[0][0].shape[3], b)
+        h, cache = self.qllama(x, mask, vit, cache=cache, cache_index=0)
+        return self.qllama.head(h[:, -1:]), cache
+
+    def decode_step(self, input_ids, *, positions, cache, cache_index, cache_start=None):
+        """Text tokens int [B, L] at cache slots ``cache_index`` .. (after :meth:`caption_prefill`; no
+        cross-attention): (float32 logits [B, L, V], cache). The decoding step of
+        :func:`internvl_jax.generate`'s loop: positions int [B, L]; cache_start is unused (rows are unpadded)."""
+        del cache_start
+        b, l = input_ids.shape
+        mask = cached_prefix_mask(self.config.num_query_token, cache_index + jnp.arange(l), cache[0][0].shape[3], b)
+        h, cache = self.qllama(self.qllama.embed(input_ids), mask, positions=positions, cache=cache,
+                               cache_index=cache_index)
+        return self.qllama.head(h), cache
 
     def itm_logits(self, query_states):
         """Query outputs [B, Q, E] -> image-text matching logits [B, 2] (the head's mean over the queries)."""

@@ -224,9 +224,12 @@ def _prefill(model, params, ids, start, positions, pixel_values, tile_mask, keys
 
 
 def _forward_step(model, params, start, slot, token, pos, cache):
-    """Feed one token per row at cache ``slot`` (the same in every row): (its logits [B, V], cache)."""
+    """Feed one token per row at cache ``slot`` (the same in every row): (its logits [B, V], cache). A model with
+    a ``decode_step`` method of the same arguments (InternVL 1.0's QLLaMA, :func:`internvl_jax.clip.caption`) is
+    stepped through it, others through ``__call__``."""
     logits, cache = model.apply(
-        {"params": params}, token[:, None], positions=pos[:, None], cache=cache, cache_index=slot, cache_start=start
+        {"params": params}, token[:, None], positions=pos[:, None], cache=cache, cache_index=slot, cache_start=start,
+        method=getattr(type(model), "decode_step", None),
     )
     return logits[:, 0], cache
 

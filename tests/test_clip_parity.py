@@ -8,6 +8,7 @@ logits and greedy generation, the position-embedding resize, and the stage-2 tra
 """
 
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +75,33 @@ def case():
         return out
 
     ours = jax.device_get(everything(params))
-    ids, scores = caption(model, params, pixels, i32("caption_prompt_ids"), ref["caption_generated_ids"].shape[1] - 1)
+    steps = ref["caption_generated_ids"].shape[1] - 1
+    ids, _ = caption(model, params, pixels, i32("caption_prompt_ids"), steps)  # KV-cached
     ours["caption_generated_ids"] = np.concatenate([np.ones_like(ids[:, :1]), ids], axis=1)  # transformers' BOS column
-    ours["caption_generate_scores"] = scores
+    ours["caption_generate_scores"] = uncached_greedy(model, params, pixels, i32("caption_prompt_ids"), steps)[1]
     return model, params, ref, ours
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def uncached_greedy(model, params, pixels, prompt_ids, max_new_tokens):
+    """The reference captioning loop: every step recomputes QLLaMA over [queries ; prompt ; generated so far]
+    (``lm_logits``, the prefix mask; the unfilled tail is masked out) and appends the argmax. Returns (ids int
+    [B, max_new_tokens], per-step logits float32 [B, max_new_tokens, V])."""
+    v = {"params": params}
+    vit = model.apply(v, pixels, method=M.vision_states)
+    b, p = prompt_ids.shape
+    q = model.config.num_query_token
+    ids = jnp.concatenate([prompt_ids, jnp.zeros((b, max_new_tokens), prompt_ids.dtype)], axis=1)
+
+    def step(i, carry):
+        ids, scores = carry
+        mask = jnp.broadcast_to(jnp.arange(ids.shape[1]) < p + i, ids.shape).astype(jnp.int32)
+        logits = model.apply(v, vit, ids, mask, method=M.lm_logits)[:, q + p + i - 1]
+        return ids.at[:, p + i].set(jnp.argmax(logits, axis=-1).astype(ids.dtype)), scores.at[:, i].set(logits)
+
+    scores = jnp.zeros((b, max_new_tokens, model.config.qllama.vocab_size), jnp.float32)
+    ids, scores = jax.lax.fori_loop(0, max_new_tokens, step, (ids, scores))
+    return ids[:, p:], scores
 
 
 def query_layer_outputs(c, params, vit):
@@ -106,6 +130,29 @@ def test_every_reference_array_matches(case):
     assert sorted(ours) == expected
     errors = {k: float(np.max(np.abs(np.asarray(ours[k], np.float64) - ref[k]))) for k in expected}
     assert all(e <= TOL for e in errors.values()), {k: e for k, e in errors.items() if e > TOL}
+
+
+def test_cached_captioning_gives_the_tokens_of_the_uncached_loop(case):
+    """Longer than the fixture's 4 steps, from other prompts: the KV-cached prefill + decode steps give exactly the
+    reference loop's tokens, and each token's log-probability within TOL of the reference's logits."""
+    model, params, ref, _ = case
+    pixels = jnp.asarray(ref["pixel_values"].transpose(0, 2, 3, 1))
+    rng = np.random.default_rng(7)
+    prompts = np.concatenate([np.ones((2, 1)), rng.integers(3, model.config.qllama.vocab_size, (2, 6))], 1)
+    prompts = jnp.asarray(prompts, jnp.int32)
+    steps = 16
+    want_ids, want_logits = uncached_greedy(model, params, pixels, prompts, steps)
+    ids, logprobs = caption(model, params, pixels, prompts, steps)
+    np.testing.assert_array_equal(ids, np.asarray(want_ids))
+    want_lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(want_logits, axis=-1)), ids[..., None], -1)[..., 0]
+    assert np.max(np.abs(logprobs - want_lp)) <= TOL
+    # an end-of-sequence id: each row is padded after its first one and nothing else changes
+    eos = int(ids[0, 5])
+    stopped, _ = caption(model, params, pixels, prompts, steps, eos_token_id=eos, pad_token_id=0)
+    for row, out in zip(ids, stopped):
+        end = list(row).index(eos) + 1 if eos in row else steps
+        np.testing.assert_array_equal(out[:end], row[:end])
+        assert (out[end:] == 0).all()
 
 
 def test_the_fixture_config_is_read_as_the_original_reloads_it(case):
