@@ -11,7 +11,8 @@ The families differ only by the switches of :class:`~internvl_jax.config.TextCon
 | phi3      | no       | no     | no                | longrope (short/long factors) |
 
 (* ``attention_bias`` of the config.) InternLM2's fused grouped ``wqkv`` and Phi-3's fused projections are a
-checkpoint-layout matter handled by ``convert/``; the module always holds separate q/k/v and gate/up kernels.
+checkpoint-layout matter handled by ``convert/``; the module always holds separate q/k/v and gate/up kernels
+(LoRA on the fused torch modules: a shared-A group, :func:`internvl_jax.layers.lora_groups`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import flax.linen as nn
 from .config import TextConfig
 from .attention import attend
 from .layers import (
-    DENSE_IMPLS, Dense, Norm, attention, constrain, dot_out_in, param_with_axes,
+    DENSE_IMPLS, Dense, Norm, attention, constrain, dot_out_in, lora_groups, param_with_axes,
     resolve_attention_impl, scan_layers,
 )
 from .kernels import decode_attention
@@ -52,11 +53,13 @@ class Attention(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dense = dict(transposed=self.transposed, lora=self.lora, **kw)
-        q = Dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias, name="q_proj", **dense)(x)
+        shared = lora_groups(self, x, ("q_proj", "k_proj", "v_proj"), ("embed",)) if self.lora else {}
+        q = Dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), c.qkv_bias, name="q_proj", **dense)(
+            x, shared.get("q_proj"))
         k = Dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias, name="k_proj",
-                  **dense)(x)
+                  **dense)(x, shared.get("k_proj"))
         v = Dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), c.qkv_bias, name="v_proj",
-                  **dense)(x)
+                  **dense)(x, shared.get("v_proj"))
         if c.qk_norm:
             q = Norm("rms_norm", c.norm_eps, "head_dim", name="q_norm", **kw)(q)
             k = Norm("rms_norm", c.norm_eps, "head_dim", name="k_norm", **kw)(k)
@@ -93,8 +96,11 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, transposed=self.transposed, lora=self.lora)
-        gate = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="gate_proj", **kw)(x)
-        up = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="up_proj", **kw)(x)
+        shared = lora_groups(self, x, ("gate_proj", "up_proj"), ("embed",)) if self.lora else {}
+        gate = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="gate_proj", **kw)(
+            x, shared.get("gate_proj"))
+        up = Dense((c.intermediate_size,), ("embed",), ("mlp",), c.mlp_bias, name="up_proj", **kw)(
+            x, shared.get("up_proj"))
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         return Dense((c.hidden_size,), ("mlp",), ("embed",), c.mlp_bias, name="down_proj", **kw)(h)
 

@@ -67,7 +67,9 @@ class Dense(nn.Module):
 
     ``lora``: a LoRA rule table (:mod:`internvl_jax.lora`); when a rule matches this kernel's path, ``lora_a`` and
     ``lora_b`` (float32, whatever ``param_dtype``) are created beside it and the low-rank path is added to y. Its
-    dropout is active only when a ``dropout`` rng is given to ``apply`` (training).
+    dropout is active only when a ``dropout`` rng is given to ``apply`` (training). A kernel in a shared-A group
+    holds ``lora_b`` alone and adds ``shared . B``, ``shared`` being its group's intermediate (:func:`lora_groups`,
+    formed by the parent module).
     """
 
     features: Sequence[int]
@@ -81,7 +83,7 @@ class Dense(nn.Module):
     lora: tuple = ()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, shared=None):
         n_in = len(self.in_axes)
         lead, in_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
         features = tuple(self.features)
@@ -98,28 +100,84 @@ class Dense(nn.Module):
             y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
                                     preferred_element_type=jnp.float32).astype(self.out_dtype or self.dtype)
         if self.lora:
-            y = self._adapted(x, y, in_shape, features)
+            y = self._adapted(x, y, in_shape, features, shared)
         if self.use_bias:
             bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.out_axes), features, self.param_dtype)
             y = y + bias.astype(y.dtype)
         return y
 
-    def _adapted(self, x, y, in_shape: tuple, features: tuple):
-        """y + scale * (dropout(x).A).B when a LoRA rule names this kernel (same params in both layouts)."""
-        adapter = lora_rules.adapter_for(self.lora, "/".join(self.scope.path) + "/kernel")
+    def _adapted(self, x, y, in_shape: tuple, features: tuple, shared=None):
+        """y + scale * (dropout(x).A).B when a LoRA rule names this kernel (same params in both layouts); in a
+        shared-A group, y + shared.B."""
+        path = "/".join(self.scope.path)
+        adapter = lora_rules.adapter_for(self.lora, path + "/kernel")
         if adapter is None:
             return y
         a_shape, a_axes, b_shape, b_axes = lora_rules.shapes_and_axes(in_shape, features, self.in_axes,
                                                                         self.out_axes, adapter)
-        a = self.param("lora_a", param_with_axes(lora_rules.kaiming_a(math.prod(in_shape)), a_axes), a_shape,
-                       jnp.float32)
+        if adapter.group and shared is None:
+            raise ValueError(f"LoRA rules put {path}/kernel in the shared-A group {adapter.group!r}, but its module "
+                             "forms no group intermediate (groups hold kernels of one module that read the same "
+                             "input: the decoder's attn q/k/v_proj, mlp gate/up_proj)")
+        if not adapter.group:
+            a = self.param("lora_a", param_with_axes(lora_rules.kaiming_a(math.prod(in_shape)), a_axes), a_shape,
+                           jnp.float32)
         b = self.param("lora_b", param_with_axes(nn.initializers.zeros, b_axes), b_shape, jnp.float32)
-        if adapter.dropout > 0 and self.has_rng("dropout"):
-            keep = 1.0 - adapter.dropout
-            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
-            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-        delta = lora_rules.low_rank(x, a, b, len(in_shape), adapter.split, self.dtype, adapter.scale)
+        lead = x.shape[: x.ndim - len(in_shape)]
+        if adapter.group:
+            delta = lora_rules.up(shared, b, lead, False, self.dtype)
+        else:
+            delta = lora_rules.up(lora_rules.down(_lora_dropout(self, x, adapter), a, len(in_shape), self.dtype,
+                                                  adapter.scale), b, lead, adapter.split, self.dtype)
         return (y.astype(jnp.float32) + delta).astype(y.dtype)
+
+
+def _lora_dropout(module: nn.Module, x, adapter):
+    """x with the adapter's dropout (inverted: kept entries / keep) when ``module`` has a ``dropout`` rng."""
+    if adapter.dropout > 0 and module.has_rng("dropout"):
+        keep = 1.0 - adapter.dropout
+        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+        x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+    return x
+
+
+class SharedA(nn.Module):
+    """The ``lora_a`` [*in_shape, r] of a shared-A group (one LoRA on a fused torch Linear, split over our kernels):
+    x [..., *in_shape] -> scale * dropout(x).A, float32 [N, r] (N: x's leading axes flattened)."""
+
+    adapter: "lora_rules.Adapter"
+    in_axes: Axes
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - len(self.in_axes):]
+        shape, axes = lora_rules.shapes_and_axes(in_shape, (), self.in_axes, (), self.adapter)[:2]
+        a = self.param("lora_a", param_with_axes(lora_rules.kaiming_a(math.prod(in_shape)), axes), shape,
+                       jnp.float32)
+        return lora_rules.down(_lora_dropout(self, x, self.adapter), a, len(in_shape), self.dtype, self.adapter.scale)
+
+
+def lora_groups(module: nn.Module, x, members: Sequence[str], in_axes: Axes) -> dict:
+    """The shared-A intermediates for ``module``'s Dense children ``members`` (names; all read ``x``):
+    {member: float32 [N, r]} for each member that ``module.lora`` puts in a group (absent: its own adapter or none).
+    Each group's :class:`SharedA` is a child of ``module`` named for the group; call from its compact method."""
+    path = "/".join(module.scope.path)
+    groups: dict[str, list] = {}
+    for name in members:
+        adapter = lora_rules.adapter_for(module.lora, f"{path}/{name}/kernel")
+        if adapter is not None and adapter.group:
+            groups.setdefault(adapter.group, []).append((name, adapter))
+    out = {}
+    for group, named in groups.items():
+        if group in members:
+            raise ValueError(f"LoRA shared-A group {group!r} of {path} has the name of one of its kernels")
+        if len({a for _, a in named}) != 1:
+            raise ValueError(f"LoRA shared-A group {group!r} of {path}: its kernels {[n for n, _ in named]} get "
+                             f"different adapters {[a for _, a in named]}; one rank, alpha and dropout per group")
+        shared = SharedA(named[0][1], in_axes, module.dtype, name=group)(x)
+        out.update({name: shared for name, _ in named})
+    return out
 
 
 class Norm(nn.Module):

@@ -1,10 +1,10 @@
 """LoRA adapters chosen by parameter-path rules, run as a low-rank path inside each :class:`~internvl_jax.layers.Dense`.
 
 A rule table (``InternVLConfig.lora``) says which kernels get an adapter, as the freezing and sharding tables do:
-an ordered tuple of ``(regex, rank, alpha)``, ``(regex, rank, alpha, dropout)`` or ``(regex, rank, alpha, dropout,
-split)``, matched with ``re.search`` against a kernel's path (``vision/layers/attn/qkv/kernel``; the unrolled
-decoder's ``layers_3`` is read as ``layers``, so one table serves training and generation); the first match wins
-and rank 0 means "no adapter" (an exclusion written before a broader rule).
+an ordered tuple of ``(regex, rank, alpha[, dropout[, split[, group]]])``, matched with ``re.search`` against a
+kernel's path (``vision/layers/attn/qkv/kernel``; the unrolled decoder's ``layers_3`` is read as ``layers``, so one
+table serves training and generation); the first match wins and rank 0 means "no adapter" (an exclusion written
+before a broader rule).
 
 A kernel ``W`` of shape ``in_shape + features`` with an adapter holds two more float32 params beside it:
 
@@ -12,7 +12,14 @@ A kernel ``W`` of shape ``in_shape + features`` with an adapter holds two more f
   ``y = x.W + (alpha / r) * (dropout(x).A).B``, the order PEFT uses (``lora_B(lora_A(dropout(x))) * scaling``);
 - with ``split`` (one adapter per index of the first output axis, e.g. the ViT's fused qkv kernel [C, 3, H, D] as
   the separate ``q_proj``/``k_proj``/``v_proj`` adapters PEFT puts on transformers' InternViT):
-  ``lora_a`` [*in_shape, P, r], ``lora_b`` [P, r, *features[1:]].
+  ``lora_a`` [*in_shape, P, r], ``lora_b`` [P, r, *features[1:]];
+- with ``group`` (a name: a shared-A group, the math of one LoRA on a fused torch Linear such as InternLM2's
+  ``wqkv`` or Phi-3's ``qkv_proj`` / ``gate_up_proj`` whose rows our separate kernels hold): the kernels of one
+  module that the rule's group holds (the decoder's attention q/k/v_proj, the MLP's gate/up_proj: they read the
+  same input) share one ``lora_a`` [*in_shape, r] at ``<module>/<group>/lora_a`` and each keeps its own
+  ``lora_b`` [r, *features], its rows of the fused B. The module applies dropout to x and forms the scaled
+  ``dropout(x).A`` once; every member adds its ``(.).B``: ``y_part = x.W_part + scale * B_part(A x)``, and A's
+  gradient is the sum over the parts, as on the fused Linear. Members must share rank, alpha and dropout.
 
 ``A`` starts as torch's ``kaiming_uniform_(a=sqrt(5))`` (uniform in +-1/sqrt(fan_in), PEFT's default) and ``B``
 at zero, so a new adapter leaves the model's outputs unchanged. The adapters carry logical axes (the kernel's input
@@ -25,9 +32,14 @@ merged weights.
 Presets (``TARGETS``), the original's target sets (``use_backbone_lora`` / ``use_llm_lora``, alpha = 2r, dropout
 0.05): ``vit`` = InternViT ``attn.qkv`` (one adapter on the fused kernel, as the original), ``attn.proj``,
 ``mlp.fc1``, ``mlp.fc2``; ``vit_split`` = the same with q/k/v adapted separately (PEFT on the transformers-native
-ViT); ``llm`` = the attention and MLP projections (q, k, v, o, gate, up, down; for InternLM2 the original adapts the
-fused ``wqkv`` with one shared A, here q, k and v get one adapter each); ``projector`` = ``mlp1``'s two linears
-(not in the original's sets).
+ViT); ``llm`` = the attention and MLP projections (q, k, v, o, gate, up, down), each its own adapter as the
+original's ``q_proj`` ... ``down_proj`` targets on Qwen2 / Llama / Qwen3; given the model's ``family``,
+:func:`preset_rules` puts the kernels of the family's fused torch modules (``FUSED``) in shared-A groups first,
+since the original adapts those modules themselves: InternLM2's ``attention.wqkv`` (group ``wqkv``) and Phi-3's
+``self_attn.qkv_proj`` / ``mlp.gate_up_proj`` (groups named so; PEFT's module names on transformers' Phi-3). So
+``llm`` stays the original's set on every family, with its parameter count and training; without a family (a
+table written before the model is known) every projection gets its own adapter. ``projector`` = ``mlp1``'s two
+linears (not in the original's sets).
 """
 
 from __future__ import annotations
@@ -52,31 +64,46 @@ TARGETS: dict[str, tuple[tuple[str, bool], ...]] = {
     "llm": ((r"^language_model/layers/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$", False),),
     "projector": ((r"^projector/fc[12]/kernel$", False),),
 }
+# per LLM family, the kernels that the original's fused torch modules hold: (kernel path regex, group name)
+FUSED: dict[str, tuple[tuple[str, str], ...]] = {
+    "internlm2": ((r"^language_model/layers/attn/[qkv]_proj/kernel$", "wqkv"),),
+    "phi3": ((r"^language_model/layers/attn/[qkv]_proj/kernel$", "qkv_proj"),
+             (r"^language_model/layers/mlp/(gate|up)_proj/kernel$", "gate_up_proj")),
+}
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """One kernel's adapter: rank r, alpha (scale = alpha / r), dropout on the adapter's input, split."""
+    """One kernel's adapter: rank r, alpha (scale = alpha / r), dropout on the adapter's input, split, shared-A
+    group ("" = its own A)."""
 
     rank: int
     alpha: float
     dropout: float = 0.0
     split: bool = False
+    group: str = ""
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
 
-def preset_rules(targets, rank: int, alpha: float | None = None, dropout: float = 0.05) -> tuple:
+def preset_rules(targets, rank: int, alpha: float | None = None, dropout: float = 0.05,
+                 family: str | None = None) -> tuple:
     """The rule table for named target sets (``"vit,llm"`` or ``("vit", "llm")``) at one rank; ``alpha`` defaults
-    to 2 * rank (the original's)."""
+    to 2 * rank (the original's). ``family`` (the LLM's, e.g. ``config.text.family``): ``llm`` puts the kernels of
+    the family's fused torch modules (``FUSED``) in shared-A groups, as the original adapts them."""
     names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         raise ValueError(f"unknown LoRA target set {unknown[0]!r}; use one of {', '.join(TARGETS)} (comma-separated)")
     alpha = 2.0 * rank if alpha is None else float(alpha)
-    return tuple((regex, int(rank), alpha, float(dropout), split) for n in names for regex, split in TARGETS[n])
+    rules = []
+    for n in names:
+        if n == "llm":
+            rules += [(regex, int(rank), alpha, float(dropout), False, group) for regex, group in FUSED.get(family, ())]
+        rules += [(regex, int(rank), alpha, float(dropout), split) for regex, split in TARGETS[n]]
+    return tuple(rules)
 
 
 @lru_cache(maxsize=64)
@@ -88,11 +115,12 @@ def compile_rules(rules: tuple) -> tuple[tuple[re.Pattern, Adapter | None], ...]
     out = []
     for i, rule in enumerate(rules):
         where = f"LoRA rules[{i}] = {rule!r}"
-        if not isinstance(rule, tuple) or not 3 <= len(rule) <= 5:
-            raise ValueError(f"{where}: expected (regex, rank, alpha[, dropout[, split]])")
+        if not isinstance(rule, tuple) or not 3 <= len(rule) <= 6:
+            raise ValueError(f"{where}: expected (regex, rank, alpha[, dropout[, split[, group]]])")
         regex, rank, alpha = rule[:3]
         dropout = rule[3] if len(rule) > 3 else 0.0
         split = rule[4] if len(rule) > 4 else False
+        group = rule[5] if len(rule) > 5 else ""
         try:
             pattern = re.compile(regex)
         except (re.error, TypeError) as e:
@@ -105,7 +133,11 @@ def compile_rules(rules: tuple) -> tuple[tuple[re.Pattern, Adapter | None], ...]
             raise ValueError(f"{where}: dropout must lie in [0, 1), got {dropout!r}")
         if not isinstance(split, bool):
             raise ValueError(f"{where}: split must be True or False, got {split!r}")
-        out.append((pattern, Adapter(rank, float(alpha), float(dropout), split) if rank else None))
+        if not isinstance(group, str) or not re.fullmatch(r"([A-Za-z_]\w*)?", group):
+            raise ValueError(f"{where}: group must be a module name (letters, digits, _) or '', got {group!r}")
+        if group and split:
+            raise ValueError(f"{where}: a rule is either split or in a shared-A group, not both")
+        out.append((pattern, Adapter(rank, float(alpha), float(dropout), split, group) if rank else None))
     return tuple(out)
 
 
@@ -148,7 +180,8 @@ def shapes_and_axes(in_shape: tuple, features: tuple, in_axes: tuple, out_axes: 
 
 
 def low_rank(x, a, b, n_in: int, split: bool, dtype, scale: float = 1.0):
-    """The adapter's product: scale * x [..., *in] . A . B -> [..., *features] in float32.
+    """The adapter's product: scale * x [..., *in] . A . B -> [..., *features] in float32, i.e.
+    ``up(down(x, a, n_in, dtype, scale), b, lead, split, dtype)``.
 
     A, B as :func:`shapes_and_axes`; both cast to ``dtype`` (the compute dtype), products accumulate in float32.
     The [..., r] intermediate is all that is added to the activations (no [in, out] matrix is formed); the scale
@@ -157,18 +190,27 @@ def low_rank(x, a, b, n_in: int, split: bool, dtype, scale: float = 1.0):
     N-d, B's gradient contracts two token axes, and XLA's CPU backend copies the output's cotangent transposed
     for it, which made the LoRA step slower than full fine-tuning (``bench/lora.py``: 1.12x -> 0.82x).
     """
-    x, a, b = x.astype(dtype), a.astype(dtype), b.astype(dtype)
-    lead = x.shape[:x.ndim - n_in]
-    x2 = x.reshape(math.prod(lead), -1)  # [N, I]
+    return up(down(x, a, n_in, dtype, scale), b, x.shape[:x.ndim - n_in], split, dtype)
+
+
+def down(x, a, n_in: int, dtype, scale: float = 1.0):
+    """scale * x [..., *in] . A [*in, cols] -> float32 [N, cols] (N: x's leading axes flattened; cols = r, or P * r
+    for a split A): the rank-r intermediate, which a shared-A group forms once for all its members."""
+    x = x.astype(dtype)
+    x2 = x.reshape(math.prod(x.shape[:x.ndim - n_in]), -1)  # [N, I]
+    return jnp.dot(x2, a.astype(dtype).reshape(x2.shape[1], -1), preferred_element_type=jnp.float32) * scale
+
+
+def up(xa, b, lead: tuple, split: bool, dtype):
+    """The intermediate [N, r] (split: [N, P * r]) . B [r, *features] (split: [P, r, *rest]) -> float32
+    [*lead, *features] (N = prod(lead))."""
+    xa, b = xa.astype(dtype), b.astype(dtype)
     if not split:  # [N, r] . B [r, O]
-        xa = jnp.dot(x2, a.reshape(x2.shape[1], -1), preferred_element_type=jnp.float32)
-        y = jnp.dot((xa * scale).astype(dtype), b.reshape(b.shape[0], -1), preferred_element_type=jnp.float32)
+        y = jnp.dot(xa, b.reshape(b.shape[0], -1), preferred_element_type=jnp.float32)
         return y.reshape(*lead, *b.shape[1:])
     # split: [N, P, r] . B [P, r, K], P a batch dimension (each part its own adapter)
-    p, r = a.shape[-2:]
-    xa = jnp.dot(x2, a.reshape(x2.shape[1], p * r), preferred_element_type=jnp.float32).reshape(-1, p, r)
-    y = jnp.einsum("npr,prk->npk", (xa * scale).astype(dtype), b.reshape(p, r, -1),
-                   preferred_element_type=jnp.float32)
+    p, r = b.shape[:2]
+    y = jnp.einsum("npr,prk->npk", xa.reshape(-1, p, r), b.reshape(p, r, -1), preferred_element_type=jnp.float32)
     return y.reshape(*lead, p, *b.shape[2:])
 
 
@@ -205,28 +247,50 @@ def _is_stacked(path: str) -> bool:
 
 def merge(params: dict, rules: tuple, *, _path: str = "") -> dict:
     """``params`` with every adapter folded into its kernel (``W + scale * B.A``, computed in float32, stored in the
-    kernel's dtype) and the ``lora_a``/``lora_b`` leaves removed: the plain model's params, for export or merged
-    serving. ``rules``: the table the adapters were made with (it gives each one's scale and split)."""
-    out = {}
+    kernel's dtype) and the ``lora_a``/``lora_b`` leaves (and shared-A group nodes) removed: the plain model's
+    params, for export or merged serving. ``rules``: the table the adapters were made with (it gives each one's
+    scale, split and group)."""
+    out, groups = {}, set()
     for key, value in params.items():
         path = f"{_path}/{key}" if _path else key
-        if isinstance(value, dict):
-            if "lora_a" in value:
-                adapter = adapter_for(rules, f"{path}/kernel")
-                if adapter is None:
-                    raise ValueError(f"{path} holds LoRA params but no LoRA rule gives its kernel an adapter")
-                fn = lambda w, a, b: (w.astype(jnp.float32) + adapter.scale * delta_kernel(a, b, adapter.split)  # noqa: E731
-                                      ).astype(w.dtype)
-                if _is_stacked(path):
-                    fn = jax.vmap(fn)
-                value = {k: v for k, v in value.items() if k not in PARAMS}
-                out[key] = {**value, "kernel": jax.jit(fn)(params[key]["kernel"], params[key]["lora_a"],
-                                                           params[key]["lora_b"])}
-            else:
-                out[key] = merge(value, rules, _path=path)
+        if isinstance(value, dict) and "lora_b" in value:
+            adapter = adapter_for(rules, f"{path}/kernel")
+            if adapter is None:
+                raise ValueError(f"{path} holds LoRA params but no LoRA rule gives its kernel an adapter")
+            a = shared_a(params, adapter.group, _path, key) if adapter.group else value["lora_a"]
+            groups.add(adapter.group)
+            fn = lambda w, a, b: (w.astype(jnp.float32) + adapter.scale * delta_kernel(a, b, adapter.split)  # noqa: E731
+                                  ).astype(w.dtype)
+            if _is_stacked(path):
+                fn = jax.vmap(fn)
+            rest = {k: v for k, v in value.items() if k not in PARAMS}
+            out[key] = {**rest, "kernel": jax.jit(fn)(value["kernel"], a, value["lora_b"])}
+        elif isinstance(value, dict):
+            out[key] = merge(value, rules, _path=path)
         else:
             out[key] = value
+    for group in groups - {""}:
+        del out[group]
+    left = [p for p in _leaf_paths(out, _path) if is_adapter_path(p)] if not _path else []
+    if left:
+        raise ValueError(f"{left[0]}: a LoRA param that no rule's kernel uses (a shared-A group without members?)")
     return out
+
+
+def shared_a(siblings: dict, group: str, parent: str, member: str):
+    """The ``lora_a`` of shared-A group ``group`` among ``siblings`` (the params of module ``parent``), for its
+    member ``member``; a clear error when it is missing."""
+    node = siblings.get(group)
+    if not isinstance(node, dict) or "lora_a" not in node:
+        raise ValueError(f"{parent}/{member} is in the LoRA shared-A group {group!r}, but {parent}/{group}/lora_a "
+                         f"is missing (found {sorted(siblings)})")
+    return node["lora_a"]
+
+
+def _leaf_paths(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else key
+        yield from (_leaf_paths(value, path) if isinstance(value, dict) else (path,))
 
 
 def is_adapter_path(path: str) -> bool:
