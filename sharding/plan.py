@@ -106,7 +106,7 @@ def with_lora(config, rank: int, stage: str | None = None):
     if stage and not lora_targets(cfg):
         raise ValueError(f"--lora {rank} with --stage {stage}: the stage freezes the ViT and the LLM, so LoRA has no "
                          "tower to adapt; leave out --stage for adapters on the ViT and the LLM")
-    config = config.replace(lora=lora_rules(cfg))
+    config = config.replace(lora=lora_rules(cfg, config.text.family))
     return config, trainer_optimizer(f"adamw, LoRA r={rank} on {stage or 'the ViT and the LLM'}",
                                      optim_config(cfg, config), config)
 

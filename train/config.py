@@ -76,7 +76,7 @@ class LoraConfig:
     # "auto": the towers the stage trains (vit unless freeze_backbone, llm unless freeze_llm); else a comma list of
     # internvl_jax.lora.TARGETS (vit, vit_split, llm, projector)
     targets: str = "auto"
-    rules: tuple = ()  # extra (regex, rank, alpha[, dropout[, split]]) rules, tried before the targets'
+    rules: tuple = ()  # extra (regex, rank, alpha[, dropout[, split[, group]]]) rules, tried before the targets'
     base_dtype: str = "float32"  # bfloat16: the frozen base stored in bfloat16 (adapters stay float32)
 
     @property
@@ -140,8 +140,10 @@ def lora_targets(cfg: TrainConfig) -> list[str]:
             if not frozen]
 
 
-def lora_rules(cfg: TrainConfig) -> tuple:
-    """The adapters' rule table (``InternVLConfig.lora``) of the run; () without LoRA."""
+def lora_rules(cfg: TrainConfig, family: str | None = None) -> tuple:
+    """The adapters' rule table (``InternVLConfig.lora``) of the run; () without LoRA. ``family``: the model's LLM
+    family, so that ``llm`` adapts its fused torch modules as the original does (shared-A groups,
+    :func:`internvl_jax.lora.preset_rules`)."""
     if not cfg.lora.enabled:
         return ()
     from internvl_jax.lora import preset_rules
@@ -152,7 +154,7 @@ def lora_rules(cfg: TrainConfig) -> tuple:
                           "(it freezes the ViT and the LLM); set lora.targets=vit,llm (or vit_split, projector)")
     try:
         table = tuple(cfg.lora.rules) + (preset_rules(targets, cfg.lora.rank, cfg.lora.alpha or None,
-                                                      cfg.lora.dropout) if targets else ())
+                                                      cfg.lora.dropout, family) if targets else ())
         from internvl_jax.lora import compile_rules
 
         compile_rules(table)

@@ -199,7 +199,7 @@ def evaluate(model, params, inputs: Inputs, mesh, rules, *, vocab_chunk) -> dict
 def _with_adapters(cfg: TrainConfig, config, params, mesh):
     """(config with the run's LoRA table, params with fresh adapters in their shardings); unchanged without LoRA.
     Only the adapters are initialised: the jitted init returns nothing else, so XLA drops the base's init."""
-    rules = lora_rules(cfg)
+    rules = lora_rules(cfg, config.text.family)
     if not rules:
         return config, params
     config = config.replace(lora=rules)
