@@ -12,10 +12,17 @@ Shapes: PEFT ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]; ours ``lora_
 
 - Saving a fused adapter on the ViT's qkv (the original's ``attn.qkv`` target) writes q_proj, k_proj and v_proj
   with the same ``lora_A`` and their rows of ``lora_B``: exactly the same model.
+- A fused torch Linear whose rows our separate kernels hold (Phi-3's ``qkv_proj`` -> q/k/v_proj, ``gate_up_proj``
+  -> gate/up_proj, the key maps' row rules) is a shared-A group here (:mod:`internvl_jax.lora`): its ``lora_A`` is
+  the group's ``lora_a``, its ``lora_B`` rows are the members' ``lora_b`` (rows of a kernel outside the group are
+  saved as zeros). A kernel of such a Linear with an adapter of its own has no PEFT form: a clear error.
+- A shared-A group over kernels that are separate torch Linears (InternLM2's ``wqkv`` group on the
+  transformers-native Llama names) is saved as those modules, each with the group's ``lora_A``: the same model.
 - Loading: a fused kernel whose part adapters share one ``lora_A`` everywhere becomes one fused adapter; otherwise
-  a ``split`` adapter (one per part); a part or layer the file lacks gets zero A and B (no change). PEFT's
-  ``use_rslora`` (scale alpha/sqrt(r)) becomes alpha * sqrt(r) here. DoRA, ``fan_in_fan_out`` and LoRA biases are
-  refused with a clear error, as are adapters on fused torch modules (Phi-3's ``qkv_proj``/``gate_up_proj``).
+  a ``split`` adapter (one per part). Separate modules that the family's fused groups (``lora.FUSED``) name and that
+  share one ``lora_A`` (and alpha) in every layer load as that group. A part or layer the file lacks gets zero A and
+  B (no change). PEFT's ``use_rslora`` (scale alpha/sqrt(r)) becomes alpha * sqrt(r) here. DoRA,
+  ``fan_in_fan_out`` and LoRA biases are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import numpy as np
@@ -49,12 +57,26 @@ N_IN = {"linear": 1, "linear2": 2}  # input dims of our kernel for the key maps'
 @dataclass(frozen=True)
 class Module:
     """One torch Linear PEFT can adapt: its in-memory name template (``{layer}`` for stacked kernels), our kernel
-    path, the part index on the kernel's first output axis (None: the whole kernel), our kernel's input dims."""
+    path, the part index on the kernel's first output axis (None: the whole kernel), our kernel's input dims; for a
+    fused torch Linear (one entry per kernel it feeds), the key map's ``rows(text_config, row_part)``: its rows
+    that ``kernel`` holds."""
 
     name: str
     kernel: str
     part: int | None
     n_in: int
+    rows: Callable | None = None
+    row_part: str = ""
+
+    def row_index(self, text) -> np.ndarray:
+        """The fused weight's rows of ``kernel`` (int [n]) for the TextConfig ``text``."""
+        rows = self.rows(text, self.row_part)
+        return np.arange(rows.start, rows.stop) if isinstance(rows, slice) else np.asarray(rows)
+
+    @property
+    def group(self) -> str:
+        """A fused torch Linear's shared-A group name here: the module's own name (``qkv_proj``)."""
+        return self.name.rsplit(".", 1)[-1]
 
     @property
     def stacked(self) -> bool:
@@ -76,22 +98,21 @@ def modules(family: str) -> list[Module]:
     """The adaptable torch Linears of the transformers-native model with an LLM of ``family``."""
     out = []
     for rule in HF.rules:
-        if (not rule.source.endswith(".weight") or not rule.target.endswith("/kernel") or rule.rows is not None
-                or rule.transform not in N_IN or not rule.applies_to(family)):
+        if (not rule.source.endswith(".weight") or not rule.target.endswith("/kernel") or rule.transform not in N_IN
+                or not rule.applies_to(family)):
             continue
         base = rule.source[: -len(".weight")]
         for i, part in enumerate(rule.parts or (None,)):
+            if rule.rows is not None:  # one fused Linear, its rows in our separate kernels
+                out.append(Module(_in_memory(base), rule.target.replace("{part}", part), None, N_IN[rule.transform],
+                                  rule.rows, part))
+                continue
             name = _in_memory(base.replace("{part}", part) if part else base)
             if "{part}" in rule.target:
                 out.append(Module(name, rule.target.replace("{part}", part), None, N_IN[rule.transform]))
             else:
                 out.append(Module(name, rule.target, i if part else None, N_IN[rule.transform]))
     return out
-
-
-def _fused_modules(family: str) -> set[str]:
-    """In-memory names of fused torch modules (Phi-3 ``qkv_proj``, ``gate_up_proj``): not loadable as LoRA here."""
-    return {_in_memory(r.source[: -len(".weight")]) for r in HF.rules if r.rows is not None and r.applies_to(family)}
 
 
 def _get(tree: dict, path: str):
@@ -119,16 +140,27 @@ def to_peft_tensors(params: dict, config: InternVLConfig) -> tuple[dict, dict]:
     by_kernel = defaultdict(list)
     for m in modules(config.text.family):
         by_kernel[m.kernel].append(m)
+    fused = defaultdict(list)  # fused module name -> [(Module, group path, A, B, Adapter)]
     adapted = {"/".join(k.key for k in p[:-1]) + "/kernel"
-               for p, _ in jax.tree_util.tree_flatten_with_path(lora.adapters_of(params))[0]}
+               for p, _ in jax.tree_util.tree_flatten_with_path(lora.adapters_of(params))[0] if p[-1].key == "lora_b"}
     for kernel in sorted(adapted):
         adapter = lora.adapter_for(config.lora, kernel)
         targets = by_kernel.get(lora.canonical_path(kernel))
         if adapter is None or not targets:
             raise ValueError(f"the LoRA adapter of {kernel} has no PEFT counterpart in the transformers-native model "
                              f"(adaptable kernels: {', '.join(sorted(by_kernel))})")
-        node = _get(params, kernel.rsplit("/", 1)[0])
-        a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
+        node_path = kernel.rsplit("/", 1)[0]
+        parent, member = node_path.rsplit("/", 1)
+        node = _get(params, node_path)
+        a = lora.shared_a(_get(params, parent), adapter.group, parent, member) if adapter.group else node["lora_a"]
+        a, b = np.asarray(a, np.float32), np.asarray(node["lora_b"], np.float32)
+        if targets[0].rows is not None:
+            if not adapter.group:
+                raise ValueError(f"{kernel} holds rows of the fused torch Linear {targets[0].name}, which PEFT adapts "
+                                 f"with one lora_A: put its kernels in one shared-A group (rule group "
+                                 f"{targets[0].group!r}, as internvl_jax.lora.preset_rules(..., family=) does)")
+            fused[targets[0].name].append((targets[0], f"{parent}/{adapter.group}", a, b, adapter))
+            continue
         layers = range(a.shape[0]) if targets[0].stacked else [None]
         for m in targets:
             for i in layers:
@@ -137,12 +169,31 @@ def to_peft_tensors(params: dict, config: InternVLConfig) -> tuple[dict, dict]:
                     ai, bi = ai[..., m.part, :], bi[m.part]
                 elif m.part is not None:  # fused: the shared A, this part's columns of B [r, P, *rest]
                     bi = bi[:, m.part]
-                r = ai.shape[-1]
-                name = m.name.format(layer=i)
-                tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, r).T)
-                tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(bi.reshape(r, -1).T)
-                meta[name] = (adapter.rank, adapter.alpha, adapter.dropout)
+                _put(tensors, m.name.format(layer=i), ai, bi)
+                meta[m.name.format(layer=i)] = (adapter.rank, adapter.alpha, adapter.dropout)
+    for name, members in fused.items():
+        if len({g for _, g, *_ in members}) != 1:
+            raise ValueError(f"the kernels feeding the fused torch Linear {name} are in different shared-A groups "
+                             f"({sorted({g for _, g, *_ in members})}); PEFT holds one lora_A for it")
+        a, adapter = members[0][2], members[0][4]
+        every = [m for m in modules(config.text.family) if m.name == name]
+        n_rows = sum(len(m.row_index(config.text)) for m in every)
+        layers = range(a.shape[0]) if members[0][0].stacked else [None]
+        for i in layers:
+            bi = np.zeros((n_rows, adapter.rank), np.float32)  # rows of kernels outside the group stay zero
+            for m, _, _, b, _ in members:
+                bi[m.row_index(config.text)] = (b if i is None else b[i]).reshape(adapter.rank, -1).T
+            _put(tensors, name.format(layer=i), a if i is None else a[i], bi.T)
+            meta[name.format(layer=i)] = (adapter.rank, adapter.alpha, adapter.dropout)
     return tensors, meta
+
+
+def _put(tensors: dict, name: str, a, b) -> None:
+    """PEFT's ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r] of module ``name`` from our A [*in, r] and
+    B [r, *out]."""
+    r = a.shape[-1]
+    tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
+    tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
 
 
 def peft_config(meta: dict, base_model: str | None = None) -> dict:
@@ -213,15 +264,8 @@ def read_adapter_config(path: str) -> dict:
     return cfg
 
 
-def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rules: tuple | None = None,
-                      where: str = "adapter") -> tuple[tuple, dict]:
-    """({PEFT key: array}, adapter_config dict) -> (our LoRA rule table, adapters tree of float32 numpy arrays) for
-    the model ``config``. ``rules``: lay the adapters out as this table says (e.g. gradients in the layout of
-    existing adapters) instead of detecting fused vs split."""
-    family = config.text.family
-    table = modules(family)
-    fused = _fused_modules(family)
-    found = defaultdict(dict)  # kernel -> {(layer, part): (A, B, name)}
+def _pairs(tensors: dict, where: str) -> dict:
+    """{PEFT key: array} -> {module name: (lora_A [r, in], lora_B [out, r])} as float32 numpy arrays."""
     pairs = defaultdict(dict)
     for key, value in tensors.items():
         m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
@@ -232,15 +276,65 @@ def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rule
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{where}: module {name} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        if name in fused:
-            raise CheckpointError(f"{where}: module {name} is a fused torch Linear; LoRA on it is not supported here")
-        hit = next(((mod, mm) for mod in table if (mm := mod.pattern.match(name))), None)
-        if hit is None:
+    return {name: (ab["A"], ab["B"]) for name, ab in pairs.items()}
+
+
+def _groups(found: dict, forced: dict, rules: tuple | None, family: str, alpha) -> dict:
+    """{kernel: shared-A group name} for the adapters ``found`` ({kernel: {(layer, part): (A, B, name, Module)}}):
+    ``forced`` (parts of a fused torch Linear), then the ``rules``' groups, or without rules the family's
+    ``lora.FUSED`` groups whose separate modules share one A and one ``alpha(name)`` in every layer. Raises
+    CheckpointError where the members of a group the rules name differ."""
+    if rules is not None:
+        wanted = {k: a.group for k in found if (a := lora.adapter_for(rules, k)) is not None and a.group}
+    else:
+        wanted = {k: group for regex, group in lora.FUSED.get(family, ()) for k in found
+                  if re.search(regex, lora.canonical_path(k))}
+    members = defaultdict(list)
+    for kernel, group in wanted.items():
+        if kernel not in forced:
+            members[(kernel.rsplit("/", 2)[0], group)].append(kernel)
+    groups = dict(forced)
+    for (parent, group), kernels in members.items():
+        first = found[kernels[0]]
+        same = all(found[k].keys() == first.keys() and all(
+            np.array_equal(found[k][key][0], first[key][0]) and alpha(found[k][key][2]) == alpha(first[key][2])
+            for key in first) for k in kernels)
+        same = same and (rules is not None or len(kernels) > 1)  # detected: a group of at least two
+        if not same and rules is not None:
+            raise CheckpointError(f"the rules put {kernels} in the shared-A group {parent}/{group}, but their "
+                                  "lora_A (or layers, or alpha) differ")
+        if same:
+            groups.update({k: group for k in kernels})
+    return groups
+
+
+def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rules: tuple | None = None,
+                      where: str = "adapter") -> tuple[tuple, dict]:
+    """({PEFT key: array}, adapter_config dict) -> (our LoRA rule table, adapters tree of float32 numpy arrays) for
+    the model ``config``. ``rules``: lay the adapters out as this table says (e.g. gradients in the layout of
+    existing adapters) instead of detecting fused vs split and shared-A groups."""
+    family = config.text.family
+    table = modules(family)
+    found = defaultdict(dict)  # kernel -> {(layer, part): (A, B, name, mod)}
+    forced = {}  # kernel -> the shared-A group of the fused torch Linear it holds rows of
+    for name, (a_t, b_t) in _pairs(tensors, where).items():
+        hits = [(mod, mm) for mod in table if (mm := mod.pattern.match(name))]
+        if not hits:
             raise CheckpointError(f"{where}: module {name} is not an adaptable Linear of the transformers-native "
                                   f"InternVL with a {family} LLM")
-        mod, mm = hit
-        layer = int(mm.group("layer")) if mod.stacked else None
-        found[mod.kernel][(layer, mod.part)] = (ab["A"], ab["B"], name, mod)
+        for mod, mm in hits if hits[0][0].rows is not None else hits[:1]:  # a fused Linear: all its kernels
+            layer = int(mm.group("layer")) if mod.stacked else None
+            rows = b_t
+            if mod.rows is not None:  # this kernel's rows of B, the shared A
+                n_rows = sum(len(m.row_index(config.text)) for m, _ in hits)
+                if b_t.shape[0] != n_rows:
+                    raise CheckpointError(f"{where}: {name}: lora_B {list(b_t.shape)}, expected {n_rows} rows (the "
+                                          "fused Linear's)")
+                rows = b_t[mod.row_index(config.text)]
+                forced[mod.kernel] = mod.group
+            found[mod.kernel][(layer, mod.part)] = (a_t, rows, name, mod)
+    alpha_of = lambda name: float(_pattern_value(peft.get("alpha_pattern"), name, peft["lora_alpha"]))  # noqa: E731
+    groups = _groups(found, forced, rules, family, alpha_of)
     shapes = abstract_params(config.replace(lora=()))
     out_rules, adapters = [], {}
     use_rs = bool(peft.get("use_rslora", False))
@@ -251,7 +345,7 @@ def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rule
         per_layer = kshape[1:] if stacked else kshape
         in_shape, features = per_layer[: mod.n_in], per_layer[mod.n_in:]
         ranks = {v[0].shape[0] for v in entries.values()}
-        alphas = {float(_pattern_value(peft.get("alpha_pattern"), v[2], peft["lora_alpha"])) for v in entries.values()}
+        alphas = {alpha_of(v[2]) for v in entries.values()}
         declared = {int(_pattern_value(peft.get("rank_pattern"), v[2], peft["r"])) for v in entries.values()}
         if len(ranks) != 1 or len(alphas) != 1:
             raise CheckpointError(f"{where}: the modules feeding {kernel} have ranks {sorted(ranks)} and alphas "
@@ -264,6 +358,7 @@ def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rule
             alpha = alpha * math.sqrt(r)  # rsLoRA's scale alpha/sqrt(r) as our alpha/r
         layers = kshape[0] if stacked else None
         parts = mod.part is not None
+        group = groups.get(kernel, "")
         if rules is not None:
             given = lora.adapter_for(rules, kernel)
             split = bool(given and given.split)
@@ -296,9 +391,11 @@ def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rule
             else:
                 a[idx], b[idx] = at, b_t.T.reshape(r, *features)
         node = kernel.rsplit("/", 1)[0]
-        _set(adapters, f"{node}/lora_a", a)
+        # a group's members hold the same A (checked): the group node gets it once per member, the same array
+        _set(adapters, f"{node.rsplit('/', 1)[0]}/{group}/lora_a" if group else f"{node}/lora_a", a)
         _set(adapters, f"{node}/lora_b", b)
-        out_rules.append((f"^{re.escape(kernel)}$", int(r), float(alpha), float(peft.get("lora_dropout", 0.0)), split))
+        out_rules.append((f"^{re.escape(kernel)}$", int(r), float(alpha), float(peft.get("lora_dropout", 0.0)), split)
+                         + ((group,) if group else ()))
     return tuple(out_rules), adapters
 
 

@@ -57,26 +57,30 @@ def _ours_logits(config, params, ids, pixels, mask):
     return np.asarray(jax.jit(lambda p: InternVL(config).apply({"params": p}, ids, pixels, mask))(params))
 
 
+def _saved_base(folder, text):
+    """The tiny transformers InternVL with a ``text`` LLM saved to ``folder/base`` and loaded by ours; the inputs:
+    (folder, our config, our base params, (ids, torch pixels, our pixels, tile mask))."""
+    tiny_internvl(text).save_pretrained(folder / "base")
+    model, base = load_pretrained(str(folder / "base"))
+    return folder, model.config, base, image_batch([[1], [2]], L, 2, seed=1)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """The base saved by transformers, loaded by ours; the inputs."""
-    folder = tmp_path_factory.mktemp("lora_peft")
-    ref = tiny_internvl("qwen2")
-    ref.save_pretrained(folder / "base")
-    model, base = load_pretrained(str(folder / "base"))
-    ids, torch_pixels, pixels, mask = image_batch([[1], [2]], L, 2, seed=1)
-    return folder, model.config, base, (ids, torch_pixels, pixels, mask)
+    return _saved_base(tmp_path_factory.mktemp("lora_peft"), "qwen2")
 
 
-def _peft_model(folder, adapter=None, *, init=False):
+def _peft_model(adapter=None, *, text="qwen2", targets=TARGETS):
+    """PEFT on the tiny transformers InternVL with a ``text`` LLM: the saved ``adapter`` folder, or a new LoRA on
+    ``targets`` with random A and B (a zero B would hide the low-rank path)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    base = tiny_internvl("qwen2")  # the same seed: the same base as the saved one
+    base = tiny_internvl(text)  # the same seed: the same base as the saved one
     if adapter is not None:
         return PeftModel.from_pretrained(base, str(adapter)).eval()
     torch.manual_seed(5)
-    return get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
-                                           init_lora_weights=init))
+    return get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets,
+                                           init_lora_weights=False))
 
 
 def _worst(ours, theirs, relative):
@@ -88,9 +92,65 @@ def _worst(ours, theirs, relative):
     return worst
 
 
+def _torch_adamw_step(peft, ids, torch_pixels):
+    """The token-mean cross-entropy on PEFT's adapters (the base frozen): (loss, {module weight name: gradient},
+    {name: value after one torch AdamW step}) in PEFT's key names."""
+    peft.train()  # dropout is 0: train mode changes nothing else here
+    lora_params = {n: p for n, p in peft.named_parameters() if "lora_" in n}
+    assert all(p.requires_grad for p in lora_params.values())
+    assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
+    opt = torch.optim.AdamW(lora_params.values(), lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
+                            weight_decay=OPTIM.weight_decay)
+    logits = peft(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch_pixels).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             torch.tensor(ids[:, 1:], dtype=torch.long).reshape(-1))
+    loss.backward()
+    named = lambda what: {n.replace(".default", ""): what(p) for n, p in lora_params.items()}  # noqa: E731
+    grads = named(lambda p: p.grad.numpy().copy())
+    opt.step()
+    peft.eval()
+    return loss.item(), grads, named(lambda p: p.detach().numpy().copy())
+
+
+def _ours_adamw_step(config, params, ids, pixels, mask):
+    """Ours on the same loss: the train step with the base frozen; a probe before the optimiser keeps the
+    gradients. Returns (state after the step, its metrics, the adapters' gradients)."""
+    labels = np.concatenate([ids[:, 1:], np.full((2, 1), IGNORE)], axis=1).astype(np.int32)
+    batch = {"input_ids": ids, "labels": labels, "loss_weights": (labels != IGNORE).astype(np.float32),
+             "pixel_values": pixels, "tile_mask": mask}
+    inner = optim.build_optimizer(OPTIM, params, 1)
+    tx = __import__("optax").chain(optax_probe(), inner)
+    step = make_train_step(InternVL(config), tx, trainable=optim.trainable_mask(OPTIM, params), vocab_chunk=None)
+    state, metrics = jax.jit(step)(TrainState.create(params, tx, jax.random.PRNGKey(0)), batch)
+    return state, metrics, lora.adapters_of(state.opt_state[0])
+
+
+def _assert_same_step(peft, config, lconfig, params, inputs, peft_cfg):
+    """One step of torch (PEFT) and of ours from the same adapters: the loss, every adapter gradient (relative),
+    the adapters after AdamW, and the frozen base bit-identical with no optimizer state. Returns our state."""
+    ids, torch_pixels, pixels, mask = inputs
+    loss, grads, after = _torch_adamw_step(peft, ids, torch_pixels)
+    torch_grads = from_peft_tensors(grads, peft_cfg, config, rules=lconfig.lora)[1]
+    torch_after = from_peft_tensors(after, peft_cfg, config, rules=lconfig.lora)[1]
+    state, metrics, ours = _ours_adamw_step(lconfig, params, ids, pixels, mask)
+    assert abs(float(metrics["loss"]) - loss) <= 1e-5 * loss
+    err, where = _worst(ours, torch_grads, relative=True)
+    print(f"adapter gradients: worst relative error {err:.2e} ({where})")
+    assert err <= TOL_GRAD, (err, where)
+    err, where = _worst(lora.adapters_of(state.params), torch_after, relative=False)
+    print(f"adapters after one AdamW step: max abs diff {err:.2e} ({where})")
+    assert err <= TOL_PARAMS, (err, where)
+    # the base: bit-identical, no optimizer state (Adam's two moments for the adapters only, plus two counts)
+    frozen = lambda t: lora.partition(t, lambda p: not lora.is_adapter_path(p))[0]  # noqa: E731
+    for path, x in jax.tree_util.tree_flatten_with_path(frozen(state.params))[0]:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(_dig(params, path)), err_msg=jax.tree_util.keystr(path))
+    assert lora.count(state.opt_state[1]) == 2 * lora.count(lora.adapters_of(params)) + 2, lora.count(state.opt_state[1])
+    return state
+
+
 def test_peft_parity_logits_grads_adamw_and_round_trip(setup):
     folder, config, base, (ids, torch_pixels, pixels, mask) = setup
-    peft = _peft_model(folder)
+    peft = _peft_model()
     peft.save_pretrained(folder / "peft")
     lconfig, adapters = load_adapter(str(folder / "peft"), config)
     qkv_rule = lora.adapter_for(lconfig.lora, "vision/layers/attn/qkv/kernel")
@@ -105,51 +165,15 @@ def test_peft_parity_logits_grads_adamw_and_round_trip(setup):
     assert max_diff(got, want) <= TOL_LOGITS, max_diff(got, want)
     assert max_diff(want, _torch_logits(tiny_internvl("qwen2"), ids, torch_pixels)) > 0.05  # adapters matter
 
-    # gradients and one AdamW step: torch
-    peft.train()  # dropout is 0: train mode changes nothing else here
-    lora_params = {n: p for n, p in peft.named_parameters() if "lora_" in n}
-    assert all(p.requires_grad for p in lora_params.values())
-    assert not any(p.requires_grad for n, p in peft.named_parameters() if "lora_" not in n)
-    opt = torch.optim.AdamW(lora_params.values(), lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps,
-                            weight_decay=OPTIM.weight_decay)
-    logits = peft(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch_pixels).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             torch.tensor(ids[:, 1:], dtype=torch.long).reshape(-1))
-    loss.backward()
-    named = lambda what: {n.replace(".default", ""): what(p) for n, p in lora_params.items()}  # noqa: E731
+    # gradients, one AdamW step; the base frozen
     peft_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
-    torch_grads = from_peft_tensors(named(lambda p: p.grad.numpy()), peft_cfg, config, rules=lconfig.lora)[1]
-    opt.step()
-    torch_after = from_peft_tensors(named(lambda p: p.detach().numpy()), peft_cfg, config, rules=lconfig.lora)[1]
-
-    # ours: the train step with the base frozen; a probe before the optimiser keeps the gradients
-    labels = np.concatenate([ids[:, 1:], np.full((2, 1), IGNORE)], axis=1).astype(np.int32)
-    batch = {"input_ids": ids, "labels": labels, "loss_weights": (labels != IGNORE).astype(np.float32),
-             "pixel_values": pixels, "tile_mask": mask}
-    inner = optim.build_optimizer(OPTIM, params, 1)
-    probe = optax_probe()
-    tx = __import__("optax").chain(probe, inner)
-    step = make_train_step(InternVL(lconfig), tx, trainable=optim.trainable_mask(OPTIM, params), vocab_chunk=None)
-    state, metrics = jax.jit(step)(TrainState.create(params, tx, jax.random.PRNGKey(0)), batch)
-    assert abs(float(metrics["loss"]) - loss.item()) <= 1e-5 * loss.item()
-    grads = lora.adapters_of(state.opt_state[0])
-    err, where = _worst(grads, torch_grads, relative=True)
-    print(f"adapter gradients: worst relative error {err:.2e} ({where})")
-    assert err <= TOL_GRAD, (err, where)
-    err, where = _worst(lora.adapters_of(state.params), torch_after, relative=False)
-    print(f"adapters after one AdamW step: max abs diff {err:.2e} ({where})")
-    assert err <= TOL_PARAMS, (err, where)
-    # the base: bit-identical, no optimizer state (Adam's two moments for the adapters only, plus two counts)
-    frozen = lambda t: lora.partition(t, lambda p: not lora.is_adapter_path(p))[0]  # noqa: E731
-    for path, x in jax.tree_util.tree_flatten_with_path(frozen(state.params))[0]:
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(_dig(base, path)), err_msg=jax.tree_util.keystr(path))
+    state = _assert_same_step(peft, config, lconfig, params, (ids, torch_pixels, pixels, mask), peft_cfg)
     state_scalars = lora.count(state.opt_state[1])
-    assert state_scalars == 2 * lora.count(lora.adapters_of(params)) + 2, state_scalars
     assert lora.count(lora.adapters_of(params)) < lora.count(base) / 10
 
     # our adapters after the step, saved in PEFT's format, load into PEFT
     save_adapter(state.params, lconfig, str(folder / "ours"))
-    reloaded = _peft_model(folder, folder / "ours")
+    reloaded = _peft_model(folder / "ours")
     ours_now = _ours_logits(lconfig, state.params, ids, pixels, mask)
     print(f"ours -> PEFT logits max abs diff {max_diff(_torch_logits(reloaded, ids, torch_pixels), ours_now):.2e}; "
           f"optimizer state {state_scalars} scalars for {lora.count(lora.adapters_of(params))} adapter and "
@@ -199,7 +223,7 @@ def test_fused_qkv_adapter_exports_to_peft_and_merged_safetensors(setup, fused_a
     tensors, _ = to_peft_tensors(params, fused)
     a = [tensors[f"base_model.model.model.vision_tower.encoder.layer.0.attention.{p}_proj.lora_A.weight"] for p in "qkv"]
     assert np.array_equal(a[0], a[1]) and np.array_equal(a[0], a[2])
-    peft = _peft_model(folder, folder / "fused")
+    peft = _peft_model(folder / "fused")
     print(f"fused qkv: ours -> PEFT logits {max_diff(_torch_logits(peft, ids, torch_pixels), ours):.2e}")
     assert max_diff(_torch_logits(peft, ids, torch_pixels), ours) <= TOL_LOGITS
     assert load_adapter(str(folder / "fused"), config)[0].lora[0][4] is False  # shared A: loads back fused
