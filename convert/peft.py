@@ -156,7 +156,8 @@ def to_peft_tensors(params: dict, config: InternVLConfig) -> tuple[dict, dict]:
         a, b = np.asarray(a, np.float32), np.asarray(node["lora_b"], np.float32)
         if targets[0].rows is not None:
             if not adapter.group:
-                raise ValueError(f"{kernel} holds rows of the fused torch Linear {targets[0].name}, which PEFT adapts "
+                raise ValueError(f"{kernel} holds rows of the fused torch Linear "
+                                 f"{targets[0].name.format(layer='*')}, which PEFT adapts "
                                  f"with one lora_A: put its kernels in one shared-A group (rule group "
                                  f"{targets[0].group!r}, as internvl_jax.lora.preset_rules(..., family=) does)")
             fused[targets[0].name].append((targets[0], f"{parent}/{adapter.group}", a, b, adapter))

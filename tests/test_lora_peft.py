@@ -10,6 +10,10 @@
 - The original's fused ViT qkv adapter (our ``vit`` preset) saved in PEFT format and as merged safetensors
   (``hf`` layout) reload in PyTorch with the logits of ours unmerged; the ``original`` layout export holds the
   same merged kernels.
+- Phi-3 (transformers' fused ``qkv_proj`` and ``gate_up_proj``): PEFT on qkv_proj, o_proj, gate_up_proj, down_proj
+  loads into ours as shared-A groups (our ``llm`` preset's layout for phi3, PEFT's count of adapter scalars) with
+  the same logits, gradients and AdamW step; ours saved loads into PEFT; the merged hf export equals ours
+  unmerged in transformers.
 
 Tolerances are stated once, here.
 """
@@ -273,3 +277,66 @@ def test_generate_with_an_adapter_unmerged_and_merged_on_a_mesh(setup, fused_ada
               for m, p in ((model, unmerged), (merged_model, merged), (host_model, host))]
     np.testing.assert_array_equal(tokens[0], tokens[1])
     np.testing.assert_array_equal(tokens[0], tokens[2])
+
+
+PHI3_TARGETS = r".*language_model.*\.(qkv_proj|o_proj|gate_up_proj|down_proj)$"  # the original's Phi-3 set
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    return _saved_base(tmp_path_factory.mktemp("lora_peft_phi3"), "phi3")
+
+
+def _layout(tree):
+    return {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_phi3_fused_modules_as_shared_a_groups(phi3):
+    """PEFT on transformers' Phi-3 adapts the fused ``qkv_proj`` and ``gate_up_proj`` (one lora_A for q, k and v;
+    for gate and up): ours loads them as shared-A groups, the layout of our ``llm`` preset for phi3 with PEFT's
+    count of adapter scalars; logits, gradients and one AdamW step as PEFT's; ours saved loads in PEFT; the merged
+    hf export reloaded in transformers gives ours unmerged."""
+    from transformers import InternVLForConditionalGeneration
+
+    folder, config, base, inputs = phi3
+    ids, torch_pixels, pixels, mask = inputs
+    peft = _peft_model(text="phi3", targets=PHI3_TARGETS)
+    peft.save_pretrained(folder / "peft")
+    lconfig, adapters = load_adapter(str(folder / "peft"), config)
+    preset = config.replace(lora=lora.preset_rules("llm", R, ALPHA, family="phi3"))
+    assert _layout(adapters) == _layout(lora.adapters_of(abstract_params(preset)))
+    assert lora.count(adapters) == sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+    assert {lora.adapter_for(lconfig.lora, f"language_model/layers/{k}/kernel").group
+            for k in ("attn/q_proj", "attn/k_proj", "attn/v_proj", "mlp/gate_proj", "mlp/up_proj")} == {
+        "qkv_proj", "gate_up_proj"}
+    params = lora.combine(base, jax.tree.map(jnp.asarray, adapters))
+
+    want = _torch_logits(peft, ids, torch_pixels)
+    got = _ours_logits(lconfig, params, ids, pixels, mask)
+    print(f"phi3: PEFT -> ours logits max abs diff {max_diff(got, want):.2e}")
+    assert max_diff(got, want) <= TOL_LOGITS, max_diff(got, want)
+    assert max_diff(want, _torch_logits(tiny_internvl("phi3"), ids, torch_pixels)) > 0.05  # adapters matter
+
+    peft_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
+    state = _assert_same_step(peft, config, lconfig, params, inputs, peft_cfg)
+
+    save_adapter(state.params, lconfig, str(folder / "ours"))
+    saved = json.loads((folder / "ours" / "adapter_config.json").read_text())["target_modules"]
+    assert {n.rsplit(".", 1)[-1] for n in saved} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    ours_now = _ours_logits(lconfig, state.params, ids, pixels, mask)
+    reloaded = _torch_logits(_peft_model(folder / "ours", text="phi3"), ids, torch_pixels)
+    print(f"phi3: ours -> PEFT logits max abs diff {max_diff(reloaded, ours_now):.2e}")
+    assert max_diff(reloaded, ours_now) <= TOL_LOGITS
+
+    export_checkpoint(lora.merge(state.params, lconfig.lora), config, str(folder / "merged"), layout="hf")
+    merged = _torch_logits(InternVLForConditionalGeneration.from_pretrained(str(folder / "merged")).eval(), ids,
+                           torch_pixels)
+    print(f"phi3: merged hf export in transformers vs ours unmerged {max_diff(merged, ours_now):.2e}")
+    assert max_diff(merged, ours_now) <= TOL_LOGITS
+
+    # q/k/v adapted separately have no form on the one torch Linear: a clear error, not a wrong file
+    separate = config.replace(lora=lora.preset_rules("llm", R, ALPHA))
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(separate))
+    with pytest.raises(ValueError, match=r"attn/[qkv]_proj/kernel holds rows of the fused torch Linear .*qkv_proj.*"
+                                         r"shared-A group \(rule group 'qkv_proj'"):
+        to_peft_tensors(zeros, separate)
