@@ -32,6 +32,13 @@ INTERNLM2_RENAMES = [
 ]
 
 
+def grouped_wqkv(q, k, v, kv_heads: int):
+    """InternLM2's ``wqkv`` rows from q [H*D, e], k and v [K*D, e] (torch): per KV head, its query heads, then its
+    key, then its value."""
+    e = q.shape[1]
+    return torch.cat([q.view(kv_heads, -1, e), k.view(kv_heads, -1, e), v.view(kv_heads, -1, e)], 1).reshape(-1, e)
+
+
 def to_original_layout(sd, internlm2=False, heads=0, kv_heads=0):
     out = {}
     for key, t in sd.items():
@@ -55,11 +62,10 @@ def to_original_layout(sd, internlm2=False, heads=0, kv_heads=0):
         else:
             k = key[len("model.language_model."):]
             if internlm2 and k.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
-                if k.split(".")[-2] == "q_proj":  # per KV head: its query heads, then its key, then its value
+                if k.split(".")[-2] == "q_proj":
                     q, kk, v = (sd[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj"))
-                    e = q.shape[1]
-                    grouped = torch.cat([q.view(kv_heads, -1, e), kk.view(kv_heads, -1, e), v.view(kv_heads, -1, e)], 1)
-                    out["language_model.model." + k.replace("self_attn.q_proj", "attention.wqkv")] = grouped.reshape(-1, e)
+                    out["language_model.model." + k.replace("self_attn.q_proj", "attention.wqkv")] = grouped_wqkv(
+                        q, kk, v, kv_heads)
                 continue
             if internlm2:
                 for a, b in INTERNLM2_RENAMES:
