@@ -259,8 +259,8 @@ def merge(params: dict, rules: tuple, *, _path: str = "") -> dict:
                 raise ValueError(f"{path} holds LoRA params but no LoRA rule gives its kernel an adapter")
             a = shared_a(params, adapter.group, _path, key) if adapter.group else value["lora_a"]
             groups.add(adapter.group)
-            fn = lambda w, a, b: (w.astype(jnp.float32) + adapter.scale * delta_kernel(a, b, adapter.split)  # noqa: E731
-                                  ).astype(w.dtype)
+            def fn(w, a, b, scale=adapter.scale, split=adapter.split):
+                return (w.astype(jnp.float32) + scale * delta_kernel(a, b, split)).astype(w.dtype)
             if _is_stacked(path):
                 fn = jax.vmap(fn)
             rest = {k: v for k, v in value.items() if k not in PARAMS}

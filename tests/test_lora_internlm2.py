@@ -70,8 +70,8 @@ def _logits(config, params, inputs, unrolled=False):
 def _fused_ab(attn: dict, layer: int, kv_heads: int):
     """The group's adapters as one LoRA on wqkv, float64 torch: A [r, E], B [rows, r] in wqkv's grouped rows."""
     a = torch.tensor(np.asarray(attn["wqkv"]["lora_a"][layer], np.float64)).T
-    part = lambda p: torch.tensor(np.asarray(attn[f"{p}_proj"]["lora_b"][layer], np.float64)).reshape(R, -1).T  # noqa: E731
-    return a, grouped_wqkv(part("q"), part("k"), part("v"), kv_heads)
+    q, k, v = (torch.tensor(np.asarray(attn[f"{p}_proj"]["lora_b"][layer], np.float64)).reshape(R, -1).T for p in "qkv")
+    return a, grouped_wqkv(q, k, v, kv_heads)
 
 
 def test_wqkv_group_layout_and_count(adapted):

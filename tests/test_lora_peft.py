@@ -148,7 +148,8 @@ def _assert_same_step(peft, config, lconfig, params, inputs, peft_cfg):
     frozen = lambda t: lora.partition(t, lambda p: not lora.is_adapter_path(p))[0]  # noqa: E731
     for path, x in jax.tree_util.tree_flatten_with_path(frozen(state.params))[0]:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(_dig(params, path)), err_msg=jax.tree_util.keystr(path))
-    assert lora.count(state.opt_state[1]) == 2 * lora.count(lora.adapters_of(params)) + 2, lora.count(state.opt_state[1])
+    scalars = lora.count(state.opt_state[1])
+    assert scalars == 2 * lora.count(lora.adapters_of(params)) + 2, scalars
     return state
 
 
