@@ -1,5 +1,6 @@
 """LoRA adapters by path rules (internvl_jax.lora): which kernels get one, their shapes and logical axes, the
-low-rank path inside the scanned and unrolled layers, merging, dropout, sharding on an 8-device mesh.
+low-rank path inside the scanned and unrolled layers, merging, dropout, sharding on an 8-device mesh; shared-A
+groups (the fused torch modules of InternLM2 and Phi-3) in each of these.
 
 Tolerances (float32): TOL_SAME, max abs difference between two computations of the same function in a
 different order (merged vs low-rank path, stacked vs unrolled layers).
@@ -50,6 +51,38 @@ def test_presets_name_the_originals_targets():
     assert {r[1:4] for r in rules} == {(16, 32.0, 0.05)}  # r, alpha = 2r, dropout 0.05
 
 
+@pytest.mark.parametrize("family, groups", [
+    ("qwen2", {}),
+    ("internlm2", {"attn": {"wqkv": "qkv"}}),
+    ("phi3", {"attn": {"qkv_proj": "qkv"}, "mlp": {"gate_up_proj": ("gate", "up")}}),
+])
+def test_llm_preset_groups_the_fused_modules_of_the_family(family, groups):
+    """The original adapts InternLM2's wqkv and Phi-3's qkv_proj / gate_up_proj as one Linear each: one A
+    [layers, E, r] at <module>/<group>, each member keeping its own B; the trainer's table (``lora_rules`` with the
+    model's family) is the preset's."""
+    from train.config import LoraConfig, TrainConfig, lora_rules
+
+    config = get_preset(f"tiny-{family}")
+    rules = lora.preset_rules("llm", 4, family=family)
+    assert lora_rules(TrainConfig(lora=LoraConfig(rank=4, targets="llm")), family) == rules
+    boxed = lora.adapters_of(abstract_params(config.replace(lora=rules), boxed=True))["language_model"]["layers"]
+    e, layers = config.text.hidden_size, config.text.num_layers
+    grouped = set()
+    for module, named in groups.items():
+        for group, members in named.items():
+            a = boxed[module][group]["lora_a"]
+            assert set(boxed[module][group]) == {"lora_a"}
+            assert a.value.shape == (layers, e, 4) and a.names == ("layers", "embed", "lora_rank")
+            for m in members:
+                assert set(boxed[module][f"{m}_proj"]) == {"lora_b"}
+                grouped.add(f"{module}/{m}_proj")
+    for module, nodes in boxed.items():  # the rest: an adapter of its own
+        for name, node in nodes.items():
+            if f"{module}/{name}" not in grouped and name not in groups.get(module, {}):
+                assert set(node) == {"lora_a", "lora_b"}, (module, name)
+    assert not any(r[5:] for r in lora.preset_rules("llm", 4))  # no family: every projection its own adapter
+
+
 def test_first_rule_wins_and_rank_zero_excludes():
     rules = ((r"mlp/down_proj/kernel$", 0, 1.0),) + lora.preset_rules("llm", 2, alpha=4)
     tree = abstract_params(get_preset("tiny-qwen2").replace(lora=rules))
@@ -63,6 +96,8 @@ def test_first_rule_wins_and_rank_zero_excludes():
     ((("q_proj", 4, 0),), "alpha must be a number > 0"),
     ((("q_proj", 4, 8.0, 1.5),), "dropout must lie in [0, 1)"),
     ((("q_proj", 4, 8.0, 0.0, "yes"),), "split must be True or False"),
+    ((("q_proj", 4, 8.0, 0.0, False, "q/k"),), "group must be a module name"),
+    ((("q_proj", 4, 8.0, 0.0, True, "qkv"),), "either split or in a shared-A group"),
     ((("q_proj", 4),), "expected (regex, rank, alpha"),
 ])
 def test_bad_rules_are_named(rule, message):
@@ -89,12 +124,13 @@ def test_adapter_shapes_axes_and_init():
         assert leaf.value.dtype == jnp.float32
 
 
-def test_low_rank_path_fresh_merged_unrolled_dropout():
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_low_rank_path_fresh_merged_unrolled_dropout(family):
     """One init (bf16 base) and one compile per model variant: a fresh adapter is the identity (bit-exact), random
     B changes the logits, the merged kernels give the low-rank path's logits, so do the unrolled (generation)
-    layers, and LoRA dropout acts only with a dropout rng."""
-    config = get_preset("tiny-qwen2")
-    adapted = config.replace(lora=lora.preset_rules("vit,llm", 4), param_dtype="bfloat16")
+    layers, and LoRA dropout acts only with a dropout rng; with phi3's shared-A groups as well."""
+    config = get_preset(f"tiny-{family}")
+    adapted = config.replace(lora=lora.preset_rules("vit,llm", 4, family=family), param_dtype="bfloat16")
     fresh = jax.jit(lambda k: init_params(adapted, k))(jax.random.PRNGKey(0))
     # init: A uniform in +-1/sqrt(fan_in) (PEFT's kaiming_uniform(a=sqrt(5))), B zero, both float32 on a bf16 base
     a = np.asarray(fresh["language_model"]["layers"]["mlp"]["down_proj"]["lora_a"])
@@ -128,6 +164,30 @@ def test_low_rank_path_fresh_merged_unrolled_dropout():
     assert float(jnp.max(jnp.abs(dropped - stacked))) > 1e-3
 
 
+def test_groups_need_one_adapter_and_a_module_that_forms_them():
+    config = get_preset("tiny-qwen2")
+    mixed = ((r"attn/q_proj/kernel$", 4, 8.0, 0.0, False, "qkv"),
+             (r"attn/[kv]_proj/kernel$", 2, 4.0, 0.0, False, "qkv"))
+    with pytest.raises(ValueError, match=r"group 'qkv' of language_model/layers/attn: its kernels \['q_proj', "
+                                         r"'k_proj', 'v_proj'\] get different adapters"):
+        abstract_params(config.replace(lora=mixed))
+    with pytest.raises(ValueError, match=r"put vision/layers/fc1/kernel in the shared-A group 'mlp', but its module "
+                                         r"forms no group intermediate"):
+        abstract_params(config.replace(lora=((r"vision/layers/fc[12]/kernel$", 4, 8.0, 0.0, False, "mlp"),)))
+    with pytest.raises(ValueError, match=r"has the name of one of its kernels"):
+        abstract_params(config.replace(lora=((r"mlp/(gate|up)_proj/kernel$", 4, 8.0, 0.0, False, "up_proj"),)))
+
+
+def test_merge_needs_the_group_a():
+    rules = lora.preset_rules("llm", 2, family="phi3")
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(get_preset("tiny-phi3").replace(
+        lora=rules)))
+    del params["language_model"]["layers"]["attn"]["qkv_proj"]
+    with pytest.raises(ValueError, match=r"language_model/layers/attn/[qkv]_proj is in the LoRA shared-A group "
+                                         r"'qkv_proj', but language_model/layers/attn/qkv_proj/lora_a is missing"):
+        lora.merge(params, rules)
+
+
 @pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])
 def test_adapters_shard_with_the_rule_presets(rules):
     config = get_preset("tiny-qwen2").replace(lora=lora.preset_rules("vit,llm", 4))
@@ -138,3 +198,7 @@ def test_adapters_shard_with_the_rule_presets(rules):
     kernel = sh["language_model"]["layers"]["mlp"]["up_proj"]["kernel"].spec  # [layers, embed, mlp]
     assert tuple(a) == (None, kernel[1], None) and tuple(b)[:2] == (None, None) and tuple(b)[2:] == tuple(kernel)[2:]
     assert kernel[1] is not None  # the width is split, so A really is sharded
+    grouped = sharding.shardings(abstract_params(get_preset("tiny-phi3").replace(
+        lora=lora.preset_rules("llm", 4, family="phi3")), boxed=True), mesh, rules)["language_model"]["layers"]["mlp"]
+    assert grouped["gate_up_proj"]["lora_a"].spec == a  # the shared A [layers, embed, r] as a member's own A
+    assert grouped["up_proj"]["lora_b"].spec == b
