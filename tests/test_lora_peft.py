@@ -61,6 +61,17 @@ def _ours_logits(config, params, ids, pixels, mask):
     return np.asarray(jax.jit(lambda p: InternVL(config).apply({"params": p}, ids, pixels, mask))(params))
 
 
+def _assert_peft_logits(peft, text, lconfig, params, inputs, label):
+    """PEFT's logits (eval mode) equal ours within TOL_LOGITS, and differ from the adapter-free model's."""
+    ids, torch_pixels, pixels, mask = inputs
+    peft.eval()
+    want = _torch_logits(peft, ids, torch_pixels)
+    got = _ours_logits(lconfig, params, ids, pixels, mask)
+    print(f"{label}PEFT -> ours logits max abs diff {max_diff(got, want):.2e}")
+    assert max_diff(got, want) <= TOL_LOGITS, max_diff(got, want)
+    assert max_diff(want, _torch_logits(tiny_internvl(text), ids, torch_pixels)) > 0.05  # adapters matter
+
+
 def _saved_base(folder, text):
     """The tiny transformers InternVL with a ``text`` LLM saved to ``folder/base`` and loaded by ours; the inputs:
     (folder, our config, our base params, (ids, torch pixels, our pixels, tile mask))."""
@@ -162,13 +173,7 @@ def test_peft_parity_logits_grads_adamw_and_round_trip(setup):
     assert qkv_rule.split and qkv_rule.rank == R and qkv_rule.scale == ALPHA / R  # PEFT's q/k/v each have an A
     params = lora.combine(base, jax.tree.map(jnp.asarray, adapters))
 
-    # logits
-    peft.eval()
-    want = _torch_logits(peft, ids, torch_pixels)
-    got = _ours_logits(lconfig, params, ids, pixels, mask)
-    print(f"PEFT -> ours logits max abs diff {max_diff(got, want):.2e}")
-    assert max_diff(got, want) <= TOL_LOGITS, max_diff(got, want)
-    assert max_diff(want, _torch_logits(tiny_internvl("qwen2"), ids, torch_pixels)) > 0.05  # adapters matter
+    _assert_peft_logits(peft, "qwen2", lconfig, params, (ids, torch_pixels, pixels, mask), "")
 
     # gradients, one AdamW step; the base frozen
     peft_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
@@ -312,11 +317,7 @@ def test_phi3_fused_modules_as_shared_a_groups(phi3):
         "qkv_proj", "gate_up_proj"}
     params = lora.combine(base, jax.tree.map(jnp.asarray, adapters))
 
-    want = _torch_logits(peft, ids, torch_pixels)
-    got = _ours_logits(lconfig, params, ids, pixels, mask)
-    print(f"phi3: PEFT -> ours logits max abs diff {max_diff(got, want):.2e}")
-    assert max_diff(got, want) <= TOL_LOGITS, max_diff(got, want)
-    assert max_diff(want, _torch_logits(tiny_internvl("phi3"), ids, torch_pixels)) > 0.05  # adapters matter
+    _assert_peft_logits(peft, "phi3", lconfig, params, inputs, "phi3: ")
 
     peft_cfg = json.loads((folder / "peft" / "adapter_config.json").read_text())
     state = _assert_same_step(peft, config, lconfig, params, inputs, peft_cfg)
