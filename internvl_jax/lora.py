@@ -179,23 +179,18 @@ def shapes_and_axes(in_shape: tuple, features: tuple, in_axes: tuple, out_axes: 
     return (*in_shape, r), (*in_axes, RANK_AXIS), (r, *features), (RANK_AXIS, *out_axes)
 
 
-def low_rank(x, a, b, n_in: int, split: bool, dtype, scale: float = 1.0):
-    """The adapter's product: scale * x [..., *in] . A . B -> [..., *features] in float32, i.e.
-    ``up(down(x, a, n_in, dtype, scale), b, lead, split, dtype)``.
-
-    A, B as :func:`shapes_and_axes`; both cast to ``dtype`` (the compute dtype), products accumulate in float32.
-    The [..., r] intermediate is all that is added to the activations (no [in, out] matrix is formed); the scale
-    multiplies it, not the wider product. Both products run on 2-D views, every leading axis flattened into one
-    token axis N and the kernel's input axes into one, so their gradients are plain matrix products as well: left
-    N-d, B's gradient contracts two token axes, and XLA's CPU backend copies the output's cotangent transposed
-    for it, which made the LoRA step slower than full fine-tuning (``bench/lora.py``: 1.12x -> 0.82x).
-    """
-    return up(down(x, a, n_in, dtype, scale), b, x.shape[:x.ndim - n_in], split, dtype)
-
-
 def down(x, a, n_in: int, dtype, scale: float = 1.0):
     """scale * x [..., *in] . A [*in, cols] -> float32 [N, cols] (N: x's leading axes flattened; cols = r, or P * r
-    for a split A): the rank-r intermediate, which a shared-A group forms once for all its members."""
+    for a split A): the rank-r intermediate, which a shared-A group forms once for all its members. The adapter's
+    product is ``up(down(x, a, n_in, dtype, scale), b, lead, split, dtype)``.
+
+    A, B as :func:`shapes_and_axes`; both cast to ``dtype`` (the compute dtype), products accumulate in float32.
+    The [N, r] intermediate is all that is added to the activations (no [in, out] matrix is formed); the scale
+    multiplies it, not the wider product. Both products run on 2-D views (leading axes flattened into one token
+    axis N, the kernel's input axes into one), so their gradients are plain matrix products too: left N-d, B's
+    gradient contracts two token axes, and XLA's CPU backend copies the output's cotangent transposed for it,
+    which made the LoRA step slower than full fine-tuning (``bench/lora.py``: 1.12x -> 0.82x).
+    """
     x = x.astype(dtype)
     x2 = x.reshape(math.prod(x.shape[:x.ndim - n_in]), -1)  # [N, I]
     return jnp.dot(x2, a.astype(dtype).reshape(x2.shape[1], -1), preferred_element_type=jnp.float32) * scale
