@@ -388,7 +388,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     if cfg.export:
         final = lora.merge(state.params, config.lora) if use_lora else state.params
         export(final, config.replace(lora=()), os.path.join(cfg.workdir, "export"), cfg.export, inputs)
-        if use_lora and config.text.family != "phi3":
+        if use_lora:
             from convert.peft import save_adapter
 
             save_adapter(state.params, config, os.path.join(cfg.workdir, "adapter"), overwrite=True,
