@@ -162,11 +162,16 @@ def _dummy_inputs(config: CLIPConfig):
     return jnp.zeros((1, s, s, 3), as_dtype(config.dtype)), jnp.ones((1, 1), jnp.int32)
 
 
+def clip_init_fn(config: CLIPConfig):
+    """``key -> params`` of a fresh model, boxed with their logical axes (``sharding.init_sharded`` places them)."""
+    model = InternVLCLIP(config)
+    return lambda key: model.init(key, *_dummy_inputs(config), method=InternVLCLIP.init_all)["params"]
+
+
 def init_clip_params(config: CLIPConfig, rng) -> dict:
     """Randomly initialised params (plain nested dicts); ``rng``: a ``jax.random`` key (an ``impl="rbg"`` key
     builds fastest)."""
-    model = InternVLCLIP(config)
-    init = jax.jit(lambda key: model.init(key, *_dummy_inputs(config), method=InternVLCLIP.init_all)["params"])
+    init = jax.jit(clip_init_fn(config))
     # it runs once: a small model on the CPU is compiled without XLA's expensive passes (several times faster to
     # build); a large one gets them, its unoptimised forward would take longer than the compile saves
     small = clip_param_count(config) < SMALL_INIT_PARAMS and jax.default_backend() == "cpu"
@@ -180,9 +185,7 @@ SMALL_INIT_PARAMS = 50_000_000
 
 def abstract_clip_params(config: CLIPConfig, *, boxed: bool = False) -> dict:
     """Shapes and dtypes of the params (``jax.eval_shape``, nothing allocated); ``boxed`` keeps the logical axes."""
-    model = InternVLCLIP(config)
-    tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(config),
-                                             method=InternVLCLIP.init_all))["params"]
+    tree = jax.eval_shape(clip_init_fn(config), jax.random.PRNGKey(0))
     return tree if boxed else nn.unbox(tree)
 
 

@@ -35,20 +35,27 @@ def _masked_mean(values, ok):
     return jnp.sum(jnp.where(ok, values, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
 
 
+def _rngs(rng):
+    """The ``rngs`` of a forward: ViT drop path draws from ``rng`` (None: no drop path)."""
+    return None if rng is None else {"dropout": rng}
+
+
 def contrastive_loss(model: InternVLCLIP, params, batch: dict, *, contrastive: Callable = clip_loss,
-                     label_smoothing: float = 0.0):
+                     label_smoothing: float = 0.0, rng=None):
     """Stage 1: InfoNCE between InternVL-C image features and text features. batch: ``pixel_values``
     [B, H, W, 3], ``input_ids`` int [B, L] (right-padded, EOS last). ``contrastive(image, text, logit_scale,
-    valid, label_smoothing=...)``: :func:`~train.contrastive.clip_loss` or a gathered variant. float32 []."""
+    valid, label_smoothing=...)``: :func:`~train.contrastive.clip_loss` or a gathered variant; ``rng``: drop path
+    in the ViT (None: none). float32 []."""
     v = {"params": params}
-    image = model.apply(v, batch["pixel_values"], "InternVL-C", method=InternVLCLIP.image_features)
+    image = model.apply(v, batch["pixel_values"], "InternVL-C", method=InternVLCLIP.image_features, rngs=_rngs(rng))
     text = model.apply(v, batch["input_ids"], method=InternVLCLIP.text_features)
     return contrastive(normalize(image), normalize(text), params["logit_scale"], None, label_smoothing=label_smoothing)
 
 
-def stage2_outputs(model: InternVLCLIP, params, batch: dict) -> dict:
+def stage2_outputs(model: InternVLCLIP, params, batch: dict, rng=None) -> dict:
     """The stage-2 forward's intermediate arrays: ``hidden`` [3B, Q + L, E], ``itm_logits`` [B, 2],
-    ``image_itc`` [B, D] (unnormalised), ``text_itc`` [B, D], ``itg_logits`` [B, L, V], ``backbone`` [B, D]."""
+    ``image_itc`` [B, D] (unnormalised), ``text_itc`` [B, D], ``itg_logits`` [B, L, V], ``backbone`` [B, D].
+    ``rng``: drop path in the ViT (None: none)."""
     v = {"params": params}
     b = batch["input_ids"].shape[0]
     neg = b - b // 2
@@ -56,7 +63,7 @@ def stage2_outputs(model: InternVLCLIP, params, batch: dict) -> dict:
     itm_mask = jnp.concatenate([batch["negative_attention_mask"][:neg], batch["positive_attention_mask"][neg:]])
     ids = jnp.concatenate([itm_ids, batch["summarize_input_ids"], batch["input_ids"]])
     mask = jnp.concatenate([itm_mask, batch["summarize_attention_mask"], batch["attention_mask"]])
-    vit = model.apply(v, batch["pixel_values"], method=InternVLCLIP.vision_states)
+    vit = model.apply(v, batch["pixel_values"], method=InternVLCLIP.vision_states, rngs=_rngs(rng))
     hidden = model.apply(v, vit, ids, mask, ("full", "separate", "prefix"), method=InternVLCLIP.lm_hidden)
     q = model.config.num_query_token
     itm, itc, itg = jnp.split(hidden, 3)
@@ -72,9 +79,10 @@ def stage2_outputs(model: InternVLCLIP, params, batch: dict) -> dict:
     }
 
 
-def stage2_losses(model: InternVLCLIP, params, batch: dict, *, contrastive: Callable = clip_loss) -> dict:
-    """Stage 2: {loss, loss_itm, loss_itc, loss_itg} float32 scalars (see the module docstring)."""
-    out = stage2_outputs(model, params, batch)
+def stage2_losses(model: InternVLCLIP, params, batch: dict, *, contrastive: Callable = clip_loss, rng=None) -> dict:
+    """Stage 2: {loss, loss_itm, loss_itc, loss_itg} float32 scalars (see the module docstring); ``rng``: drop
+    path in the ViT."""
+    out = stage2_outputs(model, params, batch, rng)
     b = batch["input_ids"].shape[0]
     neg = b - b // 2
     itm_tokens = jnp.concatenate([jnp.sum(batch["negative_attention_mask"][:neg], 1),

@@ -21,6 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from internvl_jax.clip_config import CLIPConfig
 from internvl_jax.config import InternVLConfig
 
 from .optim import OptimConfig, stage_rules
@@ -94,7 +95,8 @@ class TrainConfig:
     workdir: str = ""  # output folder: metrics.jsonl, checkpoints/, export/; an existing run here resumes
     init: str = ""
     preset: str = ""
-    model: InternVLConfig | None = None  # a model config written in the preset file (wins over ``preset``)
+    # a model config written in the preset file (wins over ``preset``); a CLIPConfig for InternVL 1.0's stages
+    model: InternVLConfig | CLIPConfig | None = None
     tokenizer: str = ""
     steps: int = 1000
     accum_steps: int = 1  # gradient accumulation micro-batches per step
@@ -124,12 +126,22 @@ class TrainConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # sft: supervised rows (conversations); mpo: preference pairs (MMPR records) and the MPO loss of ``mpo``
+    # sft: supervised rows (conversations); mpo: preference pairs (MMPR records) and the MPO loss of ``mpo``;
+    # contrastive / generative: InternVL 1.0's stages on image-text pairs (train/clip_train.py, train/data/captions.py)
     objective: str = "sft"
     mpo: MPOConfig = field(default_factory=MPOConfig)
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+OBJECTIVES = ("sft", "mpo", "contrastive", "generative")
+CLIP_OBJECTIVES = ("contrastive", "generative")  # InternVL 1.0 (InternVL-C / InternVL-G) stages
+
+
+def is_clip_run(cfg: TrainConfig) -> bool:
+    """Whether the run trains InternVL 1.0 (one of its stages)."""
+    return cfg.objective in CLIP_OBJECTIVES
 
 
 def lora_targets(cfg: TrainConfig) -> list[str]:
@@ -178,7 +190,12 @@ def optim_config(cfg: TrainConfig, config: InternVLConfig) -> OptimConfig:
         extra = ((r"/lora_[ab]$", 1.0),) + tuple(extra)
     rules = stage_rules(freeze_backbone, freeze_mlp, freeze_llm, f.unfreeze_vit_layers, f.unfreeze_lm_head,
                         tied_head=config.text.tie_word_embeddings, extra=extra)
-    return dataclasses.replace(cfg.optim, lr_rules=rules)
+    optim = dataclasses.replace(cfg.optim, lr_rules=rules)
+    if is_clip_run(cfg):  # the stage's rules last: the config's rules and flags win
+        from .clip_train import optim_for
+
+        optim = optim_for(cfg.objective, optim)
+    return optim
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -198,7 +215,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r}: expected float32 or bfloat16"),
         (cfg.save_every >= 1 and cfg.keep >= 1, f"save_every={cfg.save_every}, keep={cfg.keep}: expected >= 1"),
         (cfg.lora.rank >= 0, f"lora.rank={cfg.lora.rank}: expected >= 0 (0 = no LoRA)"),
-        (cfg.objective in ("sft", "mpo"), f"objective={cfg.objective!r}: expected sft or mpo"),
+        (cfg.objective in OBJECTIVES, f"objective={cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}"),
         (cfg.lora.base_dtype in ("float32", "bfloat16"),
          f"lora.base_dtype={cfg.lora.base_dtype!r}: expected float32 or bfloat16"),
     ]
@@ -209,11 +226,43 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.meta={cfg.data.meta}: no such file")
     if cfg.init and not os.path.isdir(cfg.init):
         raise ConfigError(f"init={cfg.init}: no such checkpoint folder")
+    _validate_model_kind(cfg)
     lora_rules(cfg)  # a bad table or target set fails here, before anything is loaded
     try:
         cfg.mpo.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _validate_model_kind(cfg: TrainConfig) -> None:
+    """InternVL 1.0 stages train an InternVL 1.0 model (a CLIP preset, a CLIPConfig or an InternVL 1.0 checkpoint)
+    with the settings that apply to it; the other objectives train an InternVL chat model."""
+    from internvl_jax.presets import CLIP_PRESETS
+
+    clip = is_clip_run(cfg)
+    if cfg.model is not None and isinstance(cfg.model, CLIPConfig) != clip:
+        raise ConfigError(f"objective={cfg.objective} trains {'an InternVL 1.0' if clip else 'an InternVL chat'} "
+                          f"model, but the config's model is a {type(cfg.model).__name__}")
+    if cfg.preset and cfg.model is None and not cfg.init and (cfg.preset in CLIP_PRESETS) != clip:
+        expected = f"one of {', '.join(CLIP_PRESETS)}" if clip else "a chat model preset"
+        raise ConfigError(f"preset={cfg.preset!r} with objective={cfg.objective}: expected {expected}")
+    if not clip:
+        return
+    f = cfg.freeze
+    checks = [
+        (cfg.accum_steps == 1, f"accum_steps={cfg.accum_steps}: InternVL 1.0's contrastive terms take every "
+                               "negative of the global batch at once; micro-batches would change the loss (use 1)"),
+        (not cfg.lora.enabled, "lora: not supported for InternVL 1.0's stages (train by optim.lr_rules instead)"),
+        (not cfg.data.eval_meta, "data.eval_meta: no held-out loss for InternVL 1.0's stages (leave it empty)"),
+        (not (f.freeze_mlp or f.freeze_llm or f.unfreeze_lm_head),
+         "freeze.freeze_mlp / freeze_llm / unfreeze_lm_head name InternVL chat towers; InternVL 1.0's stage decides "
+         "QLLaMA and the heads (train/clip_train.py STAGE_RULES): change them with optim.lr_rules"),
+        (cfg.export in ("", "original"), f"export={cfg.export!r}: InternVL 1.0 exports its original layout only "
+                                         "(export=original)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """A run's input, built from its :class:`~train.config.TrainConfig`: tokenizer and template (the checkpoint's, so
 training and inference prepare samples identically), the meta files, the grain pipeline of ``train.data`` for
-this process's rows, and the held-out pipeline."""
+this process's rows, and the held-out pipeline; for InternVL 1.0's stages, image-text pairs
+(:func:`build_caption_inputs`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from internvl_jax.layers import as_dtype
 from internvl_jax.processing import Processor, Tokenizer, get_template
 
 from .config import ConfigError, TrainConfig
+from .data.captions import CaptionPrepare, CaptionSettings, caption_batch_shapes, caption_pack_config, caption_rows
 from .data.meta import read_meta
 from .data.meta import records as meta_records
 from .data.packing import SFT_ROWS, PackConfig
@@ -56,11 +58,12 @@ def _v2pe(text: str):
 
 @dataclass
 class Inputs:
-    """The training iterator (checkpointable: ``iterator``), the global batch's shapes and the held-out data."""
+    """The training iterator (checkpointable: ``iterator``), the global batch's shapes and the held-out data.
+    ``processor``: the run's Processor (InternVL 1.0's stages: its Tokenizer)."""
 
     iterator: object
     abstract_batch: dict
-    processor: Processor
+    processor: Processor | Tokenizer
     tokenizer_dir: str
     pixel_dtype: object
     eval_dataset: object | None
@@ -170,3 +173,30 @@ def build_inputs(cfg: TrainConfig, config, reference: dict | None = None,
     abstract = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
     os.makedirs(cfg.workdir, exist_ok=True)
     return Inputs(iter(pipeline), abstract, processor, tokenizer_dir, as_dtype(config.dtype), eval_dataset)
+
+
+def build_caption_inputs(cfg: TrainConfig, config) -> Inputs:
+    """The input of an InternVL 1.0 stage (``cfg.objective``) for this process: the image-text pairs of
+    ``cfg.data.meta`` (train/data/captions.py), ``data.max_tokens`` text positions per caption, tokenised by the
+    ``tokenizer`` folder's or the ``init`` checkpoint's tokenizer (InternVL 1.0 ships LLaMA's)."""
+    d = cfg.data
+    processes = jax.process_count()
+    if d.rows % processes:
+        raise ConfigError(f"data.rows={d.rows} does not split over {processes} processes")
+    folder = cfg.tokenizer or cfg.init
+    if not folder:
+        raise ConfigError("tokenizer is not set: a run from a preset needs tokenizer=FOLDER (tokenizer.json or "
+                          "tokenizer.model with its config)")
+    tokenizer = Tokenizer.from_pretrained(folder)
+    if tokenizer.eos_id is None:
+        raise ConfigError(f"tokenizer {folder}: no EOS token; InternVL 1.0 pools its text features at the EOS")
+    specs = read_meta(d.meta)
+    size = config.image_size
+    pipeline = make_pipeline(meta_sources(specs), CaptionPrepare(specs, CaptionSettings(tokenizer, size, d.max_tokens)),
+                             caption_pack_config(d.max_tokens, size), batch_size=d.rows // processes, seed=cfg.seed,
+                             workers=d.workers, rows=caption_rows(cfg.objective, tokenizer, d.max_tokens))
+    shapes = caption_batch_shapes(cfg.objective, d.rows, d.max_tokens, size)
+    shapes["pixel_values"] = (shapes["pixel_values"][0], config.dtype)
+    abstract = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+    os.makedirs(cfg.workdir, exist_ok=True)
+    return Inputs(iter(pipeline), abstract, tokenizer, folder, as_dtype(config.dtype), None)

@@ -138,8 +138,8 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
 def uses_dropout(config) -> bool:
     """Whether the model draws dropout masks when trained: ViT drop path, or a LoRA rule with dropout (the step
     then passes it a dropout rng)."""
-    return config.vision.drop_path_rate > 0 or any(
-        adapter is not None and adapter.dropout > 0 for _, adapter in lora.compile_rules(config.lora))
+    return config.vision.drop_path_rate > 0 or any(  # InternVL 1.0's config has no LoRA table
+        adapter is not None and adapter.dropout > 0 for _, adapter in lora.compile_rules(getattr(config, "lora", ())))
 
 
 def make_train_step(model: InternVL, tx: optax.GradientTransformation, lr_fn: Callable | None = None, *,

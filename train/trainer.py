@@ -3,7 +3,9 @@
 One run = model and params (from ``init`` loaded straight into their shardings, or ``preset`` initialised in
 them), the optimizer of ``train.optim`` (frozen parameters hold no state), the grain input of ``train.data``
 (each process reads its own rows; ``sharding.shard_batch`` makes the global batch), the jitted and donated step
-of ``train.step``, and ``train.checkpoint``. A workdir that holds checkpoints resumes from the latest: params,
+of ``train.step``, and ``train.checkpoint``. The objective picks the model, rows and step: ``sft`` and ``mpo``
+train InternVL chat models, ``contrastive`` and ``generative`` InternVL 1.0 (InternVL-C / InternVL-G) on
+image-text pairs (``train.clip_train``, ``train/data/captions.py``). A workdir that holds checkpoints resumes from the latest: params,
 optimizer state, step, rng and the data iterator, so the resumed run sees exactly the batches and gives exactly
 the losses of an uninterrupted one.
 
@@ -26,6 +28,8 @@ import numpy as np
 
 import sharding
 from internvl_jax import lora
+from internvl_jax.clip_config import CLIPConfig
+from internvl_jax.clip_model import InternVLCLIP, abstract_clip_params, clip_init_fn
 from internvl_jax.model import InternVL, _dummy_inputs, abstract_params
 from sharding.distributed import is_main_process, main_process_logger
 from sharding.plan import model_flops
@@ -33,8 +37,9 @@ from sharding.topology import CHIPS
 
 from . import optim
 from .checkpoint import Checkpoints
-from .config import ConfigError, TrainConfig, lora_rules, optim_config, validate
-from .inputs import Inputs, build_inputs
+from .clip_train import make_clip_step
+from .config import ConfigError, TrainConfig, is_clip_run, lora_rules, optim_config, validate
+from .inputs import Inputs, build_caption_inputs, build_inputs
 from .preference_step import PreferenceState, abstract_preference_state, make_preference_step, preference_loss
 from .reference_logps import check_reference, reference_table
 from .state import TrainState, abstract_state
@@ -53,7 +58,7 @@ class RunResult:
     """What a finished run leaves: its final state, the model, the processor and the last metrics."""
 
     state: TrainState
-    model: InternVL
+    model: InternVL | InternVLCLIP
     inputs: Inputs
     metrics: list[dict]
     resumed_from: int | None
@@ -112,23 +117,38 @@ def _resize_positions(params, config):
     return {**params, "vision": {**params["vision"], "embeddings": embeddings}}
 
 
+def _module(config):
+    """The model of a config: InternVL, or InternVLCLIP for an InternVL 1.0 config."""
+    return InternVLCLIP(config) if isinstance(config, CLIPConfig) else InternVL(config)
+
+
+def _abstract_params(config):
+    """The params' shapes, boxed with their logical axes."""
+    return abstract_clip_params(config, boxed=True) if isinstance(config, CLIPConfig) else abstract_params(
+        config, boxed=True)
+
+
 def _initial_params(cfg: TrainConfig, mesh):
     """(model config, params in their shardings)."""
     if cfg.init:
         from convert.load import load_pretrained
 
         model, params = load_pretrained(cfg.init, dtype=jnp.float32, mesh=mesh, rules=cfg.rules)
+        if isinstance(model.config, CLIPConfig) != is_clip_run(cfg):
+            kind = "an InternVL 1.0" if isinstance(model.config, CLIPConfig) else "an InternVL chat"
+            raise ConfigError(f"init={cfg.init} is {kind} checkpoint, which objective={cfg.objective} does not train "
+                              "(InternVL 1.0 trains with objective=contrastive or generative)")
         config = _model_config(cfg, model.config)
         return config, _resize_positions(params, config)
-    from internvl_jax.presets import get_preset
+    from internvl_jax.presets import CLIP_PRESETS, get_preset
 
-    config = _model_config(cfg, cfg.model or get_preset(cfg.preset))
-    model = InternVL(config)
-    from internvl_jax.model import _dummy_inputs
-
-    params = sharding.init_sharded(lambda r: model.init(r, *_dummy_inputs(config))["params"], mesh, cfg.rules,
-                                   jax.random.PRNGKey(cfg.seed))
-    return config, params
+    config = _model_config(cfg, cfg.model or (CLIP_PRESETS[cfg.preset] if is_clip_run(cfg) else get_preset(cfg.preset)))
+    if isinstance(config, CLIPConfig):
+        init = clip_init_fn(config)
+    else:
+        model = InternVL(config)
+        init = lambda r: model.init(r, *_dummy_inputs(config))["params"]  # noqa: E731
+    return config, sharding.init_sharded(init, mesh, cfg.rules, jax.random.PRNGKey(cfg.seed))
 
 
 class MetricsLog:
@@ -244,22 +264,23 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     mesh = _mesh(cfg)
     config, params = _initial_params(cfg, mesh)
     config, params = _with_adapters(cfg, config, params, mesh)
-    model = InternVL(config)
-    mpo = cfg.objective == "mpo"
+    model = _module(config)
+    mpo, clip = cfg.objective == "mpo", is_clip_run(cfg)
     from_file = mpo and cfg.mpo.reference == "file"
     references = {}  # reference log-probs from file, of the training pairs and of the held-out pairs
     for meta in (cfg.data.meta, cfg.data.eval_meta if cfg.data.eval_samples > 0 else "") if from_file else ():
         if meta:
             references[meta] = reference_table(cfg, model, params, mesh, base_identity(cfg), meta)
-    inputs = build_inputs(cfg, config, references.get(cfg.data.meta), references.get(cfg.data.eval_meta))
+    inputs = build_caption_inputs(cfg, config) if clip else build_inputs(
+        cfg, config, references.get(cfg.data.meta), references.get(cfg.data.eval_meta))
     ocfg = optim_config(cfg, config)
     trainable = optim.trainable_mask(ocfg, params)
-    use_lora = bool(config.lora)
+    use_lora = not clip and bool(config.lora)
     if use_lora and cfg.lora.base_dtype == "bfloat16":  # the frozen base only: trained leaves stay float32
         params = jax.tree.map(lambda p, t: p if t else p.astype(jnp.bfloat16), params, trainable)
     tx = optim.build_optimizer(ocfg, params, cfg.steps)
     lr_fn = optim.schedule(ocfg, cfg.steps)
-    boxed = abstract_params(config, boxed=True)
+    boxed = _abstract_params(config)
     State = PreferenceState if mpo else TrainState
     state_sh = sharding.shardings((abstract_preference_state if mpo else abstract_state)(boxed, tx), mesh, cfg.rules)
     # MPO's frozen reference: a copy of the starting policy, sharded like it (rebuilt the same way on a resume)
@@ -300,6 +321,10 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
                         dropout=uses_dropout(config))
     if mpo:
         step_fn = make_preference_step(model, tx, cfg.mpo, lr_fn, **step_options)
+    elif clip:  # one batch per step (validate: accum_steps 1); the contrastive terms gather over the mesh
+        step_fn = make_clip_step(model, tx, cfg.objective, lr_fn, trainable=trainable,
+                                 grad_view=step_options["grad_view"], mesh=mesh, rules=cfg.rules,
+                                 dropout=step_options["dropout"])
     else:
         step_fn = make_train_step(model, tx, lr_fn, **step_options)
     batch_sh = batch_shardings(inputs.abstract_batch, mesh, cfg.rules)
@@ -310,7 +335,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
     metrics_log = MetricsLog(cfg.workdir, cfg.tensorboard)
     start = int(jax.device_get(state.step))
     peak = device_peak_flops()
-    flops = model_flops(config, cfg.data.rows, cfg.data.max_tokens, cfg.data.max_tiles, devices=1)
+    flops = None if clip else model_flops(config, cfg.data.rows, cfg.data.max_tokens, cfg.data.max_tiles, devices=1)
     run_meta = {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
     if use_lora:
         run_meta["base"] = identity
@@ -349,7 +374,7 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
                       "tokens_per_s": cfg.data.rows * cfg.data.max_tokens / seconds,
                       "token_fill": stats.get("token_fill"), "tile_fill": stats.get("tile_fill"),
                       "samples": stats.get("samples"), "skipped_samples": sum(host["skipped_samples"].values())}
-            if peak:
+            if peak and flops:
                 record["mfu"] = flops / seconds / (peak * jax.device_count())
             if not m["finite"]:
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); the update was skipped",
@@ -387,7 +412,9 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
             records[-1].update(final)
     if cfg.export:
         final = lora.merge(state.params, config.lora) if use_lora else state.params
-        export(final, config.replace(lora=()), os.path.join(cfg.workdir, "export"), cfg.export, inputs)
+        # InternVL 1.0: its original layout (internvl_g), the only one it has
+        export(final, config if clip else config.replace(lora=()), os.path.join(cfg.workdir, "export"),
+               "internvl_g" if clip else cfg.export, inputs)
         if use_lora:
             from convert.peft import save_adapter
 
