@@ -1,8 +1,8 @@
-"""Training InternVL 1.0: the contrastive loss sharded over 8 simulated devices (features all-gathered across the
-mesh) equals the single-device one over the same global batch, gradients included; the stage presets freeze by
-path; and a
-tiny model trained contrastively with the stage trainer learns zero-shot classification and retrieval of
-held-out coloured shapes."""
+"""Training InternVL 1.0 through the trainer (``internvl-jax train internvl1_contrastive_demo`` /
+``internvl1_generative_demo``): the contrastive loss sharded over 8 simulated devices (features all-gathered
+across the mesh) equals the single-device one over the same global batch, gradients included; the stages freeze
+by the trainer's path rules (the ViT by ``freeze.freeze_backbone``); the generative stage moves exactly its
+parameters; and the contrastive demo learns zero-shot classification and retrieval of held-out coloured shapes."""
 
 from functools import partial
 
@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 
 import sharding
-from internvl_jax.clip import preprocess, retrieve, tokenize, zero_shot_classify
+from internvl_jax.clip import retrieve, zero_shot_classify
 from internvl_jax.clip_config import CLIPConfig
-from internvl_jax.clip_model import InternVLCLIP, init_clip_params
+from internvl_jax.clip_model import InternVLCLIP, clip_init_fn
 from internvl_jax.config import TextConfig, VisionConfig
+from internvl_jax.processing import Tokenizer
+from train import clip_demo
 from train.clip_losses import contrastive_loss
-from train.clip_train import STAGE_RULES, optim_for, train_clip
+from train.clip_train import STAGE_RULES, optim_for
+from train.config import ConfigError, apply_overrides, load_train_config, optim_config, prepare
 from train.contrastive import clip_loss, gathered_clip_loss
 from train.optim import OptimConfig, trainable_mask
+from train.trainer import train
 
 import clip_data
 
@@ -61,12 +65,19 @@ def test_sharded_losses_and_gradients_equal_the_single_device_ones():
     assert float(np.max(np.abs(np.asarray(eight_g["vision"]["embeddings"]["patch_kernel"])))) > 0
 
 
-def test_stage_presets_freeze_by_path():
-    config = _config(vocab=40, image=28)
+def _demo(name: str, workdir, *overrides: str):
+    """The demo preset ``name`` with ``workdir`` and ``overrides``, after its setup hook (data written)."""
+    return prepare(apply_overrides(load_train_config(name), [f"workdir={workdir}", *overrides]))
+
+
+def test_stage_presets_freeze_by_path(tmp_path):
+    config = clip_demo.clip_demo_model_config()
     params = clip_data.random_params(config)
-    trains = lambda stage: trainable_mask(optim_for(stage, OptimConfig()), params)  # noqa: E731
-    s1, s2, frozen_vit = trains("contrastive"), trains("generative"), trains("contrastive_frozen_vit")
+    trains = lambda *o: trainable_mask(optim_config(apply_overrides(  # noqa: E731
+        load_train_config("internvl1_contrastive_demo"), list(o)), config), params)
+    s1, s2, frozen_vit = trains(), trains("objective=generative"), trains("freeze.freeze_backbone=true")
     assert s1["vision"]["layers"]["fc1"]["kernel"] and not frozen_vit["vision"]["layers"]["fc1"]["kernel"]
+    assert frozen_vit["qllama"]["blocks"]["layer_0"]["attn"]["q_proj"]["kernel"]
     assert s1["qllama"]["blocks"]["layer_0"]["attn"]["q_proj"]["kernel"] and s1["clip_projector"]["q"]["kernel"]
     assert not s1["qllama"]["blocks"]["layer_0"]["cross_attn"]["q_proj"]["kernel"] and not s1["query_tokens"]
     assert s2["qllama"]["blocks"]["layer_0"]["cross_attn"]["q_proj"]["kernel"] and s2["query_tokens"]
@@ -75,65 +86,44 @@ def test_stage_presets_freeze_by_path():
     assert not s2["text_projection"] and not s2["clip_projector"]["proj"]["kernel"]
     with pytest.raises(ValueError, match="unknown InternVL 1.0 stage 'stage3'"):
         optim_for("stage3", OptimConfig())
-    assert set(STAGE_RULES) == {"contrastive", "contrastive_frozen_vit", "generative"}
+    assert set(STAGE_RULES) == {"contrastive", "generative"}
+    with pytest.raises(ConfigError, match="accum_steps=2"):
+        train(_demo("internvl1_contrastive_demo", tmp_path, "accum_steps=2"))
 
 
-def test_generative_stage_trains_only_its_parameters():
-    config = _config(vocab=40, image=28)
-    model = InternVLCLIP(config)
-    params = clip_data.random_params(config)
-    rng = np.random.default_rng(0)
-    b = 4
-    ids = lambda: np.concatenate([np.ones((b, 1)), rng.integers(3, 40, (b, 4)), np.full((b, 1), 2)], 1).astype(np.int32)  # noqa: E731
-    batch = {"pixel_values": rng.normal(size=(b, 28, 28, 3)).astype(np.float32)}
-    for key in ("", "positive_", "negative_", "summarize_"):
-        batch[f"{key}input_ids"] = ids()
-        batch[f"{key}attention_mask"] = np.ones_like(batch[f"{key}input_ids"])
-    batch["labels"] = batch["input_ids"].copy()
-    new, history = train_clip(model, params, iter([batch] * 2), stage="generative", steps=2,
-                              optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"))
-    assert all(h["finite"] == 1.0 for h in history) and set(history[0]) >= {"loss_itm", "loss_itc", "loss_itg"}
-    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, new)
-    expected = trainable_mask(optim_for("generative", OptimConfig()), params)
-    assert moved == expected
+def test_generative_stage_trains_only_its_parameters(tmp_path):
+    cfg = _demo("internvl1_generative_demo", tmp_path, "steps=2", "export=", "optim.warmup_steps=0",
+                "optim.schedule=constant", "optim.lr=1e-2")
+    # the trainer's init: same function, key, mesh (cfg.mesh 1,-1,1) and rules, so the same bits
+    mesh = sharding.make_mesh(*(int(s) for s in cfg.mesh.split(",")))
+    start = jax.tree_util.tree_map(np.asarray, sharding.init_sharded(clip_init_fn(cfg.model), mesh, cfg.rules,
+                                                                     jax.random.PRNGKey(cfg.seed)))
+    result = train(cfg)
+    assert all(m["finite"] == 1.0 for m in result.metrics)
+    assert set(result.metrics[0]) >= {"step", "loss", "loss_itm", "loss_itc", "loss_itg"}
+    moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != np.asarray(b))), start, result.state.params)
+    assert moved == trainable_mask(optim_config(cfg, cfg.model), start)
 
 
-IMAGE, PATCH, STEPS = 56, 7, 500  # an 8 x 8 patch grid
-
-
-def _batches(tok, rng):
-    """Each step: every class once (distinct classes, so no pair of the batch is a false negative), a random
-    template per caption, fresh images."""
-    while True:
-        classes = rng.permutation(len(clip_data.CLASSES))
-        images = [clip_data.draw(int(c), rng, IMAGE) for c in classes]
-        texts = [clip_data.TEMPLATES[int(rng.integers(len(clip_data.TEMPLATES)))].format(clip_data.CLASSES[c])
-                 for c in classes]
-        yield {"pixel_values": preprocess(images, "classification", IMAGE), "input_ids": tokenize(tok, texts, max_length=10)}
-
-
-def test_contrastive_training_gives_zero_shot_classification_and_retrieval():
-    tok = clip_data.tokenizer()
-    config = _config(vocab=len(tok.vocab) + 3, image=IMAGE, patch=PATCH, embed=32)
-    model = InternVLCLIP(config)
-    params = init_clip_params(config, jax.random.key(0, impl="rbg"))
-    optim = OptimConfig(lr=5e-3, warmup_steps=20, weight_decay=0.1, b2=0.98)
-    params, history = train_clip(model, params, _batches(tok, np.random.default_rng(0)), stage="contrastive",
-                                 steps=STEPS, optim=optim)
-    assert np.mean([h["loss"] for h in history[-50:]]) < np.mean([h["loss"] for h in history[:50]])
-    assert all(h["finite"] == 1.0 for h in history)
-    rng = np.random.default_rng(123)  # held-out images
-    classes = np.tile(np.arange(len(clip_data.CLASSES)), 10)
-    images = [clip_data.draw(int(c), rng, IMAGE) for c in classes]
-    predicted, probs = zero_shot_classify(model, params, tok, images, clip_data.CLASSES, clip_data.TEMPLATES)
+def test_contrastive_demo_gives_zero_shot_classification_and_retrieval(tmp_path):
+    cfg = _demo("internvl1_contrastive_demo", tmp_path)
+    result = train(cfg)
+    losses = [m["loss"] for m in result.metrics]
+    assert np.mean(losses[-50:]) < np.mean(losses[:50]) and all(m["finite"] == 1.0 for m in result.metrics)
+    model, params, tok = result.model, result.state.params, Tokenizer.from_pretrained(cfg.tokenizer)
+    classes_, templates, size = clip_demo.CLASSES, clip_demo.TEMPLATES, clip_demo.IMAGE_SIZE
+    rng = np.random.default_rng(123)  # held-out images (the training set is drawn from seed 0)
+    classes = np.tile(np.arange(len(classes_)), 10)
+    images = [clip_demo.draw(int(c), rng, size) for c in classes]
+    predicted, probs = zero_shot_classify(model, params, tok, images, classes_, templates)
     accuracy = float(np.mean(predicted == classes))
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     # retrieval: groups of one held-out image per class, each captioned; a text must find its own image
     hits = []
     for _ in range(5):
-        order = rng.permutation(len(clip_data.CLASSES))
-        group = [clip_data.draw(int(c), rng, IMAGE) for c in order]
-        found = retrieve(model, params, tok, group, [f"a photo of a {clip_data.CLASSES[c]}" for c in order], k=1)
+        order = rng.permutation(len(classes_))
+        group = [clip_demo.draw(int(c), rng, size) for c in order]
+        found = retrieve(model, params, tok, group, [f"a photo of a {classes_[c]}" for c in order], k=1)
         hits.extend(found["text_to_image"][:, 0] == np.arange(len(order)))
     recall = float(np.mean(hits))
     print(f"zero-shot top-1 {accuracy:.3f}, text->image recall@1 {recall:.3f}")
