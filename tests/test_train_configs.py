@@ -83,7 +83,8 @@ def _multipliers_by_path(cfg: TrainConfig, config, params) -> dict:
 
 def test_every_preset_has_a_stage_here():
     """A new preset in train/configs must get its expected split in TRAINABLE (the demos are the lead's)."""
-    assert set(preset_names()) - {"demo", "mpo_demo"} == set(TRAINABLE)
+    internvl1 = {n for n in preset_names() if n.startswith("internvl1_") and not n.startswith("internvl1_2")}
+    assert set(preset_names()) - {"demo", "mpo_demo"} - internvl1 == set(TRAINABLE)  # InternVL 1.0: test_clip_train
 
 
 @pytest.mark.parametrize("name", STAGE_PRESETS)
