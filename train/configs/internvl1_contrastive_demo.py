@@ -20,8 +20,9 @@ CONFIG = TrainConfig(
     steps=300,
     dtype="float32",
     remat="none",
+    rules="dp",  # a tiny model: params replicated, the batch split over the devices
     log_every=50,
-    save_every=200,
+    save_every=300,
     keep=2,
     export="original",
     data=DataConfig(rows=16, max_tokens=TEXT_LENGTH),
