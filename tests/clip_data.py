@@ -6,31 +6,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
 
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 240)}
-SHAPES = ("circle", "square", "triangle")
-CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-TEMPLATES = ("a {}", "a photo of a {}", "{}")
-
-
-def draw(class_index: int, rng: np.random.Generator, size: int = 56) -> Image.Image:
-    """One image of class ``CLASSES[class_index]``: the shape (radius about size / 3) at a random place on grey
-    noise."""
-    colour, shape = CLASSES[class_index].split()
-    noise = rng.integers(60, 90, size=(size, size, 1)).repeat(3, axis=2).astype(np.uint8)
-    image = Image.fromarray(noise)
-    r = size // 3 + int(rng.integers(-1, 2))
-    cx, cy = (int(v) for v in rng.integers(r + 1, size - r, size=2))
-    pen = ImageDraw.Draw(image)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        pen.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        pen.rectangle(box, fill=COLOURS[colour])
-    else:
-        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-    return image
+from train.clip_demo import CLASSES, COLOURS, SHAPES, TEMPLATES, draw  # noqa: F401  the demo's synthetic set
 
 
 class WordTokenizer:
