@@ -1,11 +1,18 @@
 """LoRA adapters in PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``, with PEFT's key
-names for the transformers-native ``InternVLForConditionalGeneration`` (``base_model.model.`` + the module's
-in-memory name + ``.lora_A.weight`` / ``.lora_B.weight``).
+names (``base_model.model.`` + the torch module's name + ``.lora_A.weight`` / ``.lora_B.weight``) for one of two
+torch models, the ``layout``:
 
-Which PEFT module feeds which of our kernels comes from the checkpoint key maps (``convert.keymaps.HF``): every
-rule that maps a torch ``*.weight`` onto one of our ``*/kernel`` with the ``linear`` (one input dim) or ``linear2``
-(two input dims: o_proj, the ViT's projection) transform names a ``torch.nn.Linear`` that PEFT can adapt; a rule
-with parts (the ViT's q/k/v into our fused qkv) names one module per part.
+- ``hf`` (the default): the transformers-native ``InternVLForConditionalGeneration``, its in-memory module names
+  (``model.language_model.layers.0.self_attn.q_proj``; InternLM2 as Llama);
+- ``original``: the original OpenGVLab ``InternVLChatModel`` wrapped whole by PEFT, its module names as its
+  state-dict keys (``vision_model.encoder.layers.0.attn.qkv``, ``mlp1.1``,
+  ``language_model.model.layers.0.attention.wqkv`` for InternLM2).
+
+Which PEFT module feeds which of our kernels comes from the layout's checkpoint key map (``convert.keymaps``):
+every rule that maps a torch ``*.weight`` onto one of our ``*/kernel`` with the ``linear`` (one input dim) or
+``linear2`` (two input dims: o_proj, the ViT's projection) transform names a ``torch.nn.Linear`` that PEFT can
+adapt; a rule with parts (the transformers ViT's q/k/v into our fused qkv) names one module per part. Loading
+finds the layout from the file's module names.
 
 Shapes: PEFT ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]; ours ``lora_a`` [*in, r], ``lora_b``
 [r, *features] (see :mod:`internvl_jax.lora`), stacked on a leading layers axis inside ``layers``.
@@ -13,9 +20,11 @@ Shapes: PEFT ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r]; ours ``lora_
 - Saving a fused adapter on the ViT's qkv (the original's ``attn.qkv`` target) writes q_proj, k_proj and v_proj
   with the same ``lora_A`` and their rows of ``lora_B``: exactly the same model.
 - A fused torch Linear whose rows our separate kernels hold (Phi-3's ``qkv_proj`` -> q/k/v_proj, ``gate_up_proj``
-  -> gate/up_proj, the key maps' row rules) is a shared-A group here (:mod:`internvl_jax.lora`): its ``lora_A`` is
-  the group's ``lora_a``, its ``lora_B`` rows are the members' ``lora_b`` (rows of a kernel outside the group are
-  saved as zeros). A kernel of such a Linear with an adapter of its own has no PEFT form: a clear error.
+  -> gate/up_proj, the original layout's InternLM2 ``wqkv``: the key maps' row rules) is a shared-A group here
+  (:mod:`internvl_jax.lora`): its ``lora_A`` is the group's ``lora_a``, its ``lora_B`` rows are the members'
+  ``lora_b`` (rows of a kernel outside the group are saved as zeros). A kernel of such a Linear with an adapter of
+  its own has no PEFT form: a clear error; so has a ``split`` adapter on a kernel one torch Linear holds whole
+  (``vit_split`` on the original layout's ``attn.qkv``).
 - A shared-A group over kernels that are separate torch Linears (InternLM2's ``wqkv`` group on the
   transformers-native Llama names) is saved as those modules, each with the group's ``lora_A``: the same model.
 - Loading: a fused kernel whose part adapters share one ``lora_A`` everywhere becomes one fused adapter; otherwise
@@ -42,15 +51,19 @@ from internvl_jax import lora
 from internvl_jax.config import InternVLConfig
 from internvl_jax.model import abstract_params
 
-from .keymaps import HF
+from .keymaps import LAYOUTS, ORIGINAL
 from .safetensors_io import CheckpointError
 from .staging import staged_folder
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# canonical key prefixes (convert.keymaps) <-> the in-memory module names PEFT writes
-IN_MEMORY = (("vision.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
-             ("llm.", "model.language_model."), ("lm_head.", "lm_head."))
+# per layout: canonical key prefixes (convert.keymaps) -> the torch module names PEFT writes (transformers' in-memory
+# names, which its save_pretrained renames; the original model's names are its state-dict keys)
+MODULE_PREFIXES = {
+    "hf": (("vision.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
+           ("llm.", "model.language_model."), ("lm_head.", "lm_head.")),
+    "original": tuple((canonical, theirs) for theirs, canonical in ORIGINAL.prefixes),
+}
 N_IN = {"linear": 1, "linear2": 2}  # input dims of our kernel for the key maps' linear transforms
 
 
@@ -87,27 +100,34 @@ class Module:
         return re.compile(re.escape(self.name).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
 
 
-def _in_memory(canonical: str) -> str:
-    for ours, theirs in IN_MEMORY:
+def _module_name(canonical: str, layout: str) -> str:
+    """The torch module name in ``layout`` of the canonical module key ``canonical`` (``llm.layers.{layer}.mlp``)."""
+    for ours, theirs in MODULE_PREFIXES[layout]:
         if (canonical + ".").startswith(ours):  # "lm_head" itself too
             return (theirs + canonical[len(ours):]) if len(canonical) >= len(ours) else theirs.rstrip(".")
-    raise ValueError(f"no in-memory module name for key {canonical!r}")
+    raise ValueError(f"no {layout} module name for key {canonical!r}")
 
 
-def modules(family: str) -> list[Module]:
-    """The adaptable torch Linears of the transformers-native model with an LLM of ``family``."""
+def _check_layout(layout: str) -> None:
+    if layout not in MODULE_PREFIXES:
+        raise ValueError(f"unknown PEFT layout {layout!r}; use one of {', '.join(MODULE_PREFIXES)}")
+
+
+def modules(family: str, layout: str = "hf") -> list[Module]:
+    """The adaptable torch Linears, in ``layout``'s module names, of the model with an LLM of ``family``."""
+    _check_layout(layout)
     out = []
-    for rule in HF.rules:
+    for rule in LAYOUTS[layout].rules:
         if (not rule.source.endswith(".weight") or not rule.target.endswith("/kernel") or rule.transform not in N_IN
                 or not rule.applies_to(family)):
             continue
         base = rule.source[: -len(".weight")]
         for i, part in enumerate(rule.parts or (None,)):
             if rule.rows is not None:  # one fused Linear, its rows in our separate kernels
-                out.append(Module(_in_memory(base), rule.target.replace("{part}", part), None, N_IN[rule.transform],
-                                  rule.rows, part))
+                out.append(Module(_module_name(base, layout), rule.target.replace("{part}", part), None,
+                                  N_IN[rule.transform], rule.rows, part))
                 continue
-            name = _in_memory(base.replace("{part}", part) if part else base)
+            name = _module_name(base.replace("{part}", part) if part else base, layout)
             if "{part}" in rule.target:
                 out.append(Module(name, rule.target.replace("{part}", part), None, N_IN[rule.transform]))
             else:
@@ -133,12 +153,14 @@ def _set(tree: dict, path: str, value) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def to_peft_tensors(params: dict, config: InternVLConfig) -> tuple[dict, dict]:
+def to_peft_tensors(params: dict, config: InternVLConfig, layout: str = "hf") -> tuple[dict, dict]:
     """Our adapters (``params`` holding ``lora_a``/``lora_b``) -> ({PEFT key: float32 array}, {module name:
-    (rank, alpha, dropout)}). Raises ValueError for an adapter no PEFT module of the transformers model holds."""
+    (rank, alpha, dropout)}) in ``layout``'s module names. Raises ValueError for an adapter that no PEFT module of
+    that torch model holds."""
     tensors, meta = {}, {}
     by_kernel = defaultdict(list)
-    for m in modules(config.text.family):
+    table = modules(config.text.family, layout)
+    for m in table:
         by_kernel[m.kernel].append(m)
     fused = defaultdict(list)  # fused module name -> [(Module, group path, A, B, Adapter)]
     adapted = {"/".join(k.key for k in p[:-1]) + "/kernel"
@@ -147,8 +169,12 @@ def to_peft_tensors(params: dict, config: InternVLConfig) -> tuple[dict, dict]:
         adapter = lora.adapter_for(config.lora, kernel)
         targets = by_kernel.get(lora.canonical_path(kernel))
         if adapter is None or not targets:
-            raise ValueError(f"the LoRA adapter of {kernel} has no PEFT counterpart in the transformers-native model "
+            raise ValueError(f"the LoRA adapter of {kernel} has no PEFT counterpart in the {layout} layout's model "
                              f"(adaptable kernels: {', '.join(sorted(by_kernel))})")
+        if adapter.split and targets[0].part is None:
+            raise ValueError(f"{kernel} has a split LoRA adapter (one per part), but the {layout} layout's torch "
+                             f"Linear {targets[0].name.format(layer='*')} holds the kernel whole, with one lora_A: "
+                             f"use one adapter on it (e.g. the vit preset, not vit_split), or layout='hf'")
         node_path = kernel.rsplit("/", 1)[0]
         parent, member = node_path.rsplit("/", 1)
         node = _get(params, node_path)
@@ -177,7 +203,7 @@ def to_peft_tensors(params: dict, config: InternVLConfig) -> tuple[dict, dict]:
             raise ValueError(f"the kernels feeding the fused torch Linear {name} are in different shared-A groups "
                              f"({sorted({g for _, g, *_ in members})}); PEFT holds one lora_A for it")
         a, adapter = members[0][2], members[0][4]
-        every = [m for m in modules(config.text.family) if m.name == name]
+        every = [m for m in table if m.name == name]
         n_rows = sum(len(m.row_index(config.text)) for m in every)
         layers = range(a.shape[0]) if members[0][0].stacked else [None]
         for i in layers:
@@ -214,13 +240,14 @@ def peft_config(meta: dict, base_model: str | None = None) -> dict:
 
 
 def save_adapter(params: dict, config: InternVLConfig, dst: str, *, overwrite: bool = False,
-                 base_model: str | None = None) -> None:
-    """Write our adapters to ``dst`` in PEFT's format (staged, renamed in when complete); ``PeftModel.from_pretrained
-    (InternVLForConditionalGeneration..., dst)`` loads them. Only the adapters are written (train a projector
-    fully and its weights go in the merged export, not here)."""
+                 base_model: str | None = None, layout: str = "hf") -> None:
+    """Write our adapters to ``dst`` in PEFT's format (staged, renamed in when complete) with ``layout``'s module
+    names; ``PeftModel.from_pretrained(model, dst)`` loads them onto that layout's torch model
+    (``InternVLForConditionalGeneration`` for ``hf``, the original ``InternVLChatModel`` for ``original``). Only the
+    adapters are written (train a projector fully and its weights go in the merged export, not here)."""
     from safetensors.numpy import save_file
 
-    tensors, meta = to_peft_tensors(jax.device_get(params), config)
+    tensors, meta = to_peft_tensors(jax.device_get(params), config, layout)
     if not tensors:
         raise ValueError("the params hold no LoRA adapters (lora_a/lora_b) to save")
     with staged_folder(dst, overwrite=overwrite) as tmp:
@@ -309,19 +336,31 @@ def _groups(found: dict, forced: dict, rules: tuple | None, family: str, alpha) 
     return groups
 
 
+def layout_of(names, family: str) -> str:
+    """The layout (``hf`` or ``original``) whose adaptable Linears for ``family`` include the most of the torch
+    module ``names`` (all of them, for a file of that layout; ``hf`` on a tie)."""
+    def hits(layout):
+        table = modules(family, layout)
+        return sum(any(m.pattern.match(n) for m in table) for n in names)
+    return max(MODULE_PREFIXES, key=hits)
+
+
 def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rules: tuple | None = None,
-                      where: str = "adapter") -> tuple[tuple, dict]:
+                      where: str = "adapter", layout: str | None = None) -> tuple[tuple, dict]:
     """({PEFT key: array}, adapter_config dict) -> (our LoRA rule table, adapters tree of float32 numpy arrays) for
     the model ``config``. ``rules``: lay the adapters out as this table says (e.g. gradients in the layout of
-    existing adapters) instead of detecting fused vs split and shared-A groups."""
+    existing adapters) instead of detecting fused vs split and shared-A groups. ``layout``: the module names'
+    (None: found from them, :func:`layout_of`)."""
     family = config.text.family
-    table = modules(family)
+    pairs = _pairs(tensors, where)
+    layout = layout_of(pairs, family) if layout is None else layout
+    table = modules(family, layout)
     found = defaultdict(dict)  # kernel -> {(layer, part): (A, B, name, mod)}
     forced = {}  # kernel -> the shared-A group of the fused torch Linear it holds rows of
-    for name, (a_t, b_t) in _pairs(tensors, where).items():
+    for name, (a_t, b_t) in pairs.items():
         hits = [(mod, mm) for mod in table if (mm := mod.pattern.match(name))]
         if not hits:
-            raise CheckpointError(f"{where}: module {name} is not an adaptable Linear of the transformers-native "
+            raise CheckpointError(f"{where}: module {name} is not an adaptable Linear of the {layout} layout's "
                                   f"InternVL with a {family} LLM")
         for mod, mm in hits if hits[0][0].rows is not None else hits[:1]:  # a fused Linear: all its kernels
             layer = int(mm.group("layer")) if mod.stacked else None
@@ -401,7 +440,8 @@ def from_peft_tensors(tensors: dict, peft: dict, config: InternVLConfig, *, rule
 
 
 def load_adapter(path: str, config: InternVLConfig) -> tuple[InternVLConfig, dict]:
-    """A PEFT LoRA adapter folder -> (``config`` with its LoRA rule table, the adapters tree). Put them on a base:
+    """A PEFT LoRA adapter folder, in either layout's module names (found from them) -> (``config`` with its LoRA
+    rule table, the adapters tree). Put them on a base:
     ``params = internvl_jax.lora.combine(base_params, adapters)`` and run ``InternVL(config)``; or merge them
     (:func:`internvl_jax.lora.merge`) for the plain model."""
     from safetensors.numpy import load_file

@@ -342,3 +342,96 @@ def test_phi3_fused_modules_as_shared_a_groups(phi3):
     with pytest.raises(ValueError, match=r"attn/[qkv]_proj/kernel holds rows of the fused torch Linear .*qkv_proj.*"
                                          r"shared-A group \(rule group 'qkv_proj'"):
         to_peft_tensors(zeros, separate)
+
+
+def _module_tree(tensors: dict) -> torch.nn.Module:
+    """A torch module tree named as the original checkpoint ``tensors`` ({state-dict key: tensor}) are: an
+    ``nn.Linear`` at every 2-D ``*.weight`` (with its ``*.bias``), every other tensor a parameter of its module. PEFT
+    wraps it by module names, as it wraps the original ``InternVLChatModel``, whose module names these keys are."""
+    root = torch.nn.Module()
+
+    def node(path):
+        m = root
+        for k in path:
+            if k not in m._modules:
+                m.add_module(k, torch.nn.Module())
+            m = m._modules[k]
+        return m
+
+    linear = {key[: -len(".weight")] for key, t in tensors.items() if key.endswith(".weight") and t.ndim == 2}
+    for name in sorted(linear):
+        w, b = tensors[name + ".weight"], tensors.get(name + ".bias")
+        module = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        module.weight.data = w.clone()
+        if b is not None:
+            module.bias.data = b.clone()
+        *path, leaf = name.split(".")
+        node(path).add_module(leaf, module)
+    for key, t in tensors.items():
+        name, leaf = key.rsplit(".", 1)
+        if name not in linear:
+            node(name.split(".")).register_parameter(leaf, torch.nn.Parameter(t.clone()))
+    return root
+
+
+def test_adapters_in_the_original_models_names(tmp_path):
+    """Ours on an InternLM2 InternVL (vit, llm and projector presets, random B) saved in PEFT's format with the
+    original InternVLChatModel's module names (``layout="original"``: ``attn.qkv``, ``mlp1.1``, ``attention.wqkv``
+    with the shared-A group, ``attention.wo``, ``feed_forward.w1``): PEFT on a module tree of the original
+    checkpoint's names takes every tensor of the file, and its merge equals our merged original-layout export
+    (other tensors bit for bit); loaded back (the layout found from the names) it is the same adapters and rules.
+    A split ViT qkv adapter has no form on the one ``attn.qkv``."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    from original_layout import original_checkpoint
+
+    family = "internlm2"  # the family whose original names differ most from transformers' (InternLM2's own)
+    _, tensors = original_checkpoint(family, tmp_path / "base")
+    model, base = load_pretrained(str(tmp_path / "base"))
+    config = model.config
+    lconfig = config.replace(lora=lora.preset_rules("vit,llm,projector", R, ALPHA, family=family))
+    fresh = lora.adapters_of(nn.unbox(jax.jit(lambda k: InternVL(lconfig).init(k, *_dummy_inputs(lconfig)))(
+        jax.random.PRNGKey(3))["params"]))
+    noise = jax.random.PRNGKey(4)
+    adapters = jax.tree_util.tree_map_with_path(  # a zero B would hide the low-rank path
+        lambda p, x: 0.2 * jax.random.normal(jax.random.fold_in(noise, len(jax.tree_util.keystr(p))), x.shape)
+        if p[-1].key == "lora_b" else x, fresh)
+    params = lora.combine(base, adapters)
+
+    save_adapter(params, lconfig, str(tmp_path / "peft"), layout="original")
+    written = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert "base_model.model.language_model.model.layers.0.attention.wqkv.lora_A.weight" in written
+    assert "base_model.model.vision_model.encoder.layers.0.attn.qkv.lora_A.weight" in written
+    peft = PeftModel.from_pretrained(_module_tree(tensors), str(tmp_path / "peft"))
+    taken = get_peft_model_state_dict(peft)
+    assert taken.keys() == written.keys()
+    for key, x in written.items():
+        np.testing.assert_array_equal(taken[key].numpy(), x, err_msg=key)
+
+    export_checkpoint(lora.merge(params, lconfig.lora), config, str(tmp_path / "merged"), layout="original")
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    theirs = {k: t.detach().numpy() for k, t in peft.merge_and_unload().state_dict().items()}
+    assert theirs.keys() == ours.keys() == tensors.keys()
+    adapted = {k[len("base_model.model."): -len(".lora_A.weight")] + ".weight" for k in written if ".lora_A." in k}
+    for key, x in ours.items():
+        if key in adapted:
+            assert max_diff(theirs[key], x) <= TOL_MERGE, key
+            assert max_diff(x, tensors[key].numpy()) > 1e-3, key  # the adapter is in it
+        else:
+            np.testing.assert_array_equal(theirs[key], x, err_msg=key)
+
+    back_config, back = load_adapter(str(tmp_path / "peft"), config)
+    assert _layout(back) == _layout(adapters)
+    for path, x in jax.tree_util.tree_flatten_with_path(adapters)[0]:
+        np.testing.assert_array_equal(np.asarray(_dig(back, path)), np.asarray(x), err_msg=jax.tree_util.keystr(path))
+        kernel = "/".join(k.key for k in path[:-1]) + "/kernel"
+        if path[-1].key == "lora_b":
+            assert lora.adapter_for(back_config.lora, kernel) == lora.adapter_for(lconfig.lora, kernel), kernel
+
+    split = config.replace(lora=lora.preset_rules("vit_split", R, ALPHA))
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(split))
+    with pytest.raises(ValueError, match=r"vision/layers/attn/qkv/kernel has a split LoRA adapter .* Linear "
+                                         r"vision_model\.encoder\.layers\.\*\.attn\.qkv holds the kernel whole"):
+        to_peft_tensors(zeros, split, "original")
