@@ -31,7 +31,6 @@ Rows go through the pipeline of train/data/pipeline.py (shuffle, shards, the che
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from functools import partial
 
@@ -42,7 +41,7 @@ from train.loss import IGNORE
 
 from .meta import Record
 from .packing import MALFORMED, Drop, Packer, PackConfig, RowFormat, _is_skipped
-from .sample import Skipped, _Bad
+from .sample import Skipped, _Bad, json_object
 
 STAGES = ("contrastive", "generative")
 ITG_PREFIX = "English caption:"  # the original's image-grounded generation prefix
@@ -60,15 +59,7 @@ class CaptionSettings:
 
 def parse_pair(text: str) -> tuple[str, str]:
     """A JSONL line -> (image path, caption). Raises ``_Bad`` naming what is wrong."""
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Bad(f"the line is not JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(item, dict):
-        raise _Bad(f"the line is JSON but not an object (a {type(item).__name__})")
-    for key in ("image", "caption"):
-        if not isinstance(item.get(key), str):
-            raise _Bad(f"the pair has no string {key!r} (found {type(item.get(key)).__name__})")
+    item = json_object(text, ("image", "caption"))
     if not item["caption"].strip():
         raise _Bad("the pair has an empty caption")
     return item["image"], item["caption"]

@@ -26,7 +26,6 @@ tiles than a row holds.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from .meta import Record
 from .packing import (
     MALFORMED, TOO_MANY_TILES, Drop, Packer, PackConfig, RowFormat, _is_skipped, empty_rows, shift_labels,
 )
-from .sample import SampleSettings, Skipped, _Bad, _build
+from .sample import SampleSettings, Skipped, _Bad, _build, json_object
 
 PAIR_TOO_LONG = "pair longer than the token budget (pairs are never split)"
 NO_REFERENCE = "no reference log-probs for the pair in the reference file"
@@ -45,15 +44,7 @@ PAIR_KEYS = ("question", "chosen", "rejected")
 
 def pair_conversation(text: str) -> tuple[dict, str]:
     """A preference line -> (an SFT record item with the chosen answer, the rejected answer). Raises ``_Bad``."""
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Bad(f"the line is not JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(item, dict):
-        raise _Bad(f"the line is JSON but not an object (a {type(item).__name__})")
-    for key in PAIR_KEYS:
-        if not isinstance(item.get(key), str):
-            raise _Bad(f"the pair has no string {key!r} (found {type(item.get(key)).__name__})")
+    item = json_object(text, PAIR_KEYS)
     if not item["chosen"].strip() or not item["rejected"].strip():
         raise _Bad("the pair has an empty answer (" + ", ".join(k for k in ("chosen", "rejected")
                                                                  if not item[k].strip()) + ")")

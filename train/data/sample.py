@@ -150,17 +150,27 @@ class _Bad(Exception):
 # --------------------------------------------------------------------------------------------- the record
 
 
+def json_object(text: str, strings=(), what: str = "pair") -> dict:
+    """A JSONL line -> its JSON object, each key of ``strings`` a string. Raises ``_Bad`` naming what is wrong
+    (``what``: the record's name in that message)."""
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _Bad(f"the line is not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise _Bad(f"the line is JSON but not an object (a {type(item).__name__})")
+    for key in strings:
+        if not isinstance(item.get(key), str):
+            raise _Bad(f"the {what} has no string {key!r} (found {type(item.get(key)).__name__})")
+    return item
+
+
 def _parse(record: Record) -> dict:
     try:
         record.text.encode("utf-8")  # surrogate escapes left by meta.records mark bytes that are not UTF-8
     except UnicodeEncodeError:
         raise _Bad("the line is not valid UTF-8") from None
-    try:
-        item = json.loads(record.text)
-    except json.JSONDecodeError as e:
-        raise _Bad(f"the line is not JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(item, dict):
-        raise _Bad(f"the line is JSON but not an object (a {type(item).__name__})")
+    item = json_object(record.text)
     if "conversations" not in item:
         raise _Bad("the record has no 'conversations'")
     return item
