@@ -28,11 +28,15 @@ def test_info_reads_a_checkpoint_folder(tmp_path):
 
 
 def test_train_bad_input_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "meta.json").write_text("{}")
+    ready = ("train", "internvl2_5_stage2", f"workdir={tmp_path}", f"init={tmp_path}", f"data.meta={tmp_path}/meta.json")
     cases = {("train", "demo", "optim.lrr=1"): "did you mean 'lr'",
              ("train", "nope"): "unknown train config",
              ("train", "demo", "steps=many"): "steps=many: expected int",
              ("train", "internvl2_5_stage2", f"workdir={tmp_path}"): "give init=PATH",
-             ("train", "internvl2_5_stage2", f"workdir={tmp_path}", f"init={tmp_path}"): "data.meta is not set"}
+             ("train", "internvl2_5_stage2", f"workdir={tmp_path}", f"init={tmp_path}"): "data.meta is not set",
+             (*ready, "data.rows=12", "cpu_devices=8"): "data.rows=12 (12 rows per micro-batch with accum_steps=1) "
+                                                        "does not split over the 8 batch shards of mesh='1,-1,1'"}
     for args, message in cases.items():
         out = run(*args)
         assert out.returncode == 2, out.stderr

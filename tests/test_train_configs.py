@@ -267,3 +267,25 @@ def test_unknown_preset_and_bad_file_raise(tmp_path):
     own = tmp_path / "mine.py"
     own.write_text("from train.config import TrainConfig\nCONFIG = TrainConfig(name='mine', steps=3)\n")
     assert load_train_config(str(own)) == TrainConfig(name="mine", steps=3)
+
+
+MESH_8 = {"data": 1, "fsdp": 8, "tensor": 1}
+MESH_222 = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+@pytest.mark.parametrize("rows, accum, sizes, rules, shards", [
+    (12, 1, MESH_8, "fsdp", 8),  # 12 rows over 8 devices
+    (8, 2, MESH_8, "fsdp", 8),  # 8 rows, but micro-batches of 4
+    (12, 3, MESH_222, "dp", 8),  # dp splits the batch over tensor too
+    (6, 1, MESH_222, "fsdp_tp", 4),  # fsdp_tp: over data x fsdp only
+])
+def test_rows_that_do_not_split_over_the_batch_shards_raise(rows, accum, sizes, rules, shards):
+    from train.config import check_batch_split
+
+    cfg = apply_overrides(BASE, [f"data.rows={rows}", f"accum_steps={accum}", f"rules={rules}"])
+    with pytest.raises(ConfigError) as err:
+        check_batch_split(cfg, sizes)
+    message = str(err.value)
+    assert f"data.rows={rows}" in message and f"{shards} batch shards" in message and cfg.mesh in message
+    assert f"expected data.rows a multiple of {shards * accum}" in message
+    check_batch_split(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rows=shards * accum)), sizes)

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import math
 import os
 import pkgutil
 import types
@@ -232,6 +233,25 @@ def validate(cfg: TrainConfig) -> None:
         cfg.mpo.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_batch_split(cfg: TrainConfig, sizes: dict[str, int]) -> None:
+    """Raise :class:`ConfigError` unless a micro-batch (``data.rows / accum_steps`` rows) splits evenly over the
+    mesh axes that ``cfg.rules`` puts the batch on. ``sizes``: the built mesh's {axis: size}, e.g.
+    ``{"data": 1, "fsdp": 8, "tensor": 1}``. Without it JAX stops the first step with its own IndivisibleError; and
+    with accumulation each device must keep its own rows in every micro-batch (``train.step._micro_batches``)."""
+    from sharding.rules import get_rules
+
+    axes = dict(get_rules(cfg.rules))["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(sizes[a] for a in axes)
+    micro = cfg.data.rows // cfg.accum_steps
+    if micro % shards:
+        split = " x ".join(f"{a}={sizes[a]}" for a in axes)
+        raise ConfigError(f"data.rows={cfg.data.rows} ({micro} rows per micro-batch with "
+                          f"accum_steps={cfg.accum_steps}) does not split over the {shards} batch shards of "
+                          f"mesh={cfg.mesh!r} ({split} with rules={cfg.rules}): expected data.rows a multiple of "
+                          f"{shards * cfg.accum_steps}")
 
 
 def _validate_model_kind(cfg: TrainConfig) -> None:

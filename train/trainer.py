@@ -38,7 +38,7 @@ from sharding.topology import CHIPS
 from . import optim
 from .checkpoint import Checkpoints
 from .clip_train import make_clip_step
-from .config import ConfigError, TrainConfig, is_clip_run, lora_rules, optim_config, validate
+from .config import ConfigError, TrainConfig, check_batch_split, is_clip_run, lora_rules, optim_config, validate
 from .inputs import Inputs, build_caption_inputs, build_inputs
 from .preference_step import PreferenceState, abstract_preference_state, make_preference_step, preference_loss
 from .reference_logps import check_reference, reference_table
@@ -86,7 +86,9 @@ def _mesh(cfg: TrainConfig):
         raise ConfigError(f"mesh={cfg.mesh!r}: expected data,fsdp,tensor sizes such as 1,-1,1")
     if cfg.rules not in sharding.RULES:
         raise ConfigError(f"rules={cfg.rules!r}: expected one of {', '.join(sharding.RULES)}")
-    return sharding.make_mesh(*sizes)
+    mesh = sharding.make_mesh(*sizes)
+    check_batch_split(cfg, sharding.mesh_shape(mesh))
+    return mesh
 
 
 def _model_config(cfg: TrainConfig, base):
