@@ -374,20 +374,25 @@ def _module_tree(tensors: dict) -> torch.nn.Module:
     return root
 
 
-def test_adapters_in_the_original_models_names(tmp_path):
-    """Ours on an InternLM2 InternVL (vit, llm and projector presets, random B) saved in PEFT's format with the
-    original InternVLChatModel's module names (``layout="original"``: ``attn.qkv``, ``mlp1.1``, ``attention.wqkv``
-    with the shared-A group, ``attention.wo``, ``feed_forward.w1``): PEFT on a module tree of the original
-    checkpoint's names takes every tensor of the file, and its merge equals our merged original-layout export
-    (other tensors bit for bit); loaded back (the layout found from the names) it is the same adapters and rules.
-    A split ViT qkv adapter has no form on the one ``attn.qkv``."""
+# per family, the original checkpoint's fused torch Linears that the llm preset's shared-A groups become
+ORIGINAL_FUSED = {"internlm2": ("attention.wqkv",), "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+
+
+@pytest.mark.parametrize("family", sorted(ORIGINAL_FUSED))
+def test_adapters_in_the_original_models_names(tmp_path, family):
+    """Ours on an InternLM2 / Phi-3 InternVL (vit, llm and projector presets, random B) saved in PEFT's format with
+    the original InternVLChatModel's module names (``layout="original"``: ``attn.qkv``, ``mlp1.1``; InternLM2's
+    ``attention.wqkv`` with the shared-A group, ``attention.wo``, ``feed_forward.w1``; Phi-3's ``qkv_proj`` and
+    ``gate_up_proj``): PEFT on a module tree of the original checkpoint's names takes every tensor of the file,
+    and its merge equals our merged original-layout export (other tensors bit for bit); loaded back (the layout
+    found from the names) it is the same adapters and rules. A split ViT qkv adapter has no form on the one
+    ``attn.qkv``."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
     from safetensors.numpy import load_file
 
     from original_layout import original_checkpoint
 
-    family = "internlm2"  # the family whose original names differ most from transformers' (InternLM2's own)
     _, tensors = original_checkpoint(family, tmp_path / "base")
     model, base = load_pretrained(str(tmp_path / "base"))
     config = model.config
@@ -402,7 +407,8 @@ def test_adapters_in_the_original_models_names(tmp_path):
 
     save_adapter(params, lconfig, str(tmp_path / "peft"), layout="original")
     written = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert "base_model.model.language_model.model.layers.0.attention.wqkv.lora_A.weight" in written
+    for fused in ORIGINAL_FUSED[family]:
+        assert f"base_model.model.language_model.model.layers.0.{fused}.lora_A.weight" in written
     assert "base_model.model.vision_model.encoder.layers.0.attn.qkv.lora_A.weight" in written
     peft = PeftModel.from_pretrained(_module_tree(tensors), str(tmp_path / "peft"))
     taken = get_peft_model_state_dict(peft)

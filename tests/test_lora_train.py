@@ -8,7 +8,9 @@ moved from its initial value; the base (every non-trainable param) bit-identical
 state of Adam's two moments for the trainable params only (counted: the adapters and the projector, which the
 original's LoRA stages train fully); checkpoints holding the trainable params only plus the base's identity; the
 merged export equal to ``lora.merge`` of the final params (within TOL_MERGED: the run merges on 8 sharded devices,
-the test on the host); the PEFT adapter loading back as the same adapters, groups included.
+the test on the host); the PEFT adapter loading back as the same adapters, groups included, written in the module
+names of the family's ``lora.adapter_layout`` (LAYOUT: InternLM2 transformers-native, Phi-3 the original
+InternVLChatModel's).
 
 Then (InternLM2) the checkpoint of step 3 removed and the run started again on the same workdir: it resumes from
 step 2 and must give step 3's loss bitwise; a checkpoint of another base refuses to resume.
@@ -25,7 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from convert.load import load_pretrained
-from convert.peft import load_adapter
+from convert.peft import MODULE_PREFIXES, load_adapter
 from internvl_jax import lora
 from train import optim
 from train.config import ConfigError, apply_overrides, load_train_config, optim_config, prepare
@@ -41,13 +43,15 @@ GROUPS = {
     "internlm2": {"attn/wqkv": ("q_proj", "k_proj", "v_proj")},
     "phi3": {"attn/qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp/gate_up_proj": ("gate_proj", "up_proj")},
 }
+LAYOUT = {"internlm2": "hf", "phi3": "original"}  # the PEFT adapter's module names (lora.adapter_layout) per run
 
 
 def _config(workdir, family):
     """The demo run with its tiny model's decoder of ``family`` (no biases, as both families' releases)."""
     model = demo_model_config()
     model = model.replace(text=dataclasses.replace(model.text, family=family, qkv_bias=False))
-    cfg = apply_overrides(load_train_config("demo"), [f"workdir={workdir}", *SETTINGS])
+    cfg = apply_overrides(load_train_config("demo"),
+                          [f"workdir={workdir}", *SETTINGS, f"lora.adapter_layout={LAYOUT[family]}"])
     return prepare(cfg.replace(model=model))
 
 
@@ -124,6 +128,10 @@ def test_lora_run_trains_adapters_only(first_run, family):
     assert exported.keys() == merged.keys()
     for name, x in merged.items():
         np.testing.assert_allclose(np.asarray(exported[name]), np.asarray(x), rtol=0, atol=TOL_MERGED, err_msg=name)
+    names = json.loads((workdir / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    for layout, prefixes in MODULE_PREFIXES.items():  # its layout's module names, none of the other's
+        named = [n for n in names if n.startswith(tuple(theirs for _, theirs in prefixes))]
+        assert named == (names if layout == LAYOUT[family] else []), layout
     _, adapters = load_adapter(str(workdir / "adapter"), config.replace(lora=()))
     ours = {p: x for p, x in final.items() if lora.is_adapter_path(p)}
     loaded = _paths(adapters)

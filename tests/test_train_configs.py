@@ -289,3 +289,19 @@ def test_rows_that_do_not_split_over_the_batch_shards_raise(rows, accum, sizes, 
     assert f"data.rows={rows}" in message and f"{shards} batch shards" in message and cfg.mesh in message
     assert f"expected data.rows a multiple of {shards * accum}" in message
     check_batch_split(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, rows=shards * accum)), sizes)
+
+
+def test_adapter_layout_is_hf_or_original_and_original_refuses_split_vit_adapters(tmp_path):
+    """The PEFT adapter's module names (``lora.adapter_layout``): an unknown layout, and ``vit_split`` (q/k/v
+    adapted apart) with the original layout, whose ``attn.qkv`` PEFT adapts whole, fail before anything loads."""
+    from train.config import validate
+
+    (tmp_path / "meta.json").write_text("{}")
+    base = apply_overrides(load_train_config("internvl2_5_stage2"),
+                           [f"workdir={tmp_path}", f"init={tmp_path}", f"data.meta={tmp_path / 'meta.json'}"])
+    with pytest.raises(ConfigError, match=r"lora.adapter_layout='peft': expected hf or original"):
+        validate(apply_overrides(base, ["lora.rank=4", "lora.adapter_layout=peft"]))
+    with pytest.raises(ConfigError, match=r"lora.adapter_layout=original with lora.targets=vit_split,llm"):
+        validate(apply_overrides(base, ["lora.rank=4", "lora.targets=vit_split,llm", "lora.adapter_layout=original"]))
+    for fine in (["lora.targets=vit_split,llm"], ["lora.targets=vit,llm", "lora.adapter_layout=original"]):
+        validate(apply_overrides(base, ["lora.rank=4", *fine]))

@@ -80,6 +80,9 @@ class LoraConfig:
     targets: str = "auto"
     rules: tuple = ()  # extra (regex, rank, alpha[, dropout[, split[, group]]]) rules, tried before the targets'
     base_dtype: str = "float32"  # bfloat16: the frozen base stored in bfloat16 (adapters stay float32)
+    # the PEFT adapter written with the export (workdir/adapter): hf = transformers' InternVLForConditionalGeneration
+    # module names; original = the original InternVLChatModel's (convert.peft, layout=)
+    adapter_layout: str = "hf"
 
     @property
     def enabled(self) -> bool:
@@ -219,6 +222,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.objective in OBJECTIVES, f"objective={cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}"),
         (cfg.lora.base_dtype in ("float32", "bfloat16"),
          f"lora.base_dtype={cfg.lora.base_dtype!r}: expected float32 or bfloat16"),
+        (cfg.lora.adapter_layout in ("hf", "original"),
+         f"lora.adapter_layout={cfg.lora.adapter_layout!r}: expected hf or original"),
     ]
     for ok, message in checks:
         if not ok:
@@ -229,6 +234,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"init={cfg.init}: no such checkpoint folder")
     _validate_model_kind(cfg)
     lora_rules(cfg)  # a bad table or target set fails here, before anything is loaded
+    if cfg.lora.adapter_layout == "original" and cfg.lora.rank > 0 and "vit_split" in lora_targets(cfg):
+        raise ConfigError(f"lora.adapter_layout=original with lora.targets={cfg.lora.targets}: the original "
+                          "InternVLChatModel's attn.qkv is one torch Linear, which PEFT adapts with one lora_A, not "
+                          "q/k/v apart (vit_split); use the vit target or lora.adapter_layout=hf")
     try:
         cfg.mpo.check()
     except ValueError as e:

@@ -421,8 +421,9 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
             from convert.peft import save_adapter
 
             save_adapter(state.params, config, os.path.join(cfg.workdir, "adapter"), overwrite=True,
-                         base_model=cfg.init or None)
-            log.info("LoRA adapter (PEFT format) in %s", os.path.join(cfg.workdir, "adapter"))
+                         base_model=cfg.init or None, layout=cfg.lora.adapter_layout)
+            log.info("LoRA adapter (PEFT format, %s module names) in %s", cfg.lora.adapter_layout,
+                     os.path.join(cfg.workdir, "adapter"))
     return RunResult(state, model, inputs, records, resumed, ref_params)
 
 
