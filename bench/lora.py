@@ -3,6 +3,7 @@
     python bench/lora.py                   # a small model on this CPU, then InternVL2.5-8B / -78B from the planner
     python bench/lora.py --skip-plan       # the CPU part only
     python bench/lora.py --compile         # also the 8B steps compiled for v5p-32 and v5p-2 (libtpu; ~20 min)
+    python bench/lora.py --skip-cpu --skip-plan --compile v5p-32 --compile-layers 4 2   # 4 LLM, 2 ViT layers: minutes
 
 1. This CPU (one device): a small InternVL (``--hidden`` wide LLM of ``--layers`` layers, a 4-layer ViT on 112 px
    tiles) in float32; the train step (``train.step``, the trainer's AdamW of ``train.optim``) compiled twice, full
@@ -17,7 +18,20 @@
    4096 tokens a row, one row per batch shard, full remat).
 3. ``--compile``: the same 8B steps compiled ahead of time (exact bytes). Measured, LoRA / full: v5p-2 (one chip)
    22.39 / 66.69 GiB = 0.34x (goal <= 0.4x); v5p-32 (fsdp 16) 6.13 / 8.72 GiB = 0.70x, where the activations,
-   the same for both, are most of the bytes.
+   the same for both, are most of the bytes. The trainer's Adam moments are in the params' dtype (bfloat16), so
+   full fine-tuning's state there is params 0.94 + moments 1.88 GiB (+ gradients 0.94) and LoRA's params 0.94 +
+   adapters and moments 0.37 GiB (``sharding.plan.estimate``): the rest, activations and the backward working
+   set, is 4.96 GiB for full and 4.69 GiB for LoRA, so the 0.4x goal is out of reach on this mesh (at most 0.65x
+   with adapters free). Of LoRA's own bytes, 122 MiB of float32 adapters per device are replicated (those without
+   an ``embed`` axis: B of q/k/v/gate/up, A of o/down, and the ViT's like them; the rank axis is never split), ~0.49
+   GiB with their moments and gradients.
+   ``--compile-layers LLM VIT``: the same widths with fewer layers; two runs give the bytes per layer. Measured on
+   v5p-32 (2 ViT layers; 2, 4, 6 LLM layers): full 2.93 / 3.21 / 3.49 GiB, LoRA 2.21 / 2.42 / 2.63 GiB, i.e. per
+   LLM layer full +0.139 GiB (arguments 0.076: bf16 params and two moments; temporaries 0.062) and LoRA +0.106
+   (arguments 0.035: params and the replicated adapters; temporaries 0.070). In the buffer assignment
+   (``XLA_FLAGS=--xla_dump_to=DIR``) the only per-layer temporaries of either are the saved layer inputs
+   (bf16 [1, 4096, 4096], 32 MiB a layer) and, for LoRA, the float32 adapter gradients and updates: no dropout
+   mask or low-rank product is kept across the remat boundary and no frozen weight is gathered outside the scan.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import jax
 
 import sharding
 from internvl_jax import lora
+from internvl_jax.cli import model_config
 from internvl_jax.model import abstract_params
 from internvl_jax.presets import get_preset
 from sharding.plan import _smallest, estimate, plan, target_config, train_step, trainer_optimizer, with_lora
@@ -121,19 +136,29 @@ def plan_part(args) -> None:
                       f"{e.train / 2**30:.2f} GiB per device of {target.memory / 2**30:.0f}")
 
 
-def compile_part(chips: str) -> None:
+def layers_8b(llm: int | None, vit: int | None):
+    """InternVL2.5-8B's config with ``llm`` decoder and ``vit`` ViT layers (None: the preset's), same widths: the
+    compiled bytes of a few layers, whose slope per layer is the full model's, compile in minutes."""
+    config = model_config("InternVL2_5-8B")
+    text = dataclasses.replace(config.text, num_layers=llm or config.text.num_layers)
+    return config.replace(text=text, vision=dataclasses.replace(config.vision, num_layers=vit or config.vision.num_layers))
+
+
+def compile_part(chips: str, llm: int | None = None, vit: int | None = None) -> None:
     """The InternVL2.5-8B train step, full and LoRA, compiled ahead of time for ``chips`` (``internvl-jax plan
-    InternVL2_5-8B --chips CHIPS --seq-len 4096 [--lora 16]``): exact per-device bytes and their ratio."""
+    InternVL2_5-8B --chips CHIPS --seq-len 4096 [--lora 16]``; ``llm`` / ``vit``: that many layers, see
+    :func:`layers_8b`): exact per-device bytes and their ratio."""
+    name = "InternVL2_5-8B" + (f" ({llm or 'all'} LLM / {vit or 'all'} ViT layers)" if llm or vit else "")
     totals = []
     for rank in (0, RANK):
-        p = plan("InternVL2_5-8B", chips=chips, seq_len=4096, tiles=6, lora=rank)
+        p = plan(layers_8b(llm, vit), chips=chips, seq_len=4096, tiles=6, lora=rank)
         c = p.compiled
         totals.append(c.total)
-        print(f"InternVL2_5-8B {'LoRA r=%d' % rank if rank else 'full'} compiled for {chips} (mesh {p.mesh}, "
-              f"{p.rows} rows x 4096): {c.total / 2**30:.2f} GiB per device (arguments {c.argument_bytes / 2**30:.2f}, "
-              f"temporaries {c.temp_bytes / 2**30:.2f}; estimate {p.estimate.train / 2**30:.2f}), "
+        print(f"{name} {'LoRA r=%d' % rank if rank else 'full'} compiled for {chips} (mesh {p.mesh}, "
+              f"{p.rows} rows x 4096): {c.total / 2**30:.3f} GiB per device (arguments {c.argument_bytes / 2**30:.3f}, "
+              f"temporaries {c.temp_bytes / 2**30:.3f}; estimate {p.estimate.train / 2**30:.2f}), "
               f"compile {p.compile_seconds:.0f} s", flush=True)
-    print(f"InternVL2_5-8B on {chips}: LoRA / full compiled per-device bytes {totals[1] / totals[0]:.2f}x")
+    print(f"{name} on {chips}: LoRA / full compiled per-device bytes {totals[1] / totals[0]:.2f}x")
 
 
 def main():
@@ -149,13 +174,16 @@ def main():
     p.add_argument("--compile", nargs="*", metavar="CHIPS", default=None,
                    help="also compile the 8B steps ahead of time for these v5p slices (default v5p-32 and v5p-2: "
                         "the two meshes above; minutes each, needs libtpu)")
+    p.add_argument("--compile-layers", nargs=2, type=int, metavar=("LLM", "VIT"), default=(None, None),
+                   help="compile the 8B's widths with this many LLM and ViT layers (0: the preset's): minutes "
+                        "instead of ~20 per step; two runs give the bytes per layer")
     args = p.parse_args()
     if not args.skip_cpu:
         cpu_part(args)
     if not args.skip_plan:
         plan_part(args)
     for chips in (args.compile or ["v5p-32", "v5p-2"]) if args.compile is not None else ():
-        compile_part(chips)
+        compile_part(chips, *args.compile_layers)
 
 
 if __name__ == "__main__":
