@@ -9,9 +9,12 @@
    tiles) in float32; the train step (``train.step``, the trainer's AdamW of ``train.optim``) compiled twice, full
    fine-tuning (everything trains) and LoRA r=16 on the ViT and the LLM (the original's targets, alpha 2r, dropout
    0.05, the projector trained, the base frozen: no gradient, no optimizer state), same batch. Printed: median step
-   time and the compiled program's per-device memory (arguments + outputs - donated + temporaries), and their
-   ratios. Measured on an idle host: 0.81-0.83x time (goal <= 0.8x; 1.12x before the 2-D low-rank path), 0.71x
-   memory. On a loaded host the ratio drops (0.52x), because the full step suffers more: compare idle runs only.
+   time (the two steps timed in turns, ``--repeats`` rounds) and the compiled program's per-device memory
+   (arguments + outputs - donated + temporaries), and their ratios. Measured on an idle host, five runs: 0.77-0.81x
+   time, median 0.80x (goal <= 0.8x), 0.67x memory. Before the 16-bit dropout masks of ``lora.dropout_keep``
+   (``jax.random.bernoulli``, 4x dearer on [4096, 1024]): 0.82x in three runs, 0.71x memory; without any dropout:
+   0.70x, what the mask still costs. On a loaded host the ratio drops (0.52x), because the full step suffers more:
+   compare idle runs only.
 2. The planner (``sharding.plan.estimate``, the analytic per-device bytes ``internvl-jax plan [--lora 16]``
    reports; params in bfloat16, LoRA adapters and their Adam moments in float32): InternVL2.5-8B on a 16-chip and
    on a 1-chip mesh, the same for both, and the smallest v5e / v5p slice where each of 8B and 78B fits (fsdp rules,
@@ -40,7 +43,9 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import statistics
 import sys
+import time
 
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # bench/train*.py would shadow the train package
@@ -82,21 +87,40 @@ def small_config(hidden: int, layers: int):
     return base.replace(text=text, vision=vision, dtype="float32", param_dtype="float32", remat="none")
 
 
+def interleaved(runs: dict, repeats: int) -> dict:
+    """{name: median seconds per step} of train steps ``runs`` = {name: (compiled, (state, batch))}, timed in turns
+    (one step of each per round, after a warm-up step each), so that a change of the host's speed during the run
+    reaches every variant alike; each step's donated state is the one the previous step of its variant returned."""
+    args = {name: compiled(*a)[0] for name, (compiled, a) in runs.items()}
+    jax.block_until_ready(args)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (compiled, (_, batch)) in runs.items():
+            t0 = time.perf_counter()
+            args[name] = jax.block_until_ready(compiled(args[name], batch))[0]
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def cpu_part(args) -> None:
     config = small_config(args.hidden, args.layers)
     mesh = sharding.make_mesh(1, 1, 1)
     seq_len = args.tiles * config.tokens_per_tile + args.text_tokens
-    results = {}
+    runs, about = {}, {}
     for name, cfg, opt in variants(config):
         step = train_step(cfg, mesh, "fsdp", rows=args.rows, seq_len=seq_len, tiles=args.tiles, optimizer=opt)
         compiled, stats = step.compile(mesh, "fsdp")
-        seconds = bench_step.timed(compiled, bench_step.random_inputs(step, cfg, mesh, "fsdp"), args.repeats, True)
+        runs[name] = (compiled, bench_step.random_inputs(step, cfg, mesh, "fsdp"))
         params = abstract_params(cfg)
         trained = sum(int(x.size) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(opt.trainable)) if t)
-        results[name] = (seconds, stats.total)
-        print(f"{name}: step {seconds:.3f} s, compiled per-device memory {stats.total / 2**20:.1f} MiB (arguments "
-              f"{stats.argument_bytes / 2**20:.1f}, temporaries {stats.temp_bytes / 2**20:.1f}), trainable "
-              f"{trained:,} of {lora.count(params):,} params")
+        about[name] = (stats, trained, lora.count(params))
+    seconds = interleaved(runs, args.repeats)
+    results = {}
+    for name, (stats, trained, total) in about.items():
+        results[name] = (seconds[name], stats.total)
+        print(f"{name}: step {seconds[name]:.3f} s, compiled per-device memory {stats.total / 2**20:.1f} MiB "
+              f"(arguments {stats.argument_bytes / 2**20:.1f}, temporaries {stats.temp_bytes / 2**20:.1f}), "
+              f"trainable {trained:,} of {total:,} params")
     (t_full, m_full), (t_lora, m_lora) = results.values()
     print(f"LoRA / full on this CPU: step time {t_lora / t_full:.2f}x, compiled memory {m_lora / m_full:.2f}x "
           f"({config.text.hidden_size}-wide {config.text.num_layers}-layer LLM, {args.rows} rows x {seq_len} tokens, "
@@ -168,7 +192,7 @@ def main():
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--tiles", type=int, default=1)
     p.add_argument("--text-tokens", type=int, default=240)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--skip-plan", action="store_true")
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--compile", nargs="*", metavar="CHIPS", default=None,

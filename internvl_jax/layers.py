@@ -133,10 +133,10 @@ class Dense(nn.Module):
 
 
 def _lora_dropout(module: nn.Module, x, adapter):
-    """x with the adapter's dropout (inverted: kept entries / keep) when ``module`` has a ``dropout`` rng."""
+    """x with the adapter's dropout (inverted: kept entries / keep) when ``module`` has a ``dropout`` rng; the mask
+    from :func:`~internvl_jax.lora.dropout_keep`."""
     if adapter.dropout > 0 and module.has_rng("dropout"):
-        keep = 1.0 - adapter.dropout
-        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+        keep, mask = lora_rules.dropout_keep(module.make_rng("dropout"), adapter.dropout, x.shape)
         x = jnp.where(mask, x / keep, 0).astype(x.dtype)
     return x
 

@@ -164,6 +164,23 @@ def test_low_rank_path_fresh_merged_unrolled_dropout(family):
     assert float(jnp.max(jnp.abs(dropped - stacked))) > 1e-3
 
 
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_dropout_keep_rate_and_independence(rate):
+    """The keep mask drops round(rate * 2**16) / 2**16 of the entries (within 5 sigma), the keep probability it returns
+    is that exact fraction (so inverted dropout is unbiased), neighbours (the two halves of one 32-bit word) are
+    uncorrelated, and an odd last axis keeps its size."""
+    keep, mask = lora.dropout_keep(jax.random.PRNGKey(0), rate, (256, 1001))
+    assert mask.shape == (256, 1001) and mask.dtype == jnp.bool_
+    assert keep == 1 - round(rate * 65536) / 65536
+    m = np.asarray(mask, np.float64)
+    sigma = np.sqrt(keep * (1 - keep) / m.size)
+    assert abs(m.mean() - keep) < 5 * sigma
+    pairs = m[:, :1000].reshape(256, 500, 2)
+    assert abs(np.corrcoef(pairs[..., 0].ravel(), pairs[..., 1].ravel())[0, 1]) < 5 / np.sqrt(pairs[..., 0].size)
+    other = np.asarray(lora.dropout_keep(jax.random.PRNGKey(1), rate, (256, 1001))[1])
+    assert (other != mask).any()
+
+
 def test_groups_need_one_adapter_and_a_module_that_forms_them():
     config = get_preset("tiny-qwen2")
     mixed = ((r"attn/q_proj/kernel$", 4, 8.0, 0.0, False, "qkv"),
