@@ -9,6 +9,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from PIL import Image
 from internvl_jax.processing import Tokenizer, expand_image_tokens, get_template, plan_tiles, render, sft_labels
 from internvl_jax.processing.templates import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from train.demo_data import (
-    ANSWERS, BACKGROUND, COLOURS, MAX_TILES, QUESTION_KINDS, SHAPE_SIDES, SPECIAL_TOKENS, TEMPLATE, TILE, build_demo_tokenizer,
+    ANSWERS, BACKGROUND, COLOURS, COUNT_WORDS, MAX_TILES, QUESTION_KINDS, SHAPE_SIDES, SHAPES, SPECIAL_TOKENS, TEMPLATE,
+    TILE, build_demo_tokenizer,
     demo_model_config, write_demo_dataset, write_demo_tokenizer,
 )
 
@@ -69,19 +71,18 @@ def coverage(image: np.ndarray, box, colour: str) -> float:
 
 def pixel_answer(kind: str, question: str, image: np.ndarray, labels: np.ndarray, record) -> str:
     """The answer of a question as read from the image (the record's boxes only say where to look)."""
-    boxes = {s["colour"]: s["box"] for s in record["scene"]}
     if kind == "count":
         present = [c for c in COLOURS if (labels == NAMES.index(c)).sum() >= 20]
         return ("one", "two", "three")[len(present) - 1]
-    if kind == "colour":  # "What colour is the circle?": the colour at the centre of the box of that shape
-        shape = question.split()[-1].rstrip("?")
-        (box,) = [s["box"] for s in record["scene"] if s["shape"] == shape]
-        return NAMES[labels[(box[1] + box[3]) // 2, (box[0] + box[2]) // 2]]
-    colour = next(c for c in COLOURS if f" {c} " in question)
-    if kind == "shape":  # the share of its box the colour covers decides the shape
-        fill = coverage(image, boxes[colour], colour)
-        return min(FILL, key=lambda s: abs(FILL[s] - fill))
-    ys, xs = np.nonzero(labels == NAMES.index(colour))
+    if kind == "shape":  # the share of its box each colour covers decides its shape: one kind for all of them
+        fills = {coverage(image, s["box"], s["colour"]) for s in record["scene"]}
+        kinds = {min(FILL, key=lambda k: abs(FILL[k] - fill)) for fill in fills}
+        return kinds.pop() if len(kinds) == 1 else f"several kinds {kinds}"
+    (only,) = record["scene"]  # colour and position are asked of one-shape images alone
+    if kind == "colour":  # the colour at the centre of the shape's box
+        x0, y0, x1, y1 = only["box"]
+        return NAMES[labels[(y0 + y1) // 2, (x0 + x1) // 2]]
+    ys, xs = np.nonzero(labels == NAMES.index(only["colour"]))
     coords, extent, sides = (xs, labels.shape[1], ("left", "right")) if "left" in question else (ys, labels.shape[0], ("top", "bottom"))
     return sides[0] if coords.max() < extent / 2 else sides[1] if coords.min() >= extent / 2 else "?"
 
@@ -159,15 +160,29 @@ def test_answers_agree_with_the_pixels(demo):
 
 
 def test_later_turns_ask_other_questions_about_the_same_image(tmp_path):
+    """Up to three distinct questions per training image (a scene of several shapes answers two: shape and count),
+    each answered by the pixels."""
     paths = write_demo_dataset(str(tmp_path), train=60, heldout=10, seed=3, turns=3)
+    lengths = collections.Counter()
     for r in read_jsonl(paths.train):
         turns = r["conversations"]
         questions = [t["value"].removeprefix("<image>\n") for t in turns[0::2]]
-        assert len(questions) == len(set(questions)) == len(r["kinds"]) == 3
+        assert len(questions) == len(set(questions)) == len(r["kinds"]) == (3 if len(r["scene"]) == 1 else 2)
+        lengths[len(questions)] += 1
         image, labels = read_pixels(paths, r)
         for kind, q, a in zip(r["kinds"], questions, turns[1::2]):
             assert pixel_answer(kind, q, image, labels, r) == a["value"]
+    assert set(lengths) == {2, 3}
     assert all(len(r["conversations"]) == 2 for r in read_jsonl(paths.heldout))
+
+
+def test_no_question_names_a_colour_a_shape_or_a_count(demo):
+    """So no turn of a conversation gives away the answer of another."""
+    named = {*COLOURS, *SHAPES, *COUNT_WORDS}
+    for r in read_jsonl(demo.train) + read_jsonl(demo.heldout):
+        for turn in r["conversations"][0::2]:
+            words = set(re.findall(r"\w+", turn["value"]))
+            assert not words & named, turn["value"]
 
 
 def test_shapes_bounds_the_number_of_shapes_per_image(tmp_path):

@@ -1,15 +1,15 @@
 """LoRA on a frozen base, through the trainer: the demo's questions learnt by adapters alone.
 
 The base is the demo's tiny model SFT-ed from scratch for a few steps on another task (``demo`` preset, shape
-questions: "What shape is the red object?"), exported. ``train demo init=BASE lora.rank=8`` then trains adapters on
+questions: "Which shape is drawn?"), exported. ``train demo init=BASE lora.rank=8`` then trains adapters on
 its ViT and LLM (the projector trains too, as in the original's LoRA stages) on the demo's colour questions ("What
-colour is the circle?"); the base weights stay frozen. One shape per image keeps the run within CI's budget (the
+colour is the shape?"); the base weights stay frozen. One shape per image keeps the run within CI's budget (the
 demo's crowded images take hundreds of steps before the model reads the image at all, see test_mpo_heldout).
 
 Measured on held-out images neither run saw: greedy exact-match accuracy (``train.demo.heldout_accuracy``, as
 ``internvl-jax demo``). The base answers no colour question (it learnt shapes); after LoRA the accuracy must beat
-the best image-blind answerer (the most frequent held-out colour, always) by MARGIN. Measured: 0.81 against a
-blind 0.22 (seed 0, this test); with seed 1 (init and shuffling) 0.62.
+the best image-blind answerer (the most frequent held-out colour, always) by MARGIN. Measured: 0.69 against a
+blind 0.22 (seed 0, this test; 0.81 with the demo's earlier question wording, and 0.62 with seed 1 then).
 """
 
 import collections

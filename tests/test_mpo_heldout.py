@@ -1,7 +1,7 @@
 """MPO improves a briefly SFT-ed model on held-out preference pairs without hurting its greedy answers.
 
 The test writes a synthetic preference set (train/preference_demo.py): the demo's colour questions ("What colour is
-the circle?") on images of one shape, each with its correct answer as ``chosen`` and another colour as
+the shape?") on images of one shape, each with its correct answer as ``chosen`` and another colour as
 ``rejected``. The demo's tiny model is SFT-ed from scratch for a few steps through the trainer (the ``demo``
 preset on the SFT form of the same questions) and exported; ``mpo_demo`` then tunes that export through the
 trainer (``objective=mpo``: 0.8 sigmoid + 0.2 bco_pair + 1.0 sft, frozen-copy reference). One shape per image keeps

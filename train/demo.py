@@ -21,17 +21,17 @@ from .config import ConfigError, TrainConfig
 
 DATA = "data"  # under the workdir
 TRAIN_IMAGES, HELDOUT_IMAGES = 4000, 200
-TURNS = 3  # questions per training image: three answers for one image encoding
+TURNS = 3  # the most questions per training image: up to three answers for one image encoding
 
 
 def setup(cfg: TrainConfig) -> TrainConfig:
     """Write the demo data and tokenizer under ``<workdir>/data`` unless a complete copy is there; return ``cfg``
     pointing at them. The files are a pure function of the seed, so a resumed run reads the same data."""
-    from .demo_data import SHAPE_SIDES, write_demo_dataset, write_demo_tokenizer
+    from .demo_data import DATA_VERSION, SHAPE_SIDES, write_demo_dataset, write_demo_tokenizer
 
     folder = os.path.join(os.path.abspath(cfg.workdir), DATA)
     done = os.path.join(folder, "complete.json")
-    sizes = {"train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "turns": TURNS, "seed": cfg.seed,
+    sizes = {"version": DATA_VERSION, "train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "turns": TURNS, "seed": cfg.seed,
              "shape_sides": [list(SHAPE_SIDES[n]) for n in sorted(SHAPE_SIDES)]}  # what decides the files
     written = json.load(open(done)) if os.path.exists(done) else None
     checkpoints = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")

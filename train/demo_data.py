@@ -1,20 +1,25 @@
 """The demo's data: a synthetic visual question-answering set, its word-level tokenizer and its tiny model.
 
-Every image shows one to three flat shapes (circle, square, triangle) of distinct colours on a grey background
-(the ImageNet mean, which normalises to ~0).
+Every image shows one to three flat shapes of one kind (circle, square or triangle) in distinct colours on a grey
+background (the ImageNet mean, which normalises to ~0).
 Images come in several sizes and aspect ratios (1:1, 3:2, 2:1, 3:1 and their portrait forms), so that the dynamic
 tiling rule picks different grids for them with ``max_dynamic_patch`` = :data:`MAX_TILES` (1x1, 2x2, 2x1, 1x2,
 3x1, 1x3), plus the thumbnail. Questions of four kinds, each answered by one word of :data:`ANSWERS`:
 
-| kind     | question                                             | answers                         |
-|----------|------------------------------------------------------|---------------------------------|
-| colour   | What colour is the circle?          (a unique shape) | red green blue yellow purple    |
-| shape    | What shape is the red object?                        | circle square triangle          |
-| count    | How many shapes are there?                           | one two three                   |
-| position | Is the red circle on the left or the right?          | left right (top bottom: "at the |
-|          |                                                      | top or the bottom?")            |
+| kind     | question                                  | asked of             | answers                         |
+|----------|-------------------------------------------|----------------------|---------------------------------|
+| colour   | What colour is the shape?                 | one-shape images     | red green blue yellow purple    |
+| shape    | Which shape is drawn?                     | every image          | circle square triangle          |
+| count    | How many shapes are there?                | every image          | one two three                   |
+| position | Is the shape on the left or the right?    | one-shape images     | left right (top bottom: "at the |
+|          |                                           |                      | top or the bottom?")            |
 
-A position question is only asked about a shape that lies wholly in one half of the image, so every answer is
+No question names a colour, a shape or a count, so in a conversation of several turns no earlier turn gives away a
+later answer (an earlier design asked "What shape is the red object?" after "What colour is the circle?": the
+tiny model learnt to copy instead of to look). No question needs one object's attributes bound to another's
+either: which colours, which kind, how many and where are each read from the image as a whole, which is what a
+model this small learns from scratch in minutes.
+A position question is only asked when the shape lies wholly in one half of the image, so every answer is
 unambiguous. The set is written in the InternVL meta format (one meta JSON per split, a JSONL of conversations,
 an image folder), and every sample is a pure function of (seed, split, index)::
 
@@ -71,6 +76,9 @@ SHORT_SIDE = (40, 100)  # the short side of an image, px (inclusive range)
 SHAPE_SIDES = {1: (0.6, 0.9), 2: (0.45, 0.65), 3: (0.4, 0.5)}
 SHAPE_COUNTS = (1, 3)  # shapes per image: fewest, most
 
+# What the generator writes for a given seed; bumped when that changes, so a workdir's older data is not mistaken
+# for this version's (train.demo.setup). 2: one kind per image, questions that name no colour, shape or count.
+DATA_VERSION = 2
 _SPLITS = {"train": 0, "heldout": 1}  # a split's number in the per-sample random seed
 
 
@@ -142,17 +150,15 @@ def _place(rng: np.random.Generator, width: int, height: int, count: int) -> lis
 
 
 def random_scene(rng: np.random.Generator, shapes: tuple[int, int] = SHAPE_COUNTS) -> Scene:
-    """A scene: a random size (:func:`_image_size`), ``shapes`` = (fewest, most) shapes (default 1-3) of distinct
-    colours, kinds drawn with repeats."""
+    """A scene: a random size (:func:`_image_size`), ``shapes`` = (fewest, most) shapes (default 1-3) of one kind,
+    in distinct colours."""
     width, height = _image_size(rng)
     count = int(rng.integers(shapes[0], shapes[1] + 1))
     colours = rng.choice(len(COLOURS), size=count, replace=False)
+    kind = SHAPES[int(rng.integers(len(SHAPES)))]
     names = list(COLOURS)
-    shapes = tuple(
-        DrawnShape(SHAPES[int(rng.integers(len(SHAPES)))], names[int(c)], box)
-        for c, box in zip(colours, _place(rng, width, height, count))
-    )
-    return Scene(width, height, shapes)
+    return Scene(width, height, tuple(DrawnShape(kind, names[int(c)], box)
+                                      for c, box in zip(colours, _place(rng, width, height, count))))
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -185,36 +191,35 @@ def _side(shape: DrawnShape, scene: Scene, axis: str) -> str | None:
 
 
 def questions(scene: Scene, kind: str) -> list[tuple[str, str]]:
-    """Every (question, answer) of that kind the scene answers unambiguously (possibly none)."""
-    kinds = [s.shape for s in scene.shapes]
-    if kind == "colour":
-        return [(f"What colour is the {s.shape}?", s.colour) for s in scene.shapes if kinds.count(s.shape) == 1]
+    """Every (question, answer) of that kind the scene answers unambiguously (possibly none): colour and position
+    only of a one-shape scene, position only when the shape lies wholly in one half."""
+    if kind not in QUESTION_KINDS:
+        raise ValueError(f"unknown question kind {kind!r}; known: {', '.join(QUESTION_KINDS)}")
     if kind == "shape":
-        return [(f"What shape is the {s.colour} object?", s.shape) for s in scene.shapes]
+        return [("Which shape is drawn?", scene.shapes[0].shape)]
     if kind == "count":
         return [("How many shapes are there?", COUNT_WORDS[len(scene.shapes) - 1])]
-    if kind == "position":
-        out = []
-        for s in scene.shapes:
-            if (side := _side(s, scene, "x")) is not None:
-                out.append((f"Is the {s.colour} {s.shape} on the left or the right?", side))
-            if (side := _side(s, scene, "y")) is not None:
-                out.append((f"Is the {s.colour} {s.shape} at the top or the bottom?", side))
-        return out
-    raise ValueError(f"unknown question kind {kind!r}; known: {', '.join(QUESTION_KINDS)}")
+    if len(scene.shapes) > 1:
+        return []
+    (only,) = scene.shapes
+    if kind == "colour":
+        return [("What colour is the shape?", only.colour)]
+    asked = (("x", "Is the shape on the left or the right?"), ("y", "Is the shape at the top or the bottom?"))
+    return [(q, side) for axis, q in asked if (side := _side(only, scene, axis)) is not None]
 
 
 def demo_sample(seed: int, split: str, index: int, *, kinds=QUESTION_KINDS, turns: int = 1,
                 shapes: tuple[int, int] = SHAPE_COUNTS):
-    """One sample, a pure function of (seed, split, index): (scene, [(kind, question, answer)] of ``turns`` distinct
-    questions). The first kind is drawn uniformly from ``kinds`` and scenes are drawn until one answers a question
-    of that kind; later turns take further questions of any of ``kinds`` about the same scene."""
+    """One sample, a pure function of (seed, split, index): (scene, [(kind, question, answer)] of at most ``turns``
+    distinct questions). The first kind is drawn uniformly from ``kinds`` and scenes are drawn until one answers a
+    question of that kind; later turns take further questions of any of ``kinds`` about the same scene, in random
+    order, as many as it answers (a three-shape scene answers two: its shape and its count)."""
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     first = kinds[int(rng.integers(len(kinds)))]
     while True:
         scene = random_scene(rng, shapes)
         pool = {k: questions(scene, k) for k in kinds}
-        if pool[first] and sum(len(v) for v in pool.values()) >= turns:
+        if pool[first]:
             break
     q, a = pool[first][int(rng.integers(len(pool[first])))]
     asked = [(first, q, a)]
@@ -286,8 +291,8 @@ def write_demo_dataset(folder: str, *, train: int = 4000, heldout: int = 200, se
     """Write the demo set into ``folder`` (created; files of an earlier call are overwritten) and return its paths.
 
     train / heldout: number of images (= JSONL lines) per split. seed: the same seed writes identical files.
-    kinds: question kinds asked (a subset of :data:`QUESTION_KINDS`). turns: questions per training image (the
-    first carries ``<image>``); held-out records always ask one. image_format: "jpg" (``quality``) or "png".
+    kinds: question kinds asked (a subset of :data:`QUESTION_KINDS`). turns: the most questions per training image (the
+    first carries ``<image>``; fewer where the scene answers fewer); held-out records always ask one. image_format: "jpg" (``quality``) or "png".
     shapes: (fewest, most) shapes per image, within :data:`SHAPE_COUNTS` (the default).
     The meta JSONs name absolute paths; both set ``max_dynamic_patch`` = :data:`MAX_TILES` and no augmentation.
     """
@@ -336,14 +341,8 @@ PIECE_PATTERN = r" ?\w+| ?[^\s\w]+|\s+"
 def _demo_texts() -> list[str]:
     """Every text the demo renders: each question and answer inside the template, with the system message."""
     template = get_template(TEMPLATE)
-    texts = []
-    for shape in SHAPES:
-        for colour in COLOURS:
-            for kind in QUESTION_KINDS:
-                scene = Scene(200, 200, (DrawnShape(shape, colour, (0, 0, 10, 10)),))
-                for q, _ in questions(scene, kind):
-                    texts.append(q)
-    texts.append("Is the red circle at the top or the bottom?")
+    corner = Scene(200, 200, (DrawnShape(SHAPES[0], ANSWERS[0], (0, 0, 10, 10)),))  # answers every question
+    texts = [q for kind in QUESTION_KINDS for q, _ in questions(corner, kind)]
     messages = [{"role": "user", "content": "<image>\n" + texts[0]}, {"role": "assistant", "content": ANSWERS[0]}]
     texts.append(render(template, messages, add_generation_prompt=False))
     texts += [" ".join(ANSWERS), "\n".join(ANSWERS)]
