@@ -3,7 +3,8 @@ scratch on 8 simulated CPU devices with FSDP, exports it, reloads it and answers
 
 CI runs a shortened setting (``--steps`` below). What it must show: the model answers from the images, i.e. beats
 the best image-blind answerer (for each question kind, always the kind's most frequent held-out answer) by a clear
-margin. The issue's goal (>= 90% with the default setting) is not reached yet; see the README's demo figures."""
+margin. Measured: 0.790 at STEPS against a blind 0.350 (0.870 with the default 600 steps). The issue's goal (>= 90%
+with the default setting) is not reached yet; see the README's demo figures."""
 
 import collections
 import json
@@ -12,7 +13,7 @@ import subprocess
 import sys
 
 STEPS = 300
-MARGIN = 0.1  # accuracy points above the image-blind oracle
+MARGIN = 0.3  # accuracy points above the image-blind oracle
 
 
 def _blind_oracle(heldout_jsonl: str) -> float:
