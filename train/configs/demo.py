@@ -26,5 +26,5 @@ CONFIG = TrainConfig(
     keep=2,
     export="original",
     data=DataConfig(rows=16, max_tokens=256, max_tiles=16, loss_weighting="square", eval_samples=64),
-    optim=OptimConfig(lr=2e-3, warmup_steps=20, weight_decay=0.01),
+    optim=OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01),
 )
