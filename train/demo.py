@@ -31,8 +31,8 @@ def setup(cfg: TrainConfig) -> TrainConfig:
 
     folder = os.path.join(os.path.abspath(cfg.workdir), DATA)
     done = os.path.join(folder, "complete.json")
-    sizes = {"version": DATA_VERSION, "train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "turns": TURNS, "seed": cfg.seed,
-             "shape_sides": [list(SHAPE_SIDES[n]) for n in sorted(SHAPE_SIDES)]}  # what decides the files
+    sizes = {"version": DATA_VERSION, "train": TRAIN_IMAGES, "heldout": HELDOUT_IMAGES, "turns": TURNS,
+             "seed": cfg.seed, "shape_sides": [list(SHAPE_SIDES[n]) for n in sorted(SHAPE_SIDES)]}  # decides the files
     written = json.load(open(done)) if os.path.exists(done) else None
     checkpoints = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
     if written not in (None, sizes) and os.path.isdir(checkpoints) and os.listdir(checkpoints):

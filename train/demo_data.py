@@ -19,6 +19,7 @@ later answer (an earlier design asked "What shape is the red object?" after "Wha
 tiny model learnt to copy instead of to look). No question needs one object's attributes bound to another's
 either: which colours, which kind, how many and where are each read from the image as a whole, which is what a
 model this small learns from scratch in minutes.
+
 A position question is only asked when the shape lies wholly in one half of the image, so every answer is
 unambiguous. The set is written in the InternVL meta format (one meta JSON per split, a JSONL of conversations,
 an image folder), and every sample is a pure function of (seed, split, index)::
@@ -291,8 +292,9 @@ def write_demo_dataset(folder: str, *, train: int = 4000, heldout: int = 200, se
     """Write the demo set into ``folder`` (created; files of an earlier call are overwritten) and return its paths.
 
     train / heldout: number of images (= JSONL lines) per split. seed: the same seed writes identical files.
-    kinds: question kinds asked (a subset of :data:`QUESTION_KINDS`). turns: the most questions per training image (the
-    first carries ``<image>``; fewer where the scene answers fewer); held-out records always ask one. image_format: "jpg" (``quality``) or "png".
+    kinds: question kinds asked (a subset of :data:`QUESTION_KINDS`). turns: the most questions per training image
+    (the first carries ``<image>``; fewer where the scene answers fewer); held-out records always ask one.
+    image_format: "jpg" (``quality``) or "png".
     shapes: (fewest, most) shapes per image, within :data:`SHAPE_COUNTS` (the default).
     The meta JSONs name absolute paths; both set ``max_dynamic_patch`` = :data:`MAX_TILES` and no augmentation.
     """
