@@ -139,7 +139,7 @@ class InternVLConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch (internvl_jax.layers.REMAT_POLICIES)
-    attention_impl: str = "auto"  # auto | batched | per_kv_head | dot_product | blockwise | splash (layers.ATTENTION_IMPLS)
+    attention_impl: str = "auto"  # one of layers.ATTENTION_IMPLS
     lora: tuple = ()  # LoRA adapters: a rule table over kernel paths (internvl_jax.lora); () = none
 
     def __post_init__(self):

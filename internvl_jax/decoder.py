@@ -27,7 +27,7 @@ import flax.linen as nn
 from .config import TextConfig
 from .attention import attend
 from .layers import (
-    DENSE_IMPLS, Dense, Norm, attention, constrain, dot_out_in, lora_groups, param_with_axes,
+    Dense, Norm, attention, constrain, dense_impl, dot_out_in, lora_groups, param_with_axes,
     resolve_attention_impl, scan_layers,
 )
 from .kernels import decode_attention
@@ -67,7 +67,7 @@ class Attention(nn.Module):
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         scale = c.head_dim**-0.5
         if cache is None and mask is not None and mask.ndim == 4:
-            out = attention(q, k, v, mask, scale=scale, impl=self.impl if self.impl in DENSE_IMPLS else "batched")
+            out = attention(q, k, v, mask, scale=scale, impl=dense_impl(self.impl))
         elif cache is None:
             out = attend(q, k, v, mask, mask, scale=scale, causal=True, impl=self.impl)
         else:
@@ -81,7 +81,7 @@ class Attention(nn.Module):
             else:
                 # prefill into the cache: slot masks with per-row starts, on the dense XLA path
                 out = attention(q, k.swapaxes(1, 2).astype(q.dtype), v.swapaxes(1, 2).astype(q.dtype), mask,
-                                scale=scale, impl=self.impl if self.impl in DENSE_IMPLS else "batched")
+                                scale=scale, impl=dense_impl(self.impl))
         return Dense((c.hidden_size,), ("heads", "head_dim"), ("embed",), c.o_bias, name="o_proj", **dense)(out), cache
 
 

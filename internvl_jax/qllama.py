@@ -32,7 +32,7 @@ import flax.linen as nn
 
 from .clip_config import CLIPConfig
 from .decoder import DecoderLayer
-from .layers import (Dense, Norm, as_dtype, constrain, dot_out_in, param_with_axes, resolve_attention_impl,
+from .layers import (Dense, Norm, as_dtype, constrain, dense_impl, dot_out_in, param_with_axes, resolve_attention_impl,
                      scan_layers)
 from .rope import rope_cos_sin
 
@@ -112,8 +112,7 @@ class QLLaMA(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = self.param("embed_tokens", param_with_axes(nn.initializers.normal(0.02), ("vocab", "embed")),
                                        (q.vocab_size, q.hidden_size), self.param_dtype)
-        impl = resolve_attention_impl(self.attention_impl)
-        impl = impl if impl in ("batched", "per_kv_head") else "batched"  # the masks are dense
+        impl = dense_impl(resolve_attention_impl(self.attention_impl))  # the masks are dense
         stack = scan_layers(QLLaMABlock, length=c.num_blocks, remat=self.remat, in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast))
         self.blocks = stack(c, name="blocks", attention_impl=impl, **kw)
         self.norm = Norm("rms_norm", q.norm_eps, "embed", **kw)

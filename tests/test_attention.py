@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from internvl_jax import layers
-from internvl_jax.attention import IMPLS, attend, segment_mask
+from internvl_jax.attention import ADAPTIVE_BLOCK, IMPLS, adaptive_impl, attend, segment_mask
 
 TOL = 1e-5
 B, L, H, K, D = 2, 200, 4, 2, 32  # L: not a multiple of the blocks below nor of splash's 128
 SCALE = D**-0.5
 OPTIONS = {  # small blocks so that several q and KV blocks (and the padding of the last) are exercised
-    "xla": {}, "batched": {}, "per_kv_head": {}, "dot_product": {},
+    "xla": {}, "batched": {}, "per_kv_head": {}, "dot_product": {}, "adaptive": {},
     "blockwise": dict(block_q=64, block_kv=48),
     "splash": dict(block_q=128, block_kv=128),
 }
@@ -118,6 +118,36 @@ def test_blockwise_default_blocks_and_bfloat16():
     out16 = attend(qb, kb, vb, seg, seg, scale=SCALE, causal=True, impl="blockwise")
     assert out16.dtype == jnp.bfloat16
     assert np.abs(np.asarray(out16, np.float32) - np.asarray(ref))[valid].max() <= 5e-2
+
+
+def test_adaptive_choice():
+    """Blockwise where a mask can leave whole blocks empty (causal or packed, two blocks or more), dense otherwise."""
+    two = 2 * ADAPTIVE_BLOCK
+    assert adaptive_impl(two, causal=True, segmented=False) == "blockwise"
+    assert adaptive_impl(two, causal=False, segmented=True) == "blockwise"
+    assert adaptive_impl(two - 1, causal=True, segmented=True) == "per_kv_head"  # one block (and a bit): no skip
+    assert adaptive_impl(8 * two, causal=False, segmented=False) == "per_kv_head"  # the ViT: nothing masked
+
+
+def test_adaptive_long_rows_match_reference():
+    """At 2.5 blocks ``adaptive`` runs blockwise (its blocks, the last one padded): outputs and gradients equal the
+    reference on packed rows, causal."""
+    rng = np.random.default_rng(7)
+    length = 2 * ADAPTIVE_BLOCK + ADAPTIVE_BLOCK // 2
+    q, k, v = (jnp.asarray(rng.standard_normal((B, length, h, D)), jnp.float32) for h in (H, K, K))
+    seg = np.zeros((B, length), np.int32)
+    seg[0, :300], seg[0, 300:600] = 1, 2
+    seg[1, :] = 4
+    seg = jnp.asarray(seg)
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * (seg != 0)[:, :, None, None]
+
+    def value_and_grads(impl):
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl=impl) * w)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    got, want = value_and_grads("adaptive"), value_and_grads("xla")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL * max(1.0, float(np.abs(np.asarray(b)).max()))
 
 
 def test_bad_arguments():
