@@ -10,8 +10,11 @@ heads and float32 scores/softmax, computed by one of:
 - ``blockwise``: pure JAX, any device, flash-style: query blocks (``lax.map``) times an online-softmax ``lax.scan``
   over KV blocks, masks built per block from the segment ids and indices, no [L, S] array of any kind; the scan
   body is rematerialised, so the backward pass keeps only the per-block carries.
-- ``adaptive`` (the CPU's ``auto``): ``blockwise`` with blocks of :data:`ADAPTIVE_BLOCK` where whole blocks can be
-  skipped (causal or packed, at least two blocks long), ``per_kv_head`` otherwise (:func:`adaptive_impl`).
+- ``cpu_flash``: the native CPU kernel (:func:`internvl_jax.kernels.flash_attention`): FlashAttention-2's blocks in
+  C++, forward and backward, skipping blocks that the causal mask or the segments leave empty; CPU traces only.
+- ``adaptive`` (the CPU's ``auto``): ``cpu_flash`` where the CPU kernels are built; without them ``blockwise`` with
+  blocks of :data:`ADAPTIVE_BLOCK` where whole blocks can be skipped (causal or packed, at least two blocks long),
+  ``per_kv_head`` otherwise (:func:`adaptive_impl`).
 - ``splash``: the Pallas TPU splash-attention kernel (block-sparse: with ``causal`` it skips the blocks above the
   diagonal); interpreted (slowly) on other backends, for tests.
 
@@ -31,11 +34,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import layers
+from . import kernels, layers
 from .target import traced_platform
 
-IMPLS = ("xla", "batched", "per_kv_head", "dot_product", "blockwise", "adaptive", "splash")
-# Measured on a 2-core CPU (float32 forward + backward, 4 query / 2 KV heads of 64, causal, packed rows of 150-500
+IMPLS = ("xla", "batched", "per_kv_head", "dot_product", "blockwise", "cpu_flash", "adaptive", "splash")
+# Without the CPU kernels, measured on a 2-core CPU (float32 forward + backward, 4 query / 2 KV heads of 64, causal,
+# packed rows of 150-500
 # tokens): per KV head vs blockwise-256 at L = 256: 32 / 31 ms (8 rows), 512: 58 / 42 (4), 1024: 130 / 45 (2),
 # 4096: 1596 / 143 ms (1 row); blocks of 128 were slower from 1024 on. Without a mask (the ViT's 1025 tokens)
 # blockwise skips nothing and is 1.6x slower than the dense loop. ``adaptive`` also rematerialises whole query
@@ -44,12 +48,19 @@ IMPLS = ("xla", "batched", "per_kv_head", "dot_product", "blockwise", "adaptive"
 ADAPTIVE_BLOCK = 256
 
 
-def adaptive_impl(length: int, causal: bool, segmented: bool) -> str:
-    """``adaptive``'s choice for a [length, length] attention: ``blockwise`` (blocks of :data:`ADAPTIVE_BLOCK`,
-    query blocks rematerialised) when a mask (``causal`` or packed ``segmented`` rows) can leave whole blocks
-    empty, i.e. over at least two blocks; ``per_kv_head`` otherwise (one block, or nothing masked: the dense loop
-    is faster)."""
+def adaptive_impl(length: int, causal: bool, segmented: bool, kernel: bool = False) -> str:
+    """``adaptive``'s choice for a [length, length] attention: ``cpu_flash`` where the ``kernel`` is available
+    (a CPU trace with the CPU kernels built); else ``blockwise`` (blocks of :data:`ADAPTIVE_BLOCK`, query blocks
+    rematerialised) when a mask (``causal`` or packed ``segmented`` rows) can leave whole blocks empty, i.e. over at
+    least two blocks; ``per_kv_head`` otherwise (one block, or nothing masked: the dense loop is faster)."""
+    if kernel:
+        return "cpu_flash"
     return "blockwise" if (causal or segmented) and length >= 2 * ADAPTIVE_BLOCK else "per_kv_head"
+
+
+def cpu_kernel_available() -> bool:
+    """Whether this trace may call the CPU attention kernel: it is for the CPU and the kernels are built."""
+    return traced_platform() == "cpu" and kernels.cpu_kernels_enabled()
 
 
 def segment_mask(q_segment_ids, kv_segment_ids, causal: bool):
@@ -87,14 +98,16 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
 
     q: [B, L, H, D]; k, v: [B, S, K, D], H a multiple of K; q_segment_ids int [B, L], kv_segment_ids int [B, S]
     (0 = padding; both None = one segment, no padding); ``causal``: keys at index <= the query's only.
-    ``impl``: one of :data:`IMPLS` (see the module docstring). ``options`` go to the backend: ``block_q`` /
+    ``impl``: one of :data:`IMPLS` (see the module docstring; ``cpu_flash`` in a trace for the CPU only).
+    ``options`` go to the backend: ``block_q`` /
     ``block_kv`` (blockwise, splash), ``implementation`` (dot_product), ``interpret`` (splash).
     ``head_axes``: the logical names of q's and k's head dimensions, for splitting the splash kernel over a mesh.
     Returns [B, L, H, D] in q's dtype; padding query rows are zeros.
     """
     _check(q, k, v, q_segment_ids, kv_segment_ids)
     if impl == "adaptive":
-        impl = adaptive_impl(min(q.shape[1], k.shape[1]), causal, q_segment_ids is not None)
+        impl = adaptive_impl(min(q.shape[1], k.shape[1]), causal, q_segment_ids is not None,
+                             kernel=cpu_kernel_available())
         blocks = dict(block_q=ADAPTIVE_BLOCK, block_kv=ADAPTIVE_BLOCK, remat_q_blocks=True)
         options = {**blocks, **options} if impl == "blockwise" else {
             key: value for key, value in options.items() if key not in blocks}
@@ -107,6 +120,12 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
     elif impl == "splash":
         return _per_shard(functools.partial(splash_attention, scale=scale, causal=causal, **options), head_axes,
                           q, k, v, q_segment_ids, kv_segment_ids)
+    elif impl == "cpu_flash":
+        if traced_platform() != "cpu":
+            raise ValueError(f"attention impl 'cpu_flash' runs on the CPU only; this trace is for "
+                             f"{traced_platform()!r} (use 'auto')")
+        return _per_shard(functools.partial(kernels.flash_attention, scale=scale, causal=causal), head_axes,
+                          q, k, v, q_segment_ids, kv_segment_ids)
     else:
         raise ValueError(f"unknown attention impl {impl!r}; use one of {', '.join(IMPLS)}")
     return fn(q, k, v, q_segment_ids, kv_segment_ids, scale=scale, causal=causal, **options)
@@ -114,8 +133,8 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
 
 def _per_shard(fn, head_axes: tuple[str, str], q, k, v, q_segment_ids, kv_segment_ids):
     """``fn(q, k, v, q_segment_ids, kv_segment_ids)`` on each device's shard (``shard_map``) when a mesh and
-    logical rules are active (``sharding.activate``): the partitioner cannot split a Pallas kernel and would
-    gather its inputs onto every device. Batch and heads are split as the rules say; the sequence stays whole."""
+    logical rules are active (``sharding.activate``): the partitioner cannot split a Pallas kernel or a custom
+    call and would gather its inputs onto every device. Batch and heads are split as the rules say; the sequence stays whole."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
     if mesh.empty or mesh.size == 1 or not rules:

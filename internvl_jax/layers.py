@@ -214,13 +214,14 @@ class Norm(nn.Module):
 
 
 DENSE_IMPLS = ("batched", "per_kv_head")  # :func:`attention` itself (a dense [B, 1, L, S] mask)
-ATTENTION_IMPLS = ("auto", *DENSE_IMPLS, "dot_product", "blockwise", "adaptive", "splash")  # internvl_jax.attention
+ATTENTION_IMPLS = ("auto", *DENSE_IMPLS, "dot_product", "blockwise", "cpu_flash", "adaptive", "splash")  # internvl_jax.attention
 AUTO_ATTENTION = {"cpu": "adaptive", "tpu": "splash", "gpu": "dot_product"}
 
 
 def resolve_attention_impl(impl: str) -> str:
-    """``auto`` -> the backend's choice in ``AUTO_ATTENTION``: on the CPU ``adaptive`` (blockwise where blocks can
-    be skipped, per KV head otherwise: :func:`internvl_jax.attention.adaptive_impl`), Pallas splash on TPU,
+    """``auto`` -> the backend's choice in ``AUTO_ATTENTION``: on the CPU ``adaptive`` (the CPU kernel, or without
+    it blockwise where blocks can be skipped and per KV head otherwise: :func:`internvl_jax.attention.adaptive_impl`),
+    Pallas splash on TPU,
     ``jax.nn.dot_product_attention`` (cuDNN flash) on GPU. Name the impl explicitly when compiling ahead of time
     for another platform."""
     if impl not in ATTENTION_IMPLS:
@@ -232,10 +233,11 @@ def resolve_attention_impl(impl: str) -> str:
 
 def dense_impl(impl: str) -> str:
     """The :func:`attention` loop for a call that needs a dense mask (cache prefill, QLLaMA's masks) under the
-    configured ``impl``: itself if dense, per KV head for ``adaptive`` (its dense choice), batched otherwise."""
+    configured ``impl``: itself if dense, per KV head for ``adaptive`` and ``cpu_flash`` (the CPU's dense choice),
+    batched otherwise."""
     if impl in DENSE_IMPLS:
         return impl
-    return "per_kv_head" if impl == "adaptive" else "batched"
+    return "per_kv_head" if impl in ("adaptive", "cpu_flash") else "batched"
 
 
 def attention(q, k, v, mask, *, scale: float, impl: str = "batched"):

@@ -1,6 +1,7 @@
 """internvl_jax.attention: every backend equals the xla reference (dense mask + layers.attention) on the valid query
 positions, forward and gradients, with packed segments, right padding, GQA, causal and not, lengths that are not
-multiples of the blocks; the splash kernel runs in the Pallas interpreter here and compiles ahead of time for a TPU.
+multiples of the blocks; the splash kernel runs in the Pallas interpreter here and compiles ahead of time for a TPU;
+the CPU kernel (cpu_flash, adaptive's choice on the CPU) runs here, whole and per shard on a mesh.
 
 Tolerance: max abs diff <= TOL (float32), outputs and gradients alike.
 """
@@ -10,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from internvl_jax import layers
+from internvl_jax import attention, kernels, layers
 from internvl_jax.attention import ADAPTIVE_BLOCK, IMPLS, adaptive_impl, attend, segment_mask
+from internvl_jax.target import target_platform
 
 TOL = 1e-5
 B, L, H, K, D = 2, 200, 4, 2, 32  # L: not a multiple of the blocks below nor of splash's 128
 SCALE = D**-0.5
 OPTIONS = {  # small blocks so that several q and KV blocks (and the padding of the last) are exercised
-    "xla": {}, "batched": {}, "per_kv_head": {}, "dot_product": {}, "adaptive": {},
+    "xla": {}, "batched": {}, "per_kv_head": {}, "dot_product": {}, "adaptive": {}, "cpu_flash": {},
     "blockwise": dict(block_q=64, block_kv=48),
     "splash": dict(block_q=128, block_kv=128),
 }
@@ -64,7 +66,7 @@ def test_forward_matches_reference(impl, causal):
     assert not np.asarray(out)[~valid].any()
 
 
-@pytest.mark.parametrize("impl", ["dot_product", "blockwise", "splash"])
+@pytest.mark.parametrize("impl", ["dot_product", "blockwise", "splash", "cpu_flash"])
 def test_vit_no_segments(impl):
     """The ViT: non-causal, no padding; segment ids None (no mask) equals all-ones segment ids."""
     q, k, v, _ = _inputs(1)
@@ -78,7 +80,7 @@ def test_vit_no_segments(impl):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+@pytest.mark.parametrize("impl", ["blockwise", "splash", "cpu_flash"])
 def test_gradients_match_reference(impl, causal):
     q, k, v, seg = _inputs(2)
     w = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), jnp.float32)
@@ -121,17 +123,22 @@ def test_blockwise_default_blocks_and_bfloat16():
 
 
 def test_adaptive_choice():
-    """Blockwise where a mask can leave whole blocks empty (causal or packed, two blocks or more), dense otherwise."""
+    """The CPU kernel where it is available; without it blockwise where a mask can leave whole blocks empty (causal
+    or packed, two blocks or more), dense otherwise."""
     two = 2 * ADAPTIVE_BLOCK
+    assert adaptive_impl(two, causal=True, segmented=True, kernel=True) == "cpu_flash"
+    assert adaptive_impl(8, causal=False, segmented=False, kernel=True) == "cpu_flash"
     assert adaptive_impl(two, causal=True, segmented=False) == "blockwise"
     assert adaptive_impl(two, causal=False, segmented=True) == "blockwise"
     assert adaptive_impl(two - 1, causal=True, segmented=True) == "per_kv_head"  # one block (and a bit): no skip
     assert adaptive_impl(8 * two, causal=False, segmented=False) == "per_kv_head"  # the ViT: nothing masked
 
 
-def test_adaptive_long_rows_match_reference():
-    """At 2.5 blocks ``adaptive`` runs blockwise (its blocks, the last one padded): outputs and gradients equal the
-    reference on packed rows, causal."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_adaptive_long_rows_match_reference(kernel, monkeypatch):
+    """At 2.5 blocks ``adaptive`` runs the CPU kernel, or without it blockwise (its blocks, the last one padded):
+    outputs and gradients equal the reference on packed rows, causal."""
+    monkeypatch.setattr(attention, "cpu_kernel_available", lambda: kernel)
     rng = np.random.default_rng(7)
     length = 2 * ADAPTIVE_BLOCK + ADAPTIVE_BLOCK // 2
     q, k, v = (jnp.asarray(rng.standard_normal((B, length, h, D)), jnp.float32) for h in (H, K, K))
@@ -145,9 +152,67 @@ def test_adaptive_long_rows_match_reference():
         loss = lambda q, k, v: jnp.sum(attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl=impl) * w)  # noqa: E731
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
+    text = jax.jit(lambda q, k, v: attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl="adaptive")).lower(
+        q, k, v).as_text()
+    assert ("internvl_flash_forward" in text) == kernel
     got, want = value_and_grads("adaptive"), value_and_grads("xla")
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL * max(1.0, float(np.abs(np.asarray(b)).max()))
+
+
+def test_cpu_flash_bfloat16_and_long_heads():
+    """A 16-bit input is computed in float32 and returned in 16 bits; head dims past 128 and not multiples of 16,
+    lengths of q and k that differ (cross attention, not causal)."""
+    q, k, v, seg = _inputs(8)
+    valid = np.asarray(seg) != 0
+    ref = attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl="xla")
+    out16 = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, seg, scale=SCALE, causal=True, impl="cpu_flash")
+    assert out16.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(out16, np.float32) - np.asarray(ref))[valid].max() <= 5e-2
+    rng = np.random.default_rng(9)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+               ((2, 70, 2, 136), (2, 150, 1, 136), (2, 150, 1, 136)))
+    for got, want in zip(*(jax.grad(lambda q, k, v, impl=impl: jnp.sum(jnp.sin(attend(
+            q, k, v, scale=0.1, causal=False, impl=impl))), argnums=(0, 1, 2))(q, k, v) for impl in ("cpu_flash", "xla"))):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= TOL
+
+
+def test_cpu_flash_per_shard_on_a_mesh():
+    """Under a mesh and logical rules the kernel runs on each device's shard of the batch and heads (shard_map):
+    no gather, the same outputs and gradients as on one device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
+    q, k, v, seg = _inputs(10)
+    w = jnp.asarray(np.random.default_rng(11).standard_normal(q.shape), jnp.float32) * (seg != 0)[:, :, None, None]
+
+    def value_and_grads(q, k, v):
+        loss = lambda q, k, v: jnp.sum(attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl="cpu_flash") * w)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    want = jax.jit(value_and_grads)(q, k, v)
+    with sharding.activate(mesh, "fsdp_tp"):
+        heads = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+        fn = jax.jit(value_and_grads, in_shardings=(heads, heads, heads))
+        assert "all-gather" not in fn.lower(q, k, v).compile().as_text()
+        got = fn(q, k, v)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL * max(1.0, float(np.abs(np.asarray(b)).max()))
+
+
+def test_cpu_flash_only_in_cpu_traces(monkeypatch):
+    """A trace for a TPU never calls the CPU kernel: ``adaptive`` takes the XLA path, ``cpu_flash`` is refused."""
+    q, k, v, seg = _inputs()
+    built = []
+    monkeypatch.setattr(kernels, "cpu_kernels_enabled", lambda: built.append(1) or True)
+    with target_platform("tpu"):
+        text = jax.jit(lambda q, k, v: attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl="adaptive")).lower(
+            q, k, v).as_text()
+        with pytest.raises(ValueError, match="CPU only"):
+            attend(q, k, v, seg, seg, scale=SCALE, causal=True, impl="cpu_flash")
+    assert "internvl_flash" not in text and not built
 
 
 def test_bad_arguments():

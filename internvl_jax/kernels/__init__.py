@@ -1,4 +1,4 @@
-"""Native CPU decoding kernels behind XLA FFI custom calls, compiled on first use with the host's C++ compiler.
+"""Native CPU kernels behind XLA FFI custom calls, compiled on first use with the host's C++ compiler.
 
 * ``few_row_product(x, w)``: x [M, K] . w [N, K]^T -> float32 [M, N] for the few rows of a decode step. On the
   CPU it reads float32 or bfloat16 weights once at memory bandwidth (XLA CPU widens a bfloat16 matrix into a
@@ -6,7 +6,13 @@
 * ``decode_attention(q, k, v, mask, scale=)``: one query token per row over a KV cache. On the CPU it reads the
   cache once (XLA CPU transposes every layer's keys on every step); elsewhere an XLA multiply-and-sum.
 
-Both are in ``cpu_decode.cc``. The same float32 products and sums either way; only their order differs.
+* ``flash_attention(q, k, v, q_segment_ids, kv_segment_ids, scale=, causal=)``: softmax attention for training,
+  forward and backward, in blocks that stay in cache (XLA CPU makes a pass over the whole score array per
+  operation). CPU only: :mod:`internvl_jax.attention` calls it where the trace is for the CPU and the kernels are
+  built.
+
+The first two are in ``cpu_decode.cc``, the third in ``cpu_attention.cc``. The same float32 products and sums as
+XLA's; only their order differs.
 
 The library is built once per source, compiler, jaxlib and CPU (``-march=native``) into
 ``$INTERNVL_JAX_CACHE`` (default ``~/.cache/internvl_jax``)/kernels, under a temporary name renamed at the end,
@@ -38,12 +44,13 @@ import numpy as np
 
 from ..target import traced_platform
 
-__all__ = ["MAX_ROWS", "cpu_kernels_enabled", "decode_attention", "few_row_product", "xla_decode_attention",
-           "xla_product"]
+__all__ = ["MAX_ROWS", "cpu_kernels_enabled", "decode_attention", "few_row_product", "flash_attention",
+           "xla_decode_attention", "xla_product"]
 
 MAX_ROWS = 16  # rows of x up to which few_row_product is used (decoding; prefill rows take XLA's matmul)
-_SOURCE = Path(__file__).with_name("cpu_decode.cc")
-_TARGETS = {"internvl_matvec": "InternvlMatvec", "internvl_cache_attention": "InternvlCacheAttention"}
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cc", "cpu_attention.cc"))
+_TARGETS = {"internvl_matvec": "InternvlMatvec", "internvl_cache_attention": "InternvlCacheAttention",
+            "internvl_flash_forward": "InternvlFlashForward", "internvl_flash_backward": "InternvlFlashBackward"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -63,11 +70,11 @@ def _cpu_signature() -> str:
 
 
 def _library_path(compiler: str) -> Path:
-    """Where the library built by ``compiler`` for this source, jaxlib and CPU lives."""
+    """Where the library built by ``compiler`` for these sources, jaxlib and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), jax.__version__,
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), version, " ".join(_FLAGS), jax.__version__,
                                     _cpu_signature()]).encode()).hexdigest()[:16]
-    return _cache_dir() / f"cpu_decode-{key}.so"
+    return _cache_dir() / f"cpu_kernels-{key}.so"
 
 
 def _build() -> Path:
@@ -81,7 +88,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -102,7 +109,7 @@ def cpu_kernels_enabled() -> bool:
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"internvl_jax: the CPU decoding kernels are not available, using XLA ({err})",
+        warnings.warn(f"internvl_jax: the CPU kernels are not available, using XLA ({err})",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
@@ -203,3 +210,50 @@ def decode_attention(q, k, v, mask, *, scale: float):
     float32. Returns [B, 1, H, D] in q's dtype.
     """
     return _decode_attention(q, k, v, mask, float(scale))
+
+
+def _flash_forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale: float, causal: bool):
+    b, l, h, _ = q.shape
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, l), jnp.float32))
+    return jax.ffi.ffi_call("internvl_flash_forward", out, vmap_method="sequential")(
+        q, k, v, q_segment_ids, kv_segment_ids, causal=causal, scale=np.float32(scale))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, q_segment_ids, kv_segment_ids, scale, causal):
+    return _flash_forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale, causal)[0]
+
+
+def _flash_forward(q, k, v, q_segment_ids, kv_segment_ids, scale, causal):
+    out, lse = _flash_forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale, causal)
+    return out, (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
+
+
+def _flash_backward(scale, causal, res, g):
+    q, k, v, q_segment_ids, kv_segment_ids, out, lse = res
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call("internvl_flash_backward", shapes, vmap_method="sequential")(
+        q, k, v, q_segment_ids, kv_segment_ids, out, lse, g, causal=causal, scale=np.float32(scale))
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
+
+
+def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, causal: bool):
+    """Softmax attention by the CPU kernel (forward and backward), float32 inside; call it only in a trace for
+    the CPU with :func:`cpu_kernels_enabled` true.
+
+    q: [B, L, H, D]; k, v: [B, S, K, D] with H a multiple of K; segment ids int [B, L] and [B, S] (0 = padding;
+    both None: one segment); ``causal``: keys at index <= the query's only. Returns [B, L, H, D] in q's dtype;
+    rows that attend to nothing (padding) are zeros.
+    """
+    if not cpu_kernels_enabled():
+        raise RuntimeError("flash_attention: the CPU kernels are not available (see the warning above)")
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+        kv_segment_ids = jnp.ones(k.shape[:2], jnp.int32)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    out = _flash(f32(q), f32(k), f32(v), q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
+                 float(scale), bool(causal))
+    return out.astype(q.dtype)
