@@ -33,7 +33,8 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t i8v __attribute__((vector_size(32)));
 
-constexpr int64_t kBlock = 64;   // rows of a query block and keys of a KV block
+constexpr int64_t kQ = 64;       // rows of a query block
+constexpr int64_t kKV = 64;      // keys of a KV block: the score block's columns (a multiple of 16)
 constexpr int64_t kCols = 16;    // columns of the product's register tile (two vectors)
 constexpr int kRows = 6;         // rows of the register tile: 12 accumulators + 2 loads + 1 broadcast registers
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -152,22 +153,22 @@ struct Shape {
   bool causal;
   float scale;
   int64_t G() const { return H / K; }
-  int64_t q_blocks() const { return (L + kBlock - 1) / kBlock; }
-  int64_t kv_blocks() const { return (S + kBlock - 1) / kBlock; }
+  int64_t q_blocks() const { return (L + kQ - 1) / kQ; }
+  int64_t kv_blocks() const { return (S + kKV - 1) / kKV; }
 };
 
-// The smallest and largest segment id of each block of a [B, N] segment-id array, for skipping block pairs that
-// share no segment (packed samples, padding).
+// The smallest and largest segment id of each block (of `block` entries) of a [B, N] segment-id array, for
+// skipping block pairs that share no segment (packed samples, padding).
 struct BlockRanges {
   std::vector<int32_t> lo, hi;
-  BlockRanges(const int32_t* seg, int64_t B, int64_t N) {
-    const int64_t nb = (N + kBlock - 1) / kBlock;
+  BlockRanges(const int32_t* seg, int64_t B, int64_t N, int64_t block) {
+    const int64_t nb = (N + block - 1) / block;
     lo.resize(B * nb);
     hi.resize(B * nb);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < nb; ++j) {
-        const int32_t* s = seg + b * N + j * kBlock;
-        const auto [mn, mx] = std::minmax_element(s, s + std::min(kBlock, N - j * kBlock));
+        const int32_t* s = seg + b * N + j * block;
+        const auto [mn, mx] = std::minmax_element(s, s + std::min(block, N - j * block));
         lo[b * nb + j] = *mn;
         hi[b * nb + j] = *mx;
       }
@@ -179,8 +180,8 @@ enum class Pair { kSkip, kFull, kMasked };
 // Whether query block i and KV block j of row b share no attended pair, every pair, or some.
 Pair classify(const Shape& s, const BlockRanges& qr, const BlockRanges& kr, int64_t b, int64_t i, int64_t j) {
   const int64_t qi = b * s.q_blocks() + i, kj = b * s.kv_blocks() + j;
-  const int64_t q0 = i * kBlock, q1 = std::min(s.L, q0 + kBlock) - 1;
-  const int64_t k0 = j * kBlock, k1 = std::min(s.S, k0 + kBlock) - 1;
+  const int64_t q0 = i * kQ, q1 = std::min(s.L, q0 + kQ) - 1;
+  const int64_t k0 = j * kKV, k1 = std::min(s.S, k0 + kKV) - 1;
   if (s.causal && k0 > q1) return Pair::kSkip;
   if (kr.hi[kj] == 0 || qr.hi[qi] == 0 || kr.hi[kj] < qr.lo[qi] || qr.hi[qi] < kr.lo[kj]) return Pair::kSkip;
   const bool one_segment = qr.lo[qi] == qr.hi[qi] && kr.lo[kj] == kr.hi[kj] && qr.lo[qi] == kr.lo[kj];
@@ -209,16 +210,16 @@ void forward_block(const Shape& s, const float* q, const float* k, const float* 
                    const int32_t* kseg, const BlockRanges& qr, const BlockRanges& kr, float* o, float* lse,
                    int64_t b, int64_t h, int64_t i) {
   const int64_t D = s.D, Dp = s.Dp, kh = h / s.G();
-  const int64_t q0 = i * kBlock, nq = std::min(kBlock, s.L - q0);
-  constexpr int64_t P = kBlock;  // the score block's columns (kBlock is a multiple of 16)
+  const int64_t q0 = i * kQ, nq = std::min(kQ, s.L - q0);
+  constexpr int64_t P = kKV;
   // Q [nq x D]; K^T [D x P] and V [P x Dp] of one KV block, zero beyond it; scores [nq x P]; output rows
-  std::vector<float> buffers(kBlock * D + D * P + P * Dp + kBlock * P + kBlock * Dp);
+  std::vector<float> buffers(kQ * D + D * P + P * Dp + kQ * P + kQ * Dp);
   float* qp = buffers.data();
-  float* ktp = qp + kBlock * D;
+  float* ktp = qp + kQ * D;
   float* vp = ktp + D * P;
   float* scores = vp + P * Dp;
-  float* accp = scores + kBlock * P;
-  float m[kBlock], l[kBlock];
+  float* accp = scores + kQ * P;
+  float m[kQ], l[kQ];
   for (int64_t r = 0; r < nq; ++r) {
     std::memcpy(qp + r * D, q + ((b * s.L + q0 + r) * s.H + h) * D, sizeof(float) * D);
     m[r] = -kInf;
@@ -228,7 +229,7 @@ void forward_block(const Shape& s, const float* q, const float* k, const float* 
   for (int64_t j = 0; j < s.kv_blocks(); ++j) {
     const Pair pair = classify(s, qr, kr, b, i, j);
     if (pair == Pair::kSkip) continue;
-    const int64_t k0 = j * kBlock, nk = std::min(kBlock, s.S - k0);
+    const int64_t k0 = j * kKV, nk = std::min(kKV, s.S - k0);
     // K^T [D x P] and V [nk x Dp], zero beyond the block
     std::memset(ktp, 0, sizeof(float) * D * P);
     for (int64_t c = 0; c < nk; ++c) {
@@ -239,20 +240,24 @@ void forward_block(const Shape& s, const float* q, const float* k, const float* 
       std::fill(vrow + D, vrow + Dp, 0.0f);
     }
     gemm(nq, P, D, qp, D, ktp, P, scores, P, false);
-    for (int64_t r = 0; r < nq; ++r)
-      for (int64_t c = 0; c < P; c += 8) store(scores + r * P + c, load(scores + r * P + c) * splat(s.scale));
     mask_block(s, qseg + b * s.L, kseg + b * s.S, q0, k0, nq, nk, scores, P, pair == Pair::kMasked);
+    const v8 scale = splat(s.scale);
     for (int64_t r = 0; r < nq; ++r) {
       float* row = scores + r * P;
+      v8 top = splat(-kInf);
+      for (int64_t c = 0; c < P; c += 8) {
+        const v8 x = load(row + c) * scale;
+        top = x > top ? x : top;
+      }
       float mx = m[r];
-      for (int64_t c = 0; c < P; ++c) mx = std::max(mx, row[c]);
+      for (int t = 0; t < 8; ++t) mx = std::max(mx, top[t]);
       if (mx == -kInf) {  // nothing attended in this row yet
         std::fill(row, row + P, 0.0f);
         continue;
       }
       v8 sum = splat(0.0f);
       for (int64_t c = 0; c < P; c += 8) {
-        const v8 p = exp8(load(row + c) - splat(mx));
+        const v8 p = exp8(load(row + c) * scale - splat(mx));
         store(row + c, p);
         sum += p;
       }
@@ -278,8 +283,8 @@ void forward_block(const Shape& s, const float* q, const float* k, const float* 
 void backward_unit(const Shape& s, const float* q, const float* k, const float* v, const float* o, const float* lse,
                    const float* dout, const int32_t* qseg, const int32_t* kseg, const BlockRanges& qr,
                    const BlockRanges& kr, float* dq, float* dk, float* dv, int64_t b, int64_t kh) {
-  const int64_t D = s.D, Dp = s.Dp, L = s.L, S = s.S, Sp = round_up(S, kBlock);
-  constexpr int64_t P = kBlock;
+  const int64_t D = s.D, Dp = s.Dp, L = s.L, S = s.S, Sp = round_up(S, kKV);
+  constexpr int64_t P = kKV;
   // per KV head: K [Sp x Dp], K^T and V^T [D x Sp]; dK, dV accumulators [Sp x Dp]
   std::vector<float> kp(Sp * Dp, 0.0f), kt(D * Sp, 0.0f), vt(D * Sp, 0.0f), dkacc(Sp * Dp, 0.0f),
       dvacc(Sp * Dp, 0.0f);
@@ -293,10 +298,11 @@ void backward_unit(const Shape& s, const float* q, const float* k, const float* 
     }
   }
   // per query head: Q and dO [Lp x Dp] (zero columns past D), the rows' delta = sum(dO * O)
-  const int64_t Lp = round_up(L, kBlock);
+  const int64_t Lp = round_up(L, kQ);
   std::vector<float> qp(Lp * Dp, 0.0f), dop(Lp * Dp, 0.0f), delta(L);
-  alignas(32) float p[kBlock * P], ds[kBlock * P], pt[P * kBlock], dst[P * kBlock];
-  std::vector<float> dqacc(kBlock * Dp);
+  // one block pair: P and dS [kQ x P], their transposes [P x kQ]; the block's dQ rows
+  std::vector<float> blocks(4 * kQ * P), dqacc(kQ * Dp);
+  float *p = blocks.data(), *ds = p + kQ * P, *pt = ds + kQ * P, *dst = pt + kQ * P;
   for (int64_t h = kh * s.G(); h < (kh + 1) * s.G(); ++h) {
     for (int64_t r = 0; r < L; ++r) {
       const int64_t at = ((b * L + r) * s.H + h) * D;
@@ -308,14 +314,14 @@ void backward_unit(const Shape& s, const float* q, const float* k, const float* 
     }
     const float* lse_h = lse + (b * s.H + h) * L;
     for (int64_t i = 0; i < s.q_blocks(); ++i) {
-      const int64_t q0 = i * kBlock, nq = std::min(kBlock, L - q0);
+      const int64_t q0 = i * kQ, nq = std::min(kQ, L - q0);
       std::fill(dqacc.begin(), dqacc.end(), 0.0f);
       bool any = false;
       for (int64_t j = 0; j < s.kv_blocks(); ++j) {
         const Pair pair = classify(s, qr, kr, b, i, j);
         if (pair == Pair::kSkip) continue;
         any = true;
-        const int64_t k0 = j * kBlock, nk = std::min(kBlock, S - k0);
+        const int64_t k0 = j * kKV, nk = std::min(kKV, S - k0);
         // P = exp(scale * Q K^T - lse), 0 where masked
         gemm(nq, P, D, qp.data() + q0 * Dp, Dp, kt.data() + k0, Sp, p, P, false);
         mask_block(s, qseg + b * L, kseg + b * S, q0, k0, nq, nk, p, P, pair == Pair::kMasked);
@@ -329,8 +335,8 @@ void backward_unit(const Shape& s, const float* q, const float* k, const float* 
           for (int64_t c = 0; c < P; c += 8) store(row + c, exp8(load(row + c) * splat(s.scale) - splat(m)));
         }
         // dV += P^T dO
-        transpose(p, P, pt, kBlock, nq, nk);
-        gemm(nk, Dp, nq, pt, kBlock, dop.data() + q0 * Dp, Dp, dvacc.data() + k0 * Dp, Dp, true);
+        transpose(p, P, pt, kQ, nq, nk);
+        gemm(nk, Dp, nq, pt, kQ, dop.data() + q0 * Dp, Dp, dvacc.data() + k0 * Dp, Dp, true);
         // dS = scale * P * (dO V^T - delta)
         gemm(nq, P, D, dop.data() + q0 * Dp, Dp, vt.data() + k0, Sp, ds, P, false);
         for (int64_t r = 0; r < nq; ++r) {
@@ -342,8 +348,8 @@ void backward_unit(const Shape& s, const float* q, const float* k, const float* 
         }
         // dQ += dS K, dK += dS^T Q
         gemm(nq, Dp, nk, ds, P, kp.data() + k0 * Dp, Dp, dqacc.data(), Dp, true);
-        transpose(ds, P, dst, kBlock, nq, nk);
-        gemm(nk, Dp, nq, dst, kBlock, qp.data() + q0 * Dp, Dp, dkacc.data() + k0 * Dp, Dp, true);
+        transpose(ds, P, dst, kQ, nq, nk);
+        gemm(nk, Dp, nq, dst, kQ, qp.data() + q0 * Dp, Dp, dkacc.data() + k0 * Dp, Dp, true);
       }
       for (int64_t r = 0; r < nq; ++r) {
         float* out = dq + ((b * L + q0 + r) * s.H + h) * D;
@@ -385,7 +391,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (!read_shape(q, k, v, qseg, kseg, causal, scale, &s))
     return ffi::Error::InvalidArgument(std::string("internvl_flash_forward: ") + kShapeError);
   if (s.B * s.L * s.H == 0) return ffi::Error::Success();
-  const BlockRanges qr(qseg.typed_data(), s.B, s.L), kr(kseg.typed_data(), s.B, s.S);
+  const BlockRanges qr(qseg.typed_data(), s.B, s.L, kQ), kr(kseg.typed_data(), s.B, s.S, kKV);
   const int64_t nq = s.q_blocks();
   parallel_for(pool, s.B * s.H * nq, [&](int64_t u) {
     forward_block(s, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), kseg.typed_data(), qr, kr,
@@ -403,7 +409,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   if (!read_shape(q, k, v, qseg, kseg, causal, scale, &s))
     return ffi::Error::InvalidArgument(std::string("internvl_flash_backward: ") + kShapeError);
   if (s.B * s.S * s.K == 0) return ffi::Error::Success();
-  const BlockRanges qr(qseg.typed_data(), s.B, s.L), kr(kseg.typed_data(), s.B, s.S);
+  const BlockRanges qr(qseg.typed_data(), s.B, s.L, kQ), kr(kseg.typed_data(), s.B, s.S, kKV);
   parallel_for(pool, s.B * s.K, [&](int64_t u) {
     backward_unit(s, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
                   dout.typed_data(), qseg.typed_data(), kseg.typed_data(), qr, kr, dq->typed_data(), dk->typed_data(),
