@@ -29,10 +29,12 @@ Every valid query must see at least one key (true for causal self-attention: it 
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from . import kernels, layers
 from .target import traced_platform
@@ -134,19 +136,33 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
 def _per_shard(fn, head_axes: tuple[str, str], q, k, v, q_segment_ids, kv_segment_ids):
     """``fn(q, k, v, q_segment_ids, kv_segment_ids)`` on each device's shard (``shard_map``) when a mesh and
     logical rules are active (``sharding.activate``): the partitioner cannot split a Pallas kernel or a custom
-    call and would gather its inputs onto every device. Batch and heads are split as the rules say; the sequence stays whole."""
+    call and would gather its inputs onto every device. Batch and heads are split as the rules say where the mesh
+    axes divide them; the sequence stays whole."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
     if mesh.empty or mesh.size == 1 or not rules:
         return fn(q, k, v, q_segment_ids, kv_segment_ids)
-    spec = lambda *axes: nn.logical_to_mesh_axes(axes, rules)  # noqa: E731
-    q_spec, kv_spec = spec("batch", None, head_axes[0], None), spec("batch", None, head_axes[1], None)
+    q_axes = nn.logical_to_mesh_axes(("batch", None, head_axes[0], None), rules)
+    kv_axes = nn.logical_to_mesh_axes(("batch", None, head_axes[1], None), rules)
+    # a dimension its mesh axes do not divide stays whole on every device (the batch of 1 of an init, say); the
+    # query and KV heads are split together or not at all, so that each shard keeps whole groups
+    batch = _dividing(q_axes[0], q.shape[0], mesh)
+    heads = (q_axes[2], kv_axes[2])
+    if _dividing(heads[0], q.shape[2], mesh) is None or _dividing(heads[1], k.shape[2], mesh) is None:
+        heads = (None, None)
+    q_spec, kv_spec = P(batch, None, heads[0], None), P(batch, None, heads[1], None)
     if q_segment_ids is None:
         return jax.shard_map(lambda a, b, c: fn(a, b, c, None, None), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
                              out_specs=q_spec, check_vma=False)(q, k, v)
-    seg_spec = spec("batch", None)
+    seg_spec = P(batch, None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
                          check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _dividing(axes, size: int, mesh):
+    """``axes`` (a mesh axis name, a tuple of them, or None) if their sizes' product divides ``size``, else None."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes if size % math.prod(mesh.shape[name] for name in names) == 0 else None
 
 
 def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, causal: bool,

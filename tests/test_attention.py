@@ -179,7 +179,8 @@ def test_cpu_flash_bfloat16_and_long_heads():
 
 def test_cpu_flash_per_shard_on_a_mesh():
     """Under a mesh and logical rules the kernel runs on each device's shard of the batch and heads (shard_map):
-    no gather, the same outputs and gradients as on one device."""
+    no gather, the same outputs and gradients as on one device; a batch the mesh does not divide (an init's one
+    row) and heads it does not divide stay whole."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import sharding
@@ -198,8 +199,12 @@ def test_cpu_flash_per_shard_on_a_mesh():
         fn = jax.jit(value_and_grads, in_shardings=(heads, heads, heads))
         assert "all-gather" not in fn.lower(q, k, v).compile().as_text()
         got = fn(q, k, v)
+        one_row = jax.jit(lambda q, k, v: attend(q, k, v, seg[:1], seg[:1], scale=SCALE, causal=True,
+                                                 impl="cpu_flash"))(q[:1], k[:1, :, :1], v[:1, :, :1])
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= TOL * max(1.0, float(np.abs(np.asarray(b)).max()))
+    ref = attend(q[:1], k[:1, :, :1], v[:1, :, :1], seg[:1], seg[:1], scale=SCALE, causal=True, impl="xla")
+    assert np.abs(np.asarray(one_row) - np.asarray(ref)).max() <= TOL
 
 
 def test_cpu_flash_only_in_cpu_traces(monkeypatch):
