@@ -95,7 +95,7 @@ def _zero_padding_rows(out, q_segment_ids):
 
 
 def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, causal: bool, impl: str = "xla",
-           head_axes: tuple[str, str] = ("heads", "kv_heads"), **options):
+           head_axes: tuple[str, str] = ("heads", "kv_heads"), batch_valid=None, **options):
     """Softmax attention (grouped KV heads, float32 scores and softmax) with masks from segment ids.
 
     q: [B, L, H, D]; k, v: [B, S, K, D], H a multiple of K; q_segment_ids int [B, L], kv_segment_ids int [B, S]
@@ -104,6 +104,9 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
     ``options`` go to the backend: ``block_q`` /
     ``block_kv`` (blockwise, splash), ``implementation`` (dot_product), ``interpret`` (splash).
     ``head_axes``: the logical names of q's and k's head dimensions, for splitting the splash kernel over a mesh.
+    ``batch_valid``: bool [B] or None, with no segment ids: False marks a row that is padding as a whole (a ViT's
+    empty tile slot). ``cpu_flash`` skips such rows (their outputs and gradients are zeros); the other backends,
+    for which a mask costs more than it saves, compute them as usual. Valid rows are the same either way.
     Returns [B, L, H, D] in q's dtype; padding query rows are zeros.
     """
     _check(q, k, v, q_segment_ids, kv_segment_ids)
@@ -123,6 +126,9 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
         return _per_shard(functools.partial(splash_attention, scale=scale, causal=causal, **options), head_axes,
                           q, k, v, q_segment_ids, kv_segment_ids)
     elif impl == "cpu_flash":
+        if batch_valid is not None and q_segment_ids is None:
+            q_segment_ids = jnp.broadcast_to(batch_valid.astype(jnp.int32)[:, None], q.shape[:2])
+            kv_segment_ids = jnp.broadcast_to(batch_valid.astype(jnp.int32)[:, None], k.shape[:2])
         if traced_platform() != "cpu":
             raise ValueError(f"attention impl 'cpu_flash' runs on the CPU only; this trace is for "
                              f"{traced_platform()!r} (use 'auto')")

@@ -78,10 +78,11 @@ class InternVL(nn.Module):
         self.projector = Projector(c.text.hidden_size, lora=c.lora, **kw)
         self.language_model = Decoder(c.text, unrolled=self.unrolled, lora=c.lora, **stack, **kw)
 
-    def encode_images(self, tiles):
-        """tiles [N, H, W, 3] -> [N, tokens_per_tile, E] LLM-space features."""
+    def encode_images(self, tiles, valid=None):
+        """tiles [N, H, W, 3] -> [N, tokens_per_tile, E] LLM-space features; valid: bool [N] or None, False for
+        empty tile slots, whose features are not used (the ViT may skip their attention)."""
         c = self.config
-        h = self.vision(tiles)[:, 1:]  # drop the class token
+        h = self.vision(tiles, valid)[:, 1:]  # drop the class token
         n, p, width = h.shape
         gh, gw = tiles.shape[1] // c.vision.patch_size, tiles.shape[2] // c.vision.patch_size
         h = pixel_shuffle(h.reshape(n, gh, gw, width), c.downsample_ratio, c.ps_version)
@@ -105,7 +106,7 @@ class InternVL(nn.Module):
         x = self.language_model.embed(input_ids)
         if pixel_values is not None:
             b, t = pixel_values.shape[:2]
-            feats = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]))
+            feats = self.encode_images(pixel_values.reshape(b * t, *pixel_values.shape[2:]), tile_mask.reshape(b * t))
             feats = feats.reshape(b, t, *feats.shape[1:])
             x = merge_image_features(x, input_ids == c.image_token_id, feats, tile_mask, image_index)
         return self.language_model(

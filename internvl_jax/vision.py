@@ -103,7 +103,8 @@ class VisionAttention(nn.Module):
     lora: tuple = ()  # LoRA rule table (internvl_jax.lora)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
+        """x [N, S, C]; valid: bool [N] or None, False for an empty tile slot (see :func:`attend`'s batch_valid)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dense = dict(lora=self.lora, **kw)
@@ -114,7 +115,8 @@ class VisionAttention(nn.Module):
                 t.reshape(*t.shape[:2], -1)
             ).reshape(t.shape)
             q, k = full(q, "q_norm"), full(k, "k_norm")
-        out = attend(q, k, v, scale=c.head_dim**-0.5, causal=False, impl=self.impl, head_axes=("vit_heads",) * 2)
+        out = attend(q, k, v, scale=c.head_dim**-0.5, causal=False, impl=self.impl, head_axes=("vit_heads",) * 2,
+                     batch_valid=valid)
         return Dense((c.hidden_size,), ("vit_heads", "head_dim"), ("vit_embed",), True, name="proj", **dense)(out)
 
 
@@ -126,15 +128,17 @@ class VisionLayer(nn.Module):
     lora: tuple = ()
 
     @nn.compact
-    def __call__(self, x, layer_xs):
-        """x [N, S, C]; layer_xs = (drop-path rate, active): an inactive layer (past select_layer) is skipped."""
+    def __call__(self, x, layer_xs, valid=None):
+        """x [N, S, C]; layer_xs = (drop-path rate, active): an inactive layer (past select_layer) is skipped;
+        valid: bool [N] or None (empty tile slots, see :class:`VisionAttention`)."""
         rate, active = layer_xs
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ls_init = nn.initializers.constant(c.layer_scale_init)
         ls1 = self.param("ls1", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
         ls2 = self.param("ls2", param_with_axes(ls_init, ("vit_embed",)), (c.hidden_size,), self.param_dtype)
-        h = VisionAttention(c, name="attn", impl=self.attention_impl, lora=self.lora, **kw)(Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x))
+        h = VisionAttention(c, name="attn", impl=self.attention_impl, lora=self.lora, **kw)(
+            Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm1", **kw)(x), valid)
         y = x + self._drop_path(ls1.astype(self.dtype) * h, rate)
         h = Norm(c.norm_type, c.norm_eps, "vit_embed", name="norm2", **kw)(y)
         h = Dense((c.intermediate_size,), ("vit_embed",), ("vit_mlp",), True, name="fc1", lora=self.lora, **kw)(h)
@@ -167,14 +171,16 @@ class InternViT(nn.Module):
     lora: tuple = ()  # LoRA rule table (internvl_jax.lora)
 
     @nn.compact
-    def __call__(self, pixels):
+    def __call__(self, pixels, valid=None):
+        """pixels [N, H, W, 3]; valid: bool [N] or None, False for an empty tile slot, whose attention a backend
+        that can skip it skips (its hidden states are then not those of its pixels: callers drop them)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = VisionEmbeddings(c, name="embeddings", **kw)(pixels)
         used = c.num_layers if self.layers_used is None else self.layers_used
         rates = jnp.linspace(0.0, c.drop_path_rate, c.num_layers, dtype=jnp.float32)
         active = jnp.arange(c.num_layers) < used
-        stack = scan_layers(VisionLayer, length=c.num_layers, remat=self.remat, in_axes=(0,))
+        stack = scan_layers(VisionLayer, length=c.num_layers, remat=self.remat, in_axes=(0, nn.broadcast))
         impl = resolve_attention_impl(self.attention_impl)
-        x, _ = stack(c, name="layers", attention_impl=impl, lora=self.lora, **kw)(x, (rates, active))
+        x, _ = stack(c, name="layers", attention_impl=impl, lora=self.lora, **kw)(x, (rates, active), valid)
         return x

@@ -77,3 +77,41 @@ def test_from_scratch_class_token_and_position_table_are_unit_normal_as_the_orig
     assert table.size >= 500 and abs(table.mean()) < 0.15 and 0.85 < table.std() < 1.15
     rows = np.asarray(emb["pos_embed"])[0]
     assert np.linalg.matrix_rank(rows) == min(rows.shape)  # positions pairwise distinct
+
+
+def test_empty_tile_slots_skip_the_vits_attention_and_change_nothing_else():
+    """With ``cpu_flash`` the ViT skips the attention of empty tile slots (tile_mask False): their hidden states are
+    not those of a full run, the valid tiles' are; the model's logits and parameter gradients equal those of the XLA
+    attention, which computes every slot."""
+    from internvl_jax.model import InternVL, init_params
+    from internvl_jax.presets import get_preset
+
+    cfg = get_preset("tiny-qwen2")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(3)
+    tile_mask = np.array([[True, True, False], [True, False, False]])
+    pixels = jnp.asarray(rng.standard_normal((2, 3, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+    length = 2 * cfg.tokens_per_tile + 6
+    ids = rng.integers(1, 50, (2, length))
+    for b, n in enumerate(tile_mask.sum(axis=1)):
+        ids[b, 2:2 + n * cfg.tokens_per_tile] = cfg.image_token_id
+    ids = jnp.asarray(ids, jnp.int32)
+
+    def hidden(impl):
+        model = InternVL(cfg.replace(attention_impl=impl))
+        return model.apply({"params": params}, pixels.reshape(6, *pixels.shape[2:]), jnp.asarray(tile_mask.reshape(6)),
+                           method=lambda m, t, v: m.vision(t, v))
+
+    skipped, full = hidden("cpu_flash"), hidden("per_kv_head")
+    valid = tile_mask.reshape(6)
+    assert max_diff(skipped[valid], full[valid]) <= TOL_MODULE
+    assert max_diff(skipped[~valid], full[~valid]) > 10 * TOL_MODULE  # their attention did not run
+
+    def logits_and_grads(impl):
+        model = InternVL(cfg.replace(attention_impl=impl))
+        loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, ids, pixels, jnp.asarray(tile_mask))))  # noqa: E731
+        return jax.value_and_grad(loss)(params)
+
+    got, want = logits_and_grads("cpu_flash"), logits_and_grads("per_kv_head")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert max_diff(a, b) <= TOL_MODULE * max(1.0, float(np.abs(np.asarray(b)).max()))
