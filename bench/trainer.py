@@ -89,6 +89,9 @@ def parse_args():
                    help="compute dtype of both sides (default: float32 on a CPU, bfloat16 on a GPU); params float32")
     p.add_argument("--remat", default="none", help="remat policy of ours (PyTorch keeps every activation)")
     p.add_argument("--attention", default="auto", help="ours' attention implementation (InternVLConfig.attention_impl)")
+    p.add_argument("--scan-unroll", type=int, default=None,
+                   help="ours' layers per scan iteration (TrainConfig.scan_unroll; default: every layer of the small "
+                        "model, no loop; 1 with --preset)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of the three sides (ABBA order, against drift)")
     p.add_argument("--torch-mask", default="causal", choices=["causal", "packed"],
                    help="PyTorch's attention: causal over each whole row (sdpa's fastest path), or packed: the "
@@ -215,6 +218,8 @@ def train_config(args, model, meta: str, tokenizer: str, workdir: str, dtype: st
     return TrainConfig(
         name="bench", workdir=workdir, model=model, tokenizer=tokenizer, steps=args.steps, seed=args.seed,
         dtype=dtype, remat=args.remat, attention=args.attention, mesh="1,-1,1", rules="fsdp",
+        scan_unroll=args.scan_unroll or (max(model.vision.num_layers, model.text.num_layers)
+                                         if args.preset == "small" else 1),
         log_every=max(1, args.steps // 3), save_every=args.save_every, keep=2, progress=False,
         data=DataConfig(meta=meta, rows=args.rows, max_tokens=args.max_tokens, max_tiles=args.max_tiles,
                         loss_weighting="square", workers=args.workers),
@@ -223,7 +228,8 @@ def train_config(args, model, meta: str, tokenizer: str, workdir: str, dtype: st
 
 def run_config(cfg, model):
     """The model config the trainer runs (float32 master params, the run's compute dtype, remat, attention)."""
-    return model.replace(dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat, attention_impl=cfg.attention)
+    return model.replace(dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat, attention_impl=cfg.attention,
+                         scan_unroll=cfg.scan_unroll)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +480,7 @@ def main():
     t, v = config.text, config.vision
     print(f"model: {args.preset}: ViT {v.num_layers} x {v.hidden_size} ({v.image_size} px tiles, {v.patch_size} px "
           f"patches, {config.tokens_per_tile} tokens per tile), LLM {t.num_layers} x {t.hidden_size}, vocabulary "
-          f"{t.vocab_size}; {dtype} compute, float32 params, remat {cfg.remat}, attention {cfg.attention}")
+          f"{t.vocab_size}; {dtype} compute, float32 params, remat {cfg.remat}, attention {cfg.attention}, scan unroll {cfg.scan_unroll}")
     print(f"data: {args.images} JPEG photos, {4 * args.images} conversations, max_dynamic_patch {args.max_patch} + "
           f"thumbnail, JPEG augmentation on (written in {time.perf_counter() - t0:.1f} s); {args.rows} rows x "
           f"{args.max_tokens} tokens, {args.max_tiles} tile slots per row, {args.workers} workers; "

@@ -40,8 +40,11 @@ class CLIPConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "auto"
+    scan_unroll: int = 1  # layers per scan iteration of the ViT and QLLaMA (as InternVLConfig.scan_unroll)
 
     def __post_init__(self):
+        if self.scan_unroll < 1:
+            raise ConfigError(f"scan_unroll must be at least 1, got {self.scan_unroll}")
         n, f = self.qllama.num_layers, self.cross_attention_frequency
         if n % f:
             raise ConfigError(f"qllama_config.num_hidden_layers ({n}) must be a multiple of cross_attention_frequency "

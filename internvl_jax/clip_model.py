@@ -43,7 +43,7 @@ class InternVLCLIP(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=as_dtype(c.dtype), param_dtype=as_dtype(c.param_dtype))
-        stack = dict(remat=c.remat, attention_impl=c.attention_impl)
+        stack = dict(remat=c.remat, attention_impl=c.attention_impl, scan_unroll=c.scan_unroll)
         self.vision = InternViT(c.vision, **stack, **kw)
         self.qllama = QLLaMA(c, **stack, **kw)
         e, d = c.qllama.hidden_size, c.clip_embed_dim

@@ -140,11 +140,14 @@ class InternVLConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch (internvl_jax.layers.REMAT_POLICIES)
     attention_impl: str = "auto"  # one of layers.ATTENTION_IMPLS
+    scan_unroll: int = 1  # layers per scan iteration of the ViT and the LLM (layers.scan_layers; >= depth: no loop)
     lora: tuple = ()  # LoRA adapters: a rule table over kernel paths (internvl_jax.lora); () = none
 
     def __post_init__(self):
         if self.ps_version not in ("v1", "v2"):
             raise ConfigError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}")
+        if self.scan_unroll < 1:
+            raise ConfigError(f"scan_unroll must be at least 1, got {self.scan_unroll}")
         n = self.vision.num_layers
         if not (-n <= self.select_layer <= n) or self.select_layer == 0:
             raise ConfigError(f"select_layer {self.select_layer} is outside 1..{n} / -{n}..-1")

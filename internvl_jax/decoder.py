@@ -191,6 +191,7 @@ class Decoder(nn.Module):
     remat: str = "none"
     attention_impl: str = "auto"  # see layers.resolve_attention_impl
     unrolled: bool = False
+    scan_unroll: int = 1  # layers per scan iteration of the stacked layout (layers.scan_layers)
     lora: tuple = ()  # LoRA rule table (internvl_jax.lora), for every Dense below
 
     def setup(self):
@@ -208,7 +209,8 @@ class Decoder(nn.Module):
                            for _ in range(c.num_layers)]
         else:
             # cos, sin and the segment ids are shared by the layers
-            stack = scan_layers(DecoderLayer, length=c.num_layers, remat=self.remat, in_axes=(nn.broadcast,) * 3)
+            stack = scan_layers(DecoderLayer, length=c.num_layers, remat=self.remat, in_axes=(nn.broadcast,) * 3,
+                                unroll=self.scan_unroll)
             self.layers = stack(c, name="layers", attention_impl=impl, lora=self.lora, **kw)
         self.norm = Norm("rms_norm", c.norm_eps, "embed", **kw)
         if not c.tie_word_embeddings:

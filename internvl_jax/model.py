@@ -73,7 +73,7 @@ class InternVL(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=as_dtype(c.dtype), param_dtype=as_dtype(c.param_dtype))
-        stack = dict(remat=c.remat, attention_impl=c.attention_impl)
+        stack = dict(remat=c.remat, attention_impl=c.attention_impl, scan_unroll=c.scan_unroll)
         self.vision = InternViT(c.vision, layers_used=c.vision_layers_used, lora=c.lora, **stack, **kw)
         self.projector = Projector(c.text.hidden_size, lora=c.lora, **kw)
         self.language_model = Decoder(c.text, unrolled=self.unrolled, lora=c.lora, **stack, **kw)

@@ -106,6 +106,7 @@ class QLLaMA(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention_impl: str = "auto"
+    scan_unroll: int = 1  # blocks per scan iteration (layers.scan_layers)
 
     def setup(self):
         c, q = self.cfg, self.cfg.qllama
@@ -113,7 +114,8 @@ class QLLaMA(nn.Module):
         self.embed_tokens = self.param("embed_tokens", param_with_axes(nn.initializers.normal(0.02), ("vocab", "embed")),
                                        (q.vocab_size, q.hidden_size), self.param_dtype)
         impl = dense_impl(resolve_attention_impl(self.attention_impl))  # the masks are dense
-        stack = scan_layers(QLLaMABlock, length=c.num_blocks, remat=self.remat, in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast))
+        stack = scan_layers(QLLaMABlock, length=c.num_blocks, remat=self.remat,
+                            in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast), unroll=self.scan_unroll)
         self.blocks = stack(c, name="blocks", attention_impl=impl, **kw)
         self.norm = Norm("rms_norm", q.norm_eps, "embed", **kw)
         if not q.tie_word_embeddings:

@@ -168,6 +168,7 @@ class InternViT(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     attention_impl: str = "auto"  # see layers.resolve_attention_impl
+    scan_unroll: int = 1  # layers per scan iteration (layers.scan_layers)
     lora: tuple = ()  # LoRA rule table (internvl_jax.lora)
 
     @nn.compact
@@ -180,7 +181,8 @@ class InternViT(nn.Module):
         used = c.num_layers if self.layers_used is None else self.layers_used
         rates = jnp.linspace(0.0, c.drop_path_rate, c.num_layers, dtype=jnp.float32)
         active = jnp.arange(c.num_layers) < used
-        stack = scan_layers(VisionLayer, length=c.num_layers, remat=self.remat, in_axes=(0, nn.broadcast))
+        stack = scan_layers(VisionLayer, length=c.num_layers, remat=self.remat, in_axes=(0, nn.broadcast),
+                            unroll=self.scan_unroll)
         impl = resolve_attention_impl(self.attention_impl)
         x, _ = stack(c, name="layers", attention_impl=impl, lora=self.lora, **kw)(x, (rates, active), valid)
         return x

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import sharding
+from internvl_jax.config import ConfigError
 from internvl_jax.model import InternVL, init_params
 from internvl_jax.presets import get_preset
 from sharding.plan import target_config
@@ -64,6 +65,24 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
     for chunk in (5, 8, 24):  # 5 does not divide the 24 positions: padding with zero weights
         got, got_g = jax.jit(jax.value_and_grad(lambda p: loss_sum(MODEL, p, b, vocab_chunk=chunk)))(PARAMS)
         assert _rel(got, ref) <= TOL and _tree_rel(got_g, ref_g) <= TOL
+
+
+def test_unrolled_layer_scans_give_the_same_loss_and_gradients_without_a_loop():
+    """``scan_unroll`` at the depth of both stacks: the same params, loss and gradients, and no loop left in the
+    program of the layers (the loss's own chunk loop is not used here); unroll 0 is refused."""
+    b = _batch()
+    cfg = CFG.replace(scan_unroll=max(CFG.vision.num_layers, CFG.text.num_layers))
+
+    def step(model):
+        return jax.jit(jax.value_and_grad(lambda p: loss_sum(model, p, b, vocab_chunk=None)))
+
+    ref, ref_g = step(MODEL)(PARAMS)
+    got, got_g = step(InternVL(cfg))(PARAMS)
+    assert _rel(got, ref) <= TOL and _tree_rel(got_g, ref_g) <= TOL
+    loops = lambda model: step(model).lower(PARAMS).compile().as_text().count(" while(")  # noqa: E731
+    assert loops(MODEL) > 0 and loops(InternVL(cfg)) == 0
+    with pytest.raises(ConfigError, match="scan_unroll"):
+        CFG.replace(scan_unroll=0)
 
 
 def test_weighted_loss_sum_ignores_weights_on_ignored_labels():

@@ -99,7 +99,7 @@ def _model_config(cfg: TrainConfig, base):
     if cfg.image_size:
         vision = dataclasses.replace(vision, image_size=cfg.image_size)
     return base.replace(vision=vision, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat,
-                        attention_impl=cfg.attention, force_image_size=None if cfg.image_size else base.force_image_size)
+                        attention_impl=cfg.attention, scan_unroll=cfg.scan_unroll, force_image_size=None if cfg.image_size else base.force_image_size)
 
 
 def _resize_positions(params, config):
@@ -433,6 +433,6 @@ def export(params, config, dst: str, layout: str, inputs: Inputs) -> None:
 
     host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     export_checkpoint(host_params, config.replace(dtype="float32", param_dtype="float32", remat="none",
-                                                  attention_impl="auto"),
+                                                  attention_impl="auto", scan_unroll=1),
                       dst, layout=layout, overwrite=True, side_files_from=inputs.tokenizer_dir)
     log.info("exported to %s (%s layout)", dst, layout)
