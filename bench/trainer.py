@@ -480,7 +480,8 @@ def main():
     t, v = config.text, config.vision
     print(f"model: {args.preset}: ViT {v.num_layers} x {v.hidden_size} ({v.image_size} px tiles, {v.patch_size} px "
           f"patches, {config.tokens_per_tile} tokens per tile), LLM {t.num_layers} x {t.hidden_size}, vocabulary "
-          f"{t.vocab_size}; {dtype} compute, float32 params, remat {cfg.remat}, attention {cfg.attention}, scan unroll {cfg.scan_unroll}")
+          f"{t.vocab_size}; {dtype} compute, float32 params, remat {cfg.remat}, attention {cfg.attention}, scan unroll "
+          f"{cfg.scan_unroll}")
     print(f"data: {args.images} JPEG photos, {4 * args.images} conversations, max_dynamic_patch {args.max_patch} + "
           f"thumbnail, JPEG augmentation on (written in {time.perf_counter() - t0:.1f} s); {args.rows} rows x "
           f"{args.max_tokens} tokens, {args.max_tiles} tile slots per row, {args.workers} workers; "

@@ -214,7 +214,8 @@ class Norm(nn.Module):
 
 
 DENSE_IMPLS = ("batched", "per_kv_head")  # :func:`attention` itself (a dense [B, 1, L, S] mask)
-ATTENTION_IMPLS = ("auto", *DENSE_IMPLS, "dot_product", "blockwise", "cpu_flash", "adaptive", "splash")  # internvl_jax.attention
+# internvl_jax.attention
+ATTENTION_IMPLS = ("auto", *DENSE_IMPLS, "dot_product", "blockwise", "cpu_flash", "adaptive", "splash")
 AUTO_ATTENTION = {"cpu": "adaptive", "tpu": "splash", "gpu": "dot_product"}
 
 

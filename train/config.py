@@ -109,7 +109,7 @@ class TrainConfig:
     dtype: str = "bfloat16"
     remat: str = "full"
     attention: str = "auto"
-    scan_unroll: int = 1  # layers per scan iteration (InternVLConfig.scan_unroll; >= the depth: no loop, faster on a CPU)
+    scan_unroll: int = 1  # layers per scan iteration (InternVLConfig.scan_unroll; >= the depth: no loop, CPU-fast)
     drop_path: float = -1.0  # the ViT's drop_path_rate (-1: the checkpoint's)
     image_size: int = 0  # force_image_size: tiles of this size, position table interpolated (0: the checkpoint's)
     vocab_chunk: int = 1024  # positions whose logits are made at once by the loss (0: all)

@@ -99,7 +99,8 @@ def _model_config(cfg: TrainConfig, base):
     if cfg.image_size:
         vision = dataclasses.replace(vision, image_size=cfg.image_size)
     return base.replace(vision=vision, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat,
-                        attention_impl=cfg.attention, scan_unroll=cfg.scan_unroll, force_image_size=None if cfg.image_size else base.force_image_size)
+                        attention_impl=cfg.attention, scan_unroll=cfg.scan_unroll,
+                        force_image_size=None if cfg.image_size else base.force_image_size)
 
 
 def _resize_positions(params, config):
