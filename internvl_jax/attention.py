@@ -41,12 +41,11 @@ from .target import traced_platform
 
 IMPLS = ("xla", "batched", "per_kv_head", "dot_product", "blockwise", "cpu_flash", "adaptive", "splash")
 # Without the CPU kernels, measured on a 2-core CPU (float32 forward + backward, 4 query / 2 KV heads of 64, causal,
-# packed rows of 150-500
-# tokens): per KV head vs blockwise-256 at L = 256: 32 / 31 ms (8 rows), 512: 58 / 42 (4), 1024: 130 / 45 (2),
-# 4096: 1596 / 143 ms (1 row); blocks of 128 were slower from 1024 on. Without a mask (the ViT's 1025 tokens)
-# blockwise skips nothing and is 1.6x slower than the dense loop. ``adaptive`` also rematerialises whole query
-# blocks: inside the layers' scan JAX otherwise keeps every block's probabilities for the backward (a 2048-token
-# row, 2 layers: 250 MiB of temporaries instead of 65, and no slower).
+# packed rows of 150-500 tokens): per KV head vs blockwise-256 at L = 256: 32 / 31 ms (8 rows), 512: 58 / 42 (4),
+# 1024: 130 / 45 (2), 4096: 1596 / 143 ms (1 row); blocks of 128 were slower from 1024 on. Without a mask (the ViT's
+# 1025 tokens) blockwise skips nothing and is 1.6x slower than the dense loop. ``adaptive`` also rematerialises
+# whole query blocks: inside the layers' scan JAX otherwise keeps every block's probabilities for the backward (a
+# 2048-token row, 2 layers: 250 MiB of temporaries instead of 65, and no slower).
 ADAPTIVE_BLOCK = 256
 
 
@@ -101,8 +100,8 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
     q: [B, L, H, D]; k, v: [B, S, K, D], H a multiple of K; q_segment_ids int [B, L], kv_segment_ids int [B, S]
     (0 = padding; both None = one segment, no padding); ``causal``: keys at index <= the query's only.
     ``impl``: one of :data:`IMPLS` (see the module docstring; ``cpu_flash`` in a trace for the CPU only).
-    ``options`` go to the backend: ``block_q`` /
-    ``block_kv`` (blockwise, splash), ``implementation`` (dot_product), ``interpret`` (splash).
+    ``options`` go to the backend: ``block_q`` / ``block_kv`` (blockwise, splash), ``implementation``
+    (dot_product), ``interpret`` (splash).
     ``head_axes``: the logical names of q's and k's head dimensions, for splitting the splash kernel over a mesh.
     ``batch_valid``: bool [B] or None, with no segment ids: False marks a row that is padding as a whole (a ViT's
     empty tile slot). ``cpu_flash`` skips such rows (their outputs and gradients are zeros); the other backends,
@@ -126,12 +125,12 @@ def attend(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float, ca
         return _per_shard(functools.partial(splash_attention, scale=scale, causal=causal, **options), head_axes,
                           q, k, v, q_segment_ids, kv_segment_ids)
     elif impl == "cpu_flash":
-        if batch_valid is not None and q_segment_ids is None:
-            q_segment_ids = jnp.broadcast_to(batch_valid.astype(jnp.int32)[:, None], q.shape[:2])
-            kv_segment_ids = jnp.broadcast_to(batch_valid.astype(jnp.int32)[:, None], k.shape[:2])
         if traced_platform() != "cpu":
             raise ValueError(f"attention impl 'cpu_flash' runs on the CPU only; this trace is for "
                              f"{traced_platform()!r} (use 'auto')")
+        if batch_valid is not None and q_segment_ids is None:  # an empty row: one segment of padding (id 0)
+            q_segment_ids = jnp.broadcast_to(batch_valid.astype(jnp.int32)[:, None], q.shape[:2])
+            kv_segment_ids = jnp.broadcast_to(batch_valid.astype(jnp.int32)[:, None], k.shape[:2])
         return _per_shard(functools.partial(kernels.flash_attention, scale=scale, causal=causal), head_axes,
                           q, k, v, q_segment_ids, kv_segment_ids)
     else:

@@ -72,8 +72,8 @@ def _cpu_signature() -> str:
 def _library_path(compiler: str) -> Path:
     """Where the library built by ``compiler`` for these sources, jaxlib and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), version, " ".join(_FLAGS), jax.__version__,
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    parts = [*(src.read_text() for src in _SOURCES), version, " ".join(_FLAGS), jax.__version__, _cpu_signature()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_kernels-{key}.so"
 
 

@@ -2,7 +2,7 @@
 // internvl_jax/kernels with cpu_decode.cc; plain GCC vectors, no intrinsics).
 //
 // XLA CPU computes a softmax attention as separate passes over the whole [L, S] score array (a product, a max,
-// an exp, a sum, a product, and as many again backward): bound by memory, 1.7-1.9x the time of PyTorch's CPU
+// an exp, a sum, a product, and as many again backward): bound by memory, 1.6-1.8x the time of PyTorch's CPU
 // flash kernel on a ViT tile's 1025 tokens or a 2048-token causal row. Here each [64 x 64] block of scores lives
 // in cache from its product to its use, as in FlashAttention-2: the forward keeps a running max and sum per row
 // and returns the log-sum-exp of each row; the backward recomputes each block's probabilities from it.
