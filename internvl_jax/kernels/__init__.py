@@ -11,8 +11,8 @@
   operation). CPU only: :mod:`internvl_jax.attention` calls it where the trace is for the CPU and the kernels are
   built.
 
-The first two are in ``cpu_decode.cc``, the third in ``cpu_attention.cc``. The same float32 products and sums as
-XLA's; only their order differs.
+The first two are in ``cpu_decode.cc``, the third in ``cpu_attention.cc`` (both use ``parallel.h``). The same
+float32 products and sums as XLA's; only their order differs.
 
 The library is built once per source, compiler, jaxlib and CPU (``-march=native``) into
 ``$INTERNVL_JAX_CACHE`` (default ``~/.cache/internvl_jax``)/kernels, under a temporary name renamed at the end,
@@ -49,6 +49,7 @@ __all__ = ["MAX_ROWS", "cpu_kernels_enabled", "decode_attention", "few_row_produ
 
 MAX_ROWS = 16  # rows of x up to which few_row_product is used (decoding; prefill rows take XLA's matmul)
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cc", "cpu_attention.cc"))
+_HEADERS = (Path(__file__).with_name("parallel.h"),)  # included by the sources: part of the library's key
 _TARGETS = {"internvl_matvec": "InternvlMatvec", "internvl_cache_attention": "InternvlCacheAttention",
             "internvl_flash_forward": "InternvlFlashForward", "internvl_flash_backward": "InternvlFlashBackward"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -72,7 +73,8 @@ def _cpu_signature() -> str:
 def _library_path(compiler: str) -> Path:
     """Where the library built by ``compiler`` for these sources, jaxlib and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [*(src.read_text() for src in _SOURCES), version, " ".join(_FLAGS), jax.__version__, _cpu_signature()]
+    sources = [src.read_text() for src in _SOURCES + _HEADERS]
+    parts = [*sources, version, " ".join(_FLAGS), jax.__version__, _cpu_signature()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_kernels-{key}.so"
 

@@ -14,21 +14,21 @@
 #pragma GCC optimize("fp-contract=fast")  // a * b + c as one fused multiply-add in the products
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using internvl_kernels::parallel_for;
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t i8v __attribute__((vector_size(32)));
@@ -121,31 +121,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-}
-
-// Calls fn(i) for every i < n on the calling thread and up to `threads` - 1 pool tasks (as in cpu_decode.cc).
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, const Fn& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t n = 0;
-    const Fn* fn = nullptr;
-    void run() {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-        (*fn)(i);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  auto state = std::make_shared<State>();
-  state->n = n;
-  state->fn = &fn;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, n); ++t) pool.Schedule([state] { state->run(); });
-  state->run();
-  for (int spins = 0; state->done.load(std::memory_order_acquire) < n; ++spins) {
-    if (spins > 1000) std::this_thread::yield();
-  }
 }
 
 struct Shape {
@@ -393,7 +368,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (s.B * s.L * s.H == 0) return ffi::Error::Success();
   const BlockRanges qr(qseg.typed_data(), s.B, s.L, kQ), kr(kseg.typed_data(), s.B, s.S, kKV);
   const int64_t nq = s.q_blocks();
-  parallel_for(pool, s.B * s.H * nq, [&](int64_t u) {
+  parallel_for(pool, s.B * s.H * nq, std::max<int64_t>(1, pool.num_threads()), [&](int64_t u) {
     forward_block(s, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(), kseg.typed_data(), qr, kr,
                   o->typed_data(), lse->typed_data(), u / (s.H * nq), u / nq % s.H, u % nq);
   });
@@ -410,7 +385,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     return ffi::Error::InvalidArgument(std::string("internvl_flash_backward: ") + kShapeError);
   if (s.B * s.S * s.K == 0) return ffi::Error::Success();
   const BlockRanges qr(qseg.typed_data(), s.B, s.L, kQ), kr(kseg.typed_data(), s.B, s.S, kKV);
-  parallel_for(pool, s.B * s.K, [&](int64_t u) {
+  parallel_for(pool, s.B * s.K, std::max<int64_t>(1, pool.num_threads()), [&](int64_t u) {
     backward_unit(s, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
                   dout.typed_data(), qseg.typed_data(), kseg.typed_data(), qr, kr, dq->typed_data(), dk->typed_data(),
                   dv->typed_data(), u / s.K, u % s.K);
