@@ -10,14 +10,15 @@
    fine-tuning (everything trains) and LoRA r=16 on the ViT and the LLM (the original's targets, alpha 2r, dropout
    0.05, the projector trained, the base frozen: no gradient, no optimizer state), same batch. Printed: median step
    time (the two steps timed in turns, ``--repeats`` rounds) and the compiled program's per-device memory
-   (arguments + outputs - donated + temporaries), and their ratios. Measured on an idle host, six runs: 0.79-0.98x
-   time, median 0.85x (goal <= 0.8x: not met), 0.67x memory (full 0.40-0.45 s, LoRA 0.34-0.42 s). Before the
-   full step's kernels became 2-D products (``layers.Dense``: its kernel gradients had been paying a transposing
-   copy that the LoRA step, already 2-D in ``lora.down``/``up``, skipped) five runs gave 0.77-0.81x, median 0.80x,
-   against a full step of 0.46 s; before the 16-bit dropout masks of ``lora.dropout_keep``
-   (``jax.random.bernoulli``, 4x dearer on [4096, 1024]): 0.82x in three runs, 0.71x memory; without any dropout:
-   0.70x then, what the mask still costs. On a loaded host the ratio drops (0.52x), because the full step suffers
-   more: compare idle runs only.
+   (arguments + outputs - donated + temporaries), and their ratios. Measured (2026-12-07, a host ~1.7x slower than
+   the earlier figures' days): **0.77-0.78x** time (full 0.82-0.83 s, LoRA 0.63-0.64 s), **0.58x** memory (257.3 /
+   446.6 MiB). Before that day's dropout changes: 0.86-0.89x and 0.65x. The masks there were threefry words
+   (16 bits an entry) and each adapted kernel kept its own dropped copy of x for the backward pass; the hashed mask
+   of ``lora.dropout_keep`` is ~10x cheaper, and ``lora.down`` recomputes it in the backward pass. In a same-run
+   A/B the dropout then cost 0.754x -> 0.782x, against 0.729x -> 0.849x before. Earlier, on faster days: 0.79-0.98x,
+   median 0.85x; 0.77-0.81x before the full step's kernels became 2-D products (``layers.Dense``: its kernel
+   gradients had paid a transposing copy that the LoRA step, already 2-D in ``lora.down``/``up``, skipped). On a
+   loaded host the ratio drops (0.52x), because the full step suffers more: compare idle runs only.
 2. The planner (``sharding.plan.estimate``, the analytic per-device bytes ``internvl-jax plan [--lora 16]``
    reports; params in bfloat16, LoRA adapters and their Adam moments in float32): InternVL2.5-8B on a 16-chip and
    on a 1-chip mesh, the same for both, and the smallest v5e / v5p slice where each of 8B and 78B fits (fsdp rules,

@@ -130,18 +130,14 @@ class Dense(nn.Module):
         if adapter.group:
             delta = lora_rules.up(shared, b, lead, False, self.dtype)
         else:
-            delta = lora_rules.up(lora_rules.down(_lora_dropout(self, x, adapter), a, len(in_shape), self.dtype,
-                                                  adapter.scale), b, lead, adapter.split, self.dtype)
+            delta = lora_rules.up(_lora_down(self, x, a, adapter, len(in_shape)), b, lead, adapter.split, self.dtype)
         return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 
-def _lora_dropout(module: nn.Module, x, adapter):
-    """x with the adapter's dropout (inverted: kept entries / keep) when ``module`` has a ``dropout`` rng; the mask
-    from :func:`~internvl_jax.lora.dropout_keep`."""
-    if adapter.dropout > 0 and module.has_rng("dropout"):
-        keep, mask = lora_rules.dropout_keep(module.make_rng("dropout"), adapter.dropout, x.shape)
-        x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-    return x
+def _lora_down(module: nn.Module, x, a, adapter, n_in: int):
+    """:func:`~internvl_jax.lora.down` of x with the adapter's dropout when ``module`` has a ``dropout`` rng."""
+    key = module.make_rng("dropout") if adapter.dropout > 0 and module.has_rng("dropout") else None
+    return lora_rules.down(x, a, n_in, module.dtype, adapter.scale, key=key, rate=adapter.dropout)
 
 
 class SharedA(nn.Module):
@@ -158,7 +154,7 @@ class SharedA(nn.Module):
         shape, axes = lora_rules.shapes_and_axes(in_shape, (), self.in_axes, (), self.adapter)[:2]
         a = self.param("lora_a", param_with_axes(lora_rules.kaiming_a(math.prod(in_shape)), axes), shape,
                        jnp.float32)
-        return lora_rules.down(_lora_dropout(self, x, self.adapter), a, len(in_shape), self.dtype, self.adapter.scale)
+        return _lora_down(self, x, a, self.adapter, len(in_shape))
 
 
 def lora_groups(module: nn.Module, x, members: Sequence[str], in_axes: Axes) -> dict:

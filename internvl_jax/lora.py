@@ -156,19 +156,33 @@ def adapter_for(rules: tuple, kernel_path: str) -> Adapter | None:
     return None
 
 
-def dropout_keep(key, rate: float, shape: tuple) -> tuple[float, jax.Array]:
-    """(keep probability, bool keep mask of ``shape``) for dropout at ``rate``, drawn as 16-bit uniform words.
+def _mix32(x):
+    """A bijective avalanche hash of uint32 words (Wellons' ``lowbias32``: xor-shift, multiply, twice): every output
+    bit depends on every input bit, in a few elementwise integer ops that vectorise on every backend."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
-    Threefry spends one 2x32 block per element whatever width is asked for, and on CPU that was more than the
-    adapter's own matmuls; drawing uint32 words for half the last axis and splitting each into two 16-bit words
-    halves the work. An entry is kept when its word is >= round(rate * 2**16): the rate is quantised to 1/65536
-    (0.05 -> 0.050003), and the keep probability returned is that exact one, so the inverted scaling stays unbiased.
+
+def dropout_keep(key, rate: float, shape: tuple) -> tuple[float, jax.Array]:
+    """(keep probability, bool keep mask of ``shape``) for dropout at ``rate``: a counter-based hash keyed from ``key``.
+
+    Threefry (``jax.random.bernoulli``) costs ~100 integer ops per 32-bit word, and on CPU the masks of the LoRA step
+    cost more than the adapters' matmuls. Here two uint32 words are drawn from ``key``; each row (the leading axes
+    flattened) and each column (the last axis) is hashed with one of them, and an entry is the hash of its row's and
+    its column's hashes xored: two hashes per entry. Hashing both sides keeps rows apart (with a plain column
+    counter, two rows whose hashes differ in low bits alone would hold the same words permuted). The words depend
+    only on the global indices, so a sharded mask equals the unsharded one. An entry is kept when its word is >=
+    round(rate * 2**32); the keep probability returned is that exact fraction, so inverted scaling stays unbiased.
     """
-    drop = round(rate * 65536)
-    half = (shape[-1] + 1) // 2
-    words = jax.random.bits(key, (*shape[:-1], half), jnp.uint32)
-    words = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*shape[:-1], 2 * half)[..., : shape[-1]]
-    return 1.0 - drop / 65536, words >= drop
+    k = jax.random.bits(key, (2,), jnp.uint32)
+    lead = (*shape[:-1], 1)
+    strides = np.cumprod((1, *shape[-2:0:-1]))[::-1]  # the row-major stride of each leading axis
+    rows = sum(jax.lax.broadcasted_iota(jnp.uint32, lead, a) * jnp.uint32(s) for a, s in enumerate(strides))
+    cols = jax.lax.broadcasted_iota(jnp.uint32, (1,) * (len(shape) - 1) + shape[-1:], len(shape) - 1)
+    words = _mix32(_mix32(rows ^ k[0]) ^ _mix32(cols ^ k[1]))
+    drop = min(round(rate * 2**32), 2**32 - 1)
+    return 1.0 - drop / 2**32, words >= jnp.uint32(drop)
 
 
 def kaiming_a(fan_in: int):
@@ -194,10 +208,11 @@ def shapes_and_axes(in_shape: tuple, features: tuple, in_axes: tuple, out_axes: 
     return (*in_shape, r), (*in_axes, RANK_AXIS), (r, *features), (RANK_AXIS, *out_axes)
 
 
-def down(x, a, n_in: int, dtype, scale: float = 1.0):
-    """scale * x [..., *in] . A [*in, cols] -> float32 [N, cols] (N: x's leading axes flattened; cols = r, or P * r
-    for a split A): the rank-r intermediate, which a shared-A group forms once for all its members. The adapter's
-    product is ``up(down(x, a, n_in, dtype, scale), b, lead, split, dtype)``.
+def down(x, a, n_in: int, dtype, scale: float = 1.0, *, key=None, rate: float = 0.0):
+    """scale * dropout(x) [..., *in] . A [*in, cols] -> float32 [N, cols] (N: x's leading axes flattened; cols = r, or
+    P * r for a split A): the rank-r intermediate, which a shared-A group forms once for all its members. The
+    adapter's product is ``up(down(x, a, n_in, dtype, scale), b, lead, split, dtype)``. Dropout (inverted, the mask of
+    :func:`dropout_keep`) acts when ``key`` is given and ``rate`` > 0.
 
     A, B as :func:`shapes_and_axes`; both cast to ``dtype`` (the compute dtype), products accumulate in float32.
     The [N, r] intermediate is all that is added to the activations (no [in, out] matrix is formed); the scale
@@ -205,10 +220,19 @@ def down(x, a, n_in: int, dtype, scale: float = 1.0):
     axis N, the kernel's input axes into one), so their gradients are plain matrix products too: left N-d, B's
     gradient contracts two token axes, and XLA's CPU backend copies the output's cotangent transposed for it,
     which made the LoRA step slower than full fine-tuning (``bench/lora.py``: 1.12x -> 0.82x).
+
+    With dropout the dropped x is recomputed in the backward pass (the mask is a cheap hash of the indices) instead of
+    being kept: each adapted kernel would otherwise store its own [N, *in] copy of x (q, k and v three of them).
     """
-    x = x.astype(dtype)
-    x2 = x.reshape(math.prod(x.shape[:x.ndim - n_in]), -1)  # [N, I]
-    return jnp.dot(x2, a.astype(dtype).reshape(x2.shape[1], -1), preferred_element_type=jnp.float32) * scale
+    def product(x, a, key):
+        if key is not None and rate > 0:
+            keep, mask = dropout_keep(key, rate, x.shape)
+            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        x = x.astype(dtype)
+        x2 = x.reshape(math.prod(x.shape[:x.ndim - n_in]), -1)  # [N, I]
+        return jnp.dot(x2, a.astype(dtype).reshape(x2.shape[1], -1), preferred_element_type=jnp.float32) * scale
+
+    return product(x, a, None) if key is None or rate == 0 else jax.checkpoint(product)(x, a, key)
 
 
 def up(xa, b, lead: tuple, split: bool, dtype):

@@ -164,21 +164,63 @@ def test_low_rank_path_fresh_merged_unrolled_dropout(family):
     assert float(jnp.max(jnp.abs(dropped - stacked))) > 1e-3
 
 
+def _uncorrelated(a, b) -> bool:
+    """Pearson correlation of two equal-sized 0/1 arrays within 5 sigma of zero."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size)
+
+
 @pytest.mark.parametrize("rate", [0.05, 0.5])
 def test_dropout_keep_rate_and_independence(rate):
-    """The keep mask drops round(rate * 2**16) / 2**16 of the entries (within 5 sigma), the keep probability it returns
-    is that exact fraction (so inverted dropout is unbiased), neighbours (the two halves of one 32-bit word) are
-    uncorrelated, and an odd last axis keeps its size."""
-    keep, mask = lora.dropout_keep(jax.random.PRNGKey(0), rate, (256, 1001))
-    assert mask.shape == (256, 1001) and mask.dtype == jnp.bool_
-    assert keep == 1 - round(rate * 65536) / 65536
-    m = np.asarray(mask, np.float64)
+    """The keep mask drops round(rate * 2**32) / 2**32 of the entries (within 5 sigma), the keep probability it returns
+    is that exact fraction (so inverted dropout is unbiased); neighbours along either axis, rows whose indices differ
+    in one low bit, and masks of two keys are uncorrelated; the leading axes act as one flattened row axis."""
+    shape = (256, 1001)
+    keep, mask = lora.dropout_keep(jax.random.PRNGKey(0), rate, shape)
+    assert mask.shape == shape and mask.dtype == jnp.bool_
+    assert keep == 1 - round(rate * 2**32) / 2**32
+    m = np.asarray(mask)
     sigma = np.sqrt(keep * (1 - keep) / m.size)
     assert abs(m.mean() - keep) < 5 * sigma
-    pairs = m[:, :1000].reshape(256, 500, 2)
-    assert abs(np.corrcoef(pairs[..., 0].ravel(), pairs[..., 1].ravel())[0, 1]) < 5 / np.sqrt(pairs[..., 0].size)
-    other = np.asarray(lora.dropout_keep(jax.random.PRNGKey(1), rate, (256, 1001))[1])
-    assert (other != mask).any()
+    assert _uncorrelated(m[:, :-1], m[:, 1:]) and _uncorrelated(m[:-1], m[1:])
+    assert _uncorrelated(m[0::2], m[1::2]) and _uncorrelated(m[:128], m[128:])
+    other = np.asarray(lora.dropout_keep(jax.random.PRNGKey(1), rate, shape)[1])
+    assert _uncorrelated(m, other)
+    stacked = np.asarray(lora.dropout_keep(jax.random.PRNGKey(0), rate, (4, 64, 1001))[1])
+    assert (stacked.reshape(shape) == m).all()
+
+
+def test_dropout_down_recomputes_the_mask_with_the_same_gradients():
+    """down(x, A, key=, rate=) is scale * dropout(x).A with dropout_keep's mask, in value and in both gradients
+    (the checkpointed product recomputes the mask in the backward pass); without a key it is the plain product."""
+    kx, ka, kd = jax.random.split(jax.random.PRNGKey(3), 3)
+    x, a = jax.random.normal(kx, (2, 5, 8, 16)), jax.random.normal(ka, (8, 16, 4))
+
+    def reference(x, a):
+        keep, mask = lora.dropout_keep(kd, 0.3, x.shape)
+        return jnp.dot(jnp.where(mask, x / keep, 0).reshape(10, -1), a.reshape(-1, 4)) * 0.5
+
+    ours = lambda x, a: lora.down(x, a, 2, jnp.float32, 0.5, key=kd, rate=0.3)  # noqa: E731
+    np.testing.assert_allclose(ours(x, a), reference(x, a), atol=TOL_SAME)
+    grads = [jax.grad(lambda *p: f(*p).sum(), (0, 1))(x, a) for f in (ours, reference)]
+    for g, r in zip(*grads):
+        np.testing.assert_allclose(g, r, atol=TOL_SAME)
+    plain = lora.down(x, a, 2, jnp.float32, 0.5)
+    assert not np.allclose(ours(x, a), plain)
+    np.testing.assert_array_equal(lora.down(x, a, 2, jnp.float32, 0.5, key=kd, rate=0.0), plain)
+
+
+def test_dropout_mask_is_the_same_sharded():
+    """The mask depends on global indices only: computed under a jit whose output is sharded over 8 devices along rows
+    (and, separately, columns), it equals the single-device mask."""
+    shape, key = (16, 24, 40), jax.random.PRNGKey(5)
+    single = np.asarray(lora.dropout_keep(key, 0.2, shape)[1])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8), ("x",))
+    for spec in (jax.sharding.PartitionSpec("x"), jax.sharding.PartitionSpec(None, None, "x")):
+        out = jax.jit(lambda k: lora.dropout_keep(k, 0.2, shape)[1],
+                      out_shardings=jax.sharding.NamedSharding(mesh, spec))(key)
+        assert len(out.sharding.device_set) == 8
+        np.testing.assert_array_equal(np.asarray(out), single)
 
 
 def test_groups_need_one_adapter_and_a_module_that_forms_them():
