@@ -1,4 +1,5 @@
-"""The jitted resize/tile/normalise path against PIL resize + crop + the original normalisation."""
+"""The host tiling (pil_tiles: the original's own PIL calls) and the jitted resize/tile/normalise path against PIL
+resize + crop + the original normalisation."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ from PIL import Image
 
 from internvl_jax.processing.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
 from internvl_jax.processing.resample import bucket_key, image_tiles, render_image
-from internvl_jax.processing.tiling import plan_tiles
+from internvl_jax.processing.tiling import pil_tiles, plan_tiles
 from internvl_jax.samples import photo_like
 
 TILE = 448
@@ -36,6 +37,30 @@ def test_tiles_equal_pil_on_photos_and_synthetic_images(w, h):
         diff = np.abs(ours - reference_tiles(image, plan))
         assert ours.shape == (plan.num_tiles, TILE, TILE, 3)
         assert diff.max() <= MAX_DIFF and diff.mean() <= MEAN_DIFF, (diff.max() * 255, diff.mean() * 255)
+
+
+@pytest.mark.parametrize("w,h", SIZES[:6])
+def test_pil_tiles_are_the_originals_crops_bit_for_bit(w, h):
+    """pil_tiles (the training pipeline's and the default Processor's tiling) is the original dynamic_preprocess
+    exactly: uint8 tiles equal to the crops of the resized image and the thumbnail; a non-RGB image is converted."""
+    plan = plan_tiles(w, h)
+    image = photo_like(w, h, seed=w * h)
+    tiles = pil_tiles(Image.fromarray(image), plan)
+    assert tiles.dtype == np.uint8 and tiles.shape == (plan.num_tiles, TILE, TILE, 3)
+    np.testing.assert_array_equal(tiles, np.rint(reference_tiles(image, plan) * 255).astype(np.uint8))
+    rgba = Image.fromarray(image).convert("RGBA")
+    np.testing.assert_array_equal(pil_tiles(rgba, plan), tiles)
+
+
+def test_normalize_table_is_the_formula():
+    """normalize of uint8 (a per-channel table) equals torchvision's ToTensor + Normalize order, (x / 255 - mean) /
+    std in float32, for every level of every channel; other dtypes go through the formula."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]: every level per channel
+    formula = (levels.astype(np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
+    out = normalize(levels)
+    assert out.dtype == np.float32 and out.shape == (256, 3)
+    np.testing.assert_array_equal(out, formula)
+    np.testing.assert_array_equal(normalize(levels.astype(np.float32)), formula)
 
 
 def test_normalisation_is_the_original():

@@ -38,6 +38,25 @@ def test_one_image_gets_its_tiles_and_the_templates_prompt(folder):
     assert "<img><IMG_CONTEXT>" in text and "</img>\ndescribe" in text
 
 
+def test_resize_pil_is_the_originals_tiling_and_device_is_within_its_tolerance(folder):
+    """The default (resize="pil") gives the original's PIL tiles normalised, bit for bit (what training gives);
+    resize="device" the jitted path, within test_pixels' bound (2 levels); another value is refused."""
+    from internvl_jax.processing import normalize, pil_tiles, plan_tiles
+    from internvl_jax.samples import photo_like
+    from test_pixels import MAX_DIFF
+
+    image = Image.fromarray(photo_like(700, 500, seed=3))
+    pil = Processor.from_pretrained(str(folder))("describe", images=[image])
+    expected = normalize(pil_tiles(image, plan_tiles(700, 500)))
+    np.testing.assert_array_equal(pil["pixel_values"][0, :len(expected)], expected)
+    device = Processor.from_pretrained(str(folder), resize="device")("describe", images=[image])
+    np.testing.assert_array_equal(device["input_ids"], pil["input_ids"])
+    levels = np.abs(device["pixel_values"] - pil["pixel_values"]) * np.array([0.229, 0.224, 0.225])
+    assert 0 < levels.max() <= MAX_DIFF + 1e-6
+    with pytest.raises(ValueError, match=r"Processor resize='gpu': expected one of pil, device"):
+        Processor.from_pretrained(str(folder), resize="gpu")
+
+
 def test_several_images_share_the_tile_budget_and_are_labelled(folder):
     proc = Processor.from_pretrained(str(folder))
     images = [Image.new("RGB", (900, 300)), Image.new("RGB", (300, 300))]

@@ -19,7 +19,7 @@ from test_video import FPS, N_FRAMES, _write_video
 
 from internvl_jax.presets import get_preset
 from internvl_jax.processing import (
-    IGNORE_INDEX, Processor, Tokenizer, expand_image_tokens, get_template, image_tiles, normalize, plan_tiles,
+    IGNORE_INDEX, Processor, Tokenizer, expand_image_tokens, get_template, normalize, pil_tiles, plan_tiles,
     sft_labels, training_frame_indices, v2pe_positions,
 )
 from train.data.meta import DatasetSpec, MetaError, Record, read_meta, records
@@ -239,7 +239,7 @@ def _all_frames(path):
 
 def _frame_tiles(frames):
     one = plan_tiles(frames.shape[2], frames.shape[1], dynamic=False, use_thumbnail=False)
-    return np.concatenate([np.asarray(image_tiles(f, one, S)) for f in frames])
+    return normalize(np.concatenate([pil_tiles(Image.fromarray(f), one, S) for f in frames]))
 
 
 @pytest.mark.parametrize("clip", [None, [0.4, 1.2]])
@@ -281,9 +281,7 @@ def test_jpeg_augmentation_per_tile_reproducible_and_bounded(specs, settings, da
     a, b, c = (_one(augmented_spec, settings, seed=s)["pixel_values"] for s in (1, 1, 2))
     # reference: each uint8 tile through PIL JPEG at its own quality, qualities drawn 75..100 inclusive
     assert JPEG_QUALITIES == range(75, 101)
-    image = np.asarray(Image.open(data / "images" / "wide.png"))
-    tiles = np.asarray(image_tiles(image, plan_tiles(84, 28, tile_size=S), S))
-    uint8 = np.rint((tiles * [0.229, 0.224, 0.225] + [0.485, 0.456, 0.406]) * 255).astype(np.uint8)
+    uint8 = pil_tiles(Image.open(data / "images" / "wide.png"), plan_tiles(84, 28, tile_size=S), S)
     qualities = np.random.default_rng(1).integers(75, 101, size=len(uint8))
     np.testing.assert_array_equal(a, normalize(np.stack([jpeg_reencode(t, q) for t, q in zip(uint8, qualities)])))
     np.testing.assert_array_equal(a, b)  # the seed reproduces it

@@ -8,6 +8,6 @@ from .resample import image_tiles
 from .templates import (
     IGNORE_INDEX, TEMPLATES, Template, expand_image_tokens, get_template, image_prompt, render, render_hf, sft_labels,
 )
-from .tiling import TilePlan, choose_grid, plan_tiles
+from .tiling import TilePlan, choose_grid, pil_tiles, plan_tiles
 from .tokenizer import Tokenizer
 from .video import frame_indices, load_video, training_frame_indices, video_prompt

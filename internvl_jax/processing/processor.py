@@ -6,20 +6,22 @@ import json
 import os
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from internvl_jax.config import ConfigError, InternVLConfig, load_config
 
 from .images import load_image
+from .pixels import normalize
 from .positions import v2pe_positions
 from .resample import image_tiles
 from .templates import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, Template, expand_image_tokens, get_template,
                         image_prompt, render, render_hf)
-from .tiling import plan_tiles
+from .tiling import TilePlan, pil_tiles, plan_tiles
 from .tokenizer import Tokenizer
 from .video import load_video
 
+RESIZES = ("pil", "device")  # Processor.resize
 TILE_BUCKETS = (1, 2, 4, 8, 13, 16, 24, 32, 48, 64)  # tile slots per row: 13 = 12 tiles + thumbnail
 
 
@@ -31,11 +33,11 @@ def tile_bucket(n: int) -> int:
 def bucketed_tiles(tiles: list) -> tuple[np.ndarray, np.ndarray]:
     """Tiles of one row ([n_i, S, S, 3] per image or frame, in order) -> (pixel_values float32 [1, T, S, S, 3],
     tile_mask bool [1, T]), T the :func:`tile_bucket` of their count."""
-    stacked = jnp.concatenate(tiles)
+    stacked = np.concatenate([np.asarray(t) for t in tiles])
     n = stacked.shape[0]
     t = tile_bucket(n)
     pixels = np.zeros((1, t, *stacked.shape[1:]), np.float32)
-    pixels[0, :n] = np.asarray(stacked)
+    pixels[0, :n] = stacked
     return pixels, (np.arange(t) < n)[None]
 
 
@@ -67,6 +69,21 @@ class Processor:
     system_message: str | None = None
     max_length: int | None = None
     v2pe_stride: float | None = None  # V2PE position stride per tile; None: plain integer positions
+    resize: str = "pil"  # "pil": the original's PIL tiling on the host (exact); "device": resample.image_tiles
+
+    def __post_init__(self):
+        if self.resize not in RESIZES:
+            raise ValueError(f"Processor resize={self.resize!r}: expected one of {', '.join(RESIZES)}")
+
+    def tiles(self, image, plan: TilePlan):
+        """float32 [plan.num_tiles, S, S, 3] normalised tiles of one image (PIL image or uint8 [H, W, 3]) by
+        ``plan``. ``resize="pil"``: the original's ``dynamic_preprocess`` on the host (:func:`pil_tiles`), bit for
+        bit what the training pipeline gives; ``"device"``: the jitted path (equal to PIL up to rare off-by-one
+        rounding, faster in wall time where an idle device does the resize; a program per shape bucket)."""
+        if self.resize == "device":
+            return image_tiles(np.asarray(image), plan, self.config.image_size)
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        return normalize(pil_tiles(image, plan, self.config.image_size))
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides) -> "Processor":
@@ -110,7 +127,7 @@ class Processor:
         for im in images:
             plan = plan_tiles(im.width, im.height, min_tiles=c.min_dynamic_patch, max_tiles=per_image,
                               tile_size=c.image_size, use_thumbnail=c.use_thumbnail)
-            tiles.append(image_tiles(np.asarray(im), plan, c.image_size))
+            tiles.append(self.tiles(im, plan))
         return tiles
 
     def __call__(self, text: str, images=(), videos=(), *, history=(), max_tiles: int | None = None,
@@ -139,7 +156,7 @@ class Processor:
         for path in videos:
             video, _ = load_video(path, num_segments=num_segments)
             one = plan_tiles(video.shape[2], video.shape[1], dynamic=False, use_thumbnail=False)
-            tiles += [image_tiles(f, one, c.image_size) for f in video]
+            tiles += [self.tiles(f, one) for f in video]
             frames += len(video)
         if (images or frames) and not history:
             text = image_prompt(text, len(images), video_frames=frames)

@@ -1,8 +1,12 @@
-"""Dynamic-resolution tile planning (host side, exact): the grid of 448 px tiles an image is cut into."""
+"""Dynamic-resolution tile planning (host side, exact): the grid of 448 px tiles an image is cut into, and the
+original's own PIL tiling of an image by that plan."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
@@ -76,3 +80,18 @@ def plan_tiles(
     """
     cols, rows = choose_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, tile_size=tile_size) if dynamic else (1, 1)
     return TilePlan(width, height, cols, rows, use_thumbnail and cols * rows > 1)
+
+
+def pil_tiles(image: Image.Image, plan: TilePlan, tile: int = 448) -> np.ndarray:
+    """The original's ``dynamic_preprocess`` on the host: uint8 [plan.num_tiles, tile, tile, 3], row-major tiles
+    cropped from the image resized (PIL bicubic) to the grid, then the thumbnail (the whole image resized to one
+    tile). The reference itself, in ~2.5x less CPU time than the jitted path of ``resample.image_tiles`` on a CPU
+    (which uses the device and returns normalised floats): the training pipeline's path, where host CPU time is
+    what competes with the step."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    grid = np.asarray(image.resize((tile * plan.cols, tile * plan.rows), Image.Resampling.BICUBIC))
+    tiles = grid.reshape(plan.rows, tile, plan.cols, tile, 3).swapaxes(1, 2).reshape(-1, tile, tile, 3)
+    if plan.thumbnail:
+        thumb = np.asarray(image.resize((tile, tile), Image.Resampling.BICUBIC))
+        tiles = np.concatenate([tiles, thumb[None]])
+    return tiles

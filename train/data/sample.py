@@ -53,8 +53,8 @@ import numpy as np
 from PIL import Image
 
 from internvl_jax.processing import (
-    IMAGENET_MEAN, IMAGENET_STD, Template, Tokenizer, expand_image_tokens, image_tiles, load_image, normalize,
-    plan_tiles, sft_labels, training_frame_indices, v2pe_positions,
+    Template, Tokenizer, expand_image_tokens, load_image, normalize, pil_tiles, plan_tiles, sft_labels,
+    training_frame_indices, v2pe_positions,
 )
 from internvl_jax.processing import video as _video
 from internvl_jax.processing.templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, SFT_TEMPLATES
@@ -243,13 +243,6 @@ def _jpeg(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.stack([jpeg_reencode(im, q) for im, q in zip(images, qualities)]) if len(images) else images
 
 
-def _denormalize(tiles) -> np.ndarray:
-    """image_tiles' normalised float32 tiles -> their uint8 values. image_tiles rounds and clips to uint8
-    levels before it normalises, so the inverse lands within ~1e-4 of an integer and rounding is exact."""
-    x = (np.asarray(tiles, np.float32) * IMAGENET_STD + IMAGENET_MEAN) * 255.0
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
 def _plans(images: list[Image.Image], per_image: int, settings: SampleSettings):
     """The TilePlan of each image under a limit of ``per_image`` tiles."""
     # the original's dynamic_preprocess falls back to one tile when min > max; min(..) keeps plan_tiles valid
@@ -260,12 +253,13 @@ def _plans(images: list[Image.Image], per_image: int, settings: SampleSettings):
 
 def _image_tiles(images: list[Image.Image], plans, settings: SampleSettings, augment: bool,
                  rng: np.random.Generator) -> np.ndarray:
-    """float32 [sum of tiles, S, S, 3]: each image's tiles in order (JPEG after tiling when augmenting)."""
+    """float32 [sum of tiles, S, S, 3]: each image's tiles in order (the original's PIL tiling, JPEG after tiling
+    when augmenting), normalised."""
     tiles = []
     for im, plan in zip(images, plans):
-        t = np.asarray(image_tiles(np.asarray(im), plan, settings.image_size))
-        tiles.append(normalize(_jpeg(_denormalize(t), rng)) if augment else t)
-    return np.concatenate(tiles)
+        t = pil_tiles(im, plan, settings.image_size)
+        tiles.append(_jpeg(t, rng) if augment else t)
+    return normalize(np.concatenate(tiles))
 
 
 def _frame_tiles(frames: np.ndarray, settings: SampleSettings, augment: bool, rng: np.random.Generator) -> np.ndarray:
@@ -273,10 +267,7 @@ def _frame_tiles(frames: np.ndarray, settings: SampleSettings, augment: bool, rn
     if augment:
         frames = _jpeg(frames, rng)
     one = plan_tiles(frames.shape[2], frames.shape[1], dynamic=False, use_thumbnail=False)
-    return np.concatenate([np.asarray(image_tiles(f, one, settings.image_size)) for f in frames])
-
-
-# --------------------------------------------------------------------------------------------- video
+    return normalize(np.concatenate([pil_tiles(Image.fromarray(f), one, settings.image_size) for f in frames]))
 
 
 def _frame_number(name: str) -> int:
