@@ -54,11 +54,11 @@ def test_pil_tiles_are_the_originals_crops_bit_for_bit(w, h):
 
 def test_normalize_is_the_formula_bit_for_bit():
     """normalize equals torchvision's ToTensor + Normalize order, (x / 255 - mean) / std in float32, for every level
-    of every channel, on tiles and on a single pixel, and leaves its input alone."""
+    of every channel, on tiles (contiguous or a strided view) and on a single pixel, and leaves its input alone."""
     formula = lambda x: (x.astype(np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD  # noqa: E731
     levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]: every level per channel
     tiles = np.random.default_rng(0).integers(0, 256, (2, 28, 30, 3), dtype=np.uint8)
-    for x in (levels, tiles, levels[7], levels.astype(np.float32)):
+    for x in (levels, tiles, tiles.swapaxes(1, 2), levels[7], levels.astype(np.float32)):  # a strided view too
         kept = x.copy()
         out = normalize(x)
         assert out.dtype == np.float32 and out.shape == x.shape

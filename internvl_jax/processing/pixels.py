@@ -14,7 +14,7 @@ def normalize(image: np.ndarray) -> np.ndarray:
     torchvision's order (ToTensor, then Normalize). Computed in place on rows of W pixels with the statistics
     repeated along them: numpy's inner loop is then a row long instead of 3 channels (3.2x faster on 448 px
     tiles), and every element takes the same float32 operations as ``(x / 255 - mean) / std``."""
-    out = np.array(image, np.float32)
+    out = np.array(image, np.float32, order="C")  # a fresh C-ordered copy: the rows below must be views of it
     width = out.shape[-2] if out.ndim > 1 else 1
     rows = out.reshape(-1, 3 * width)
     rows /= np.float32(255.0)
