@@ -18,6 +18,10 @@ from test_train_resume import assert_matches_reference, batches, checkpoint_step
 STEPS, SAVE_EVERY = 6, 3
 KILLED_SAVE = 6  # the save of the last step is interrupted: the rerun resumes from step 3
 TOL = 1e-5  # copy vs file: relative, float32 (the rows differ in padding, so sums run in another order)
+# Preference accuracy counts the sign of each pair's reward margin. Before the policy has moved from its reference
+# (the first steps, lr warming up) every margin is rounding noise (~1e-6, its sign arbitrary between the two runs),
+# so accuracies are compared where the mean margin carries signal.
+SIGNAL = 1e-4
 RUN_TIMEOUT = 300
 PROBE = os.path.join(os.path.dirname(__file__), "test_train_resume.py")
 
@@ -66,7 +70,9 @@ def test_reference_from_file_gives_the_losses_of_the_frozen_copy(data, copy_run,
             scale = max(abs(theirs[key]), abs(theirs["loss"]))
             assert abs(ours[key] - theirs[key]) <= TOL * scale, (ours["step"], key, ours[key], theirs[key])
         assert abs(ours["shift"] - theirs["shift"]) <= TOL * 0.1, ours["step"]  # beta x |log-prob| ~ 0.1 x 1
-        assert ours["accuracy"] == theirs["accuracy"]
+        if abs(theirs["margin"]) > SIGNAL:
+            assert ours["accuracy"] == theirs["accuracy"], ours["step"]
+    assert sum(abs(r["margin"]) > SIGNAL for r in copy_records) >= 3
     # the policy moved away from the reference: the later rewards are not the first step's
     assert abs(copy_records[-1]["margin"]) > 10 * abs(copy_records[0]["margin"]) > 0
     assert copy_records[-1]["shift"] != 0
