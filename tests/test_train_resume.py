@@ -189,6 +189,42 @@ def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint_bitwise
     assert checkpoint_steps(tmp_path) == [2 * SAVE_EVERY, STEPS]  # keep=2 of the demo
 
 
+def _folder_bytes(folder) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_checkpoints_are_uncompressed_unless_asked_and_both_restore(tmp_path):
+    """Checkpoints writes the state without orbax's zstd by default (checkpoint_compression=false) and with it when
+    asked: the compressed folder of the same random float32 state is smaller, and each restores bit for bit into
+    the abstract state's sharding with the data iterator's position."""
+    import grain
+    import jax
+    import numpy as np
+
+    from train.checkpoint import Checkpoints
+
+    state = {"w": np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32), "step": np.int32(7)}
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=jax.sharding.SingleDeviceSharding(
+            jax.devices()[0])), state)
+    sizes = {}
+    for compress in (False, True):
+        workdir = tmp_path / str(compress)
+        data = iter(grain.MapDataset.range(10).to_iter_dataset())
+        next(data), next(data)
+        manager = Checkpoints(str(workdir), save_every=1, compress=compress)
+        manager.save(1, jax.device_put(state), data, {"run": "x"}, force=True)
+        manager.close()
+        sizes[compress] = _folder_bytes(workdir / "checkpoints")
+        fresh = iter(grain.MapDataset.range(10).to_iter_dataset())
+        manager = Checkpoints(str(workdir), save_every=1)
+        restored, meta = manager.restore(1, abstract, fresh)
+        manager.close()
+        np.testing.assert_array_equal(np.asarray(restored["w"]), state["w"])
+        assert int(restored["step"]) == 7 and meta == {"run": "x"} and next(fresh) == 2
+    assert sizes[True] < 0.97 * sizes[False], sizes
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The probe (this file run as a script): the CLI with the batch digests and the kill during a save
 # ------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@
 - ``data``: the data iterator's state through grain's own orbax handler (one JSON file per process);
 - ``meta``: JSON (the run's config and host counters such as skipped samples).
 
+The state is written uncompressed by default: orbax's zstd saves ~8% on float weights and moments for ~2.5x the
+host CPU of a save (0.3-0.5 s more per 160 MB on this host), CPU the asynchronous save takes from the steps it
+overlaps; ``compress=True`` (``checkpoint_compression=true``) turns it on. Either kind restores.
+
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed during a save
 leaves the previous checkpoint as the latest usable one; the temporary folders of killed runs are removed when the
 manager opens (``cleanup_tmp_directories``).
@@ -21,14 +25,15 @@ import orbax.checkpoint as ocp
 class Checkpoints:
     """Saves every ``save_every`` steps (and when forced), keeps the last ``keep``."""
 
-    def __init__(self, workdir: str, *, save_every: int, keep: int = 3, asynchronous: bool = True):
+    def __init__(self, workdir: str, *, save_every: int, keep: int = 3, asynchronous: bool = True,
+                 compress: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, save_every), max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=asynchronous)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_compression=compress), "data": grain.checkpoint.CheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
@@ -38,14 +43,15 @@ class Checkpoints:
         """Start saving ``step`` if it is due (or ``force``); returns whether it did. The iterator's state is read
         now, so call this after the step's batch was taken and before the next one is."""
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+            state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, step: int, abstract_state, data_iterator):
         """(state, meta) of ``step``; ``abstract_state``: ``ShapeDtypeStruct`` leaves with their shardings, so each
         process reads only its shards. ``data_iterator`` is set to the saved position in place."""
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator),
+            state=ocp.args.PyTreeRestore(abstract_state, ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
             meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 

@@ -123,6 +123,7 @@ class TrainConfig:
     eval_every: int = 0  # held-out loss every N steps (0: at the end only, when eval data is given)
     save_every: int = 500
     keep: int = 3
+    checkpoint_compression: bool = False  # zstd in orbax: ~8% smaller float checkpoints for ~2.5x the save's CPU
     max_nonfinite: int = 10  # stop after this many skipped updates (non-finite loss or gradient)
     export: str = ""  # "" | hf | original: safetensors of the final params in <workdir>/export
     tensorboard: bool = False

@@ -292,7 +292,8 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
         state = jax.jit(lambda p, k: State.create(p, tx, k), out_shardings=state_sh,
                         donate_argnums=(0,))(params, jax.random.PRNGKey(cfg.seed + 1))
     del params
-    checkpoints = Checkpoints(cfg.workdir, save_every=cfg.save_every, keep=cfg.keep)
+    checkpoints = Checkpoints(cfg.workdir, save_every=cfg.save_every, keep=cfg.keep,
+                              compress=cfg.checkpoint_compression)
     resumed = checkpoints.latest_step()
     host = {"skipped_samples": {}}
     identity = base_identity(cfg) if use_lora else None
