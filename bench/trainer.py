@@ -6,8 +6,7 @@
     python bench/trainer.py --skip-torch --workdir /tmp/bt  # trainer and bare step; a rerun there reuses the XLA cache
     python bench/trainer.py --preset InternVL2_5-1B --dtype bfloat16 --rows 8 --max-tiles 7 --steps 10  # the GPU run
 
-On the shared 2-core CPU (load average 7-9) the default run takes about 10 minutes, 4-5 when rerun in the same
-``--workdir`` (the first pass over the data compiles the image resize programs, ~4 s each).
+On the shared 2-core CPU the default run takes about 3 minutes (the data is written once per ``--workdir``).
 
 The setting: a model with the real tile geometry (448 px tiles of 14 px patches: 1025 ViT tokens and 256 LLM tokens
 per tile) but small widths and depths (:func:`small_config`: a 2-layer ViT of width 64 and a 2-layer Qwen2 of width
@@ -22,8 +21,8 @@ Measured, on the same ``--steps`` batches:
 
 1. input alone: the run's grain pipeline (``train.inputs.build_inputs`` of the same config: decoding, tiling,
    augmentation, tokenising, packing, ``--workers`` processes) builds the batches into memory, twice: the first
-   pass compiles the resize program of every shape bucket it meets (``internvl_jax.processing.resample``), the
-   second is the steady state and gives the batches of the other sides;
+   pass reads the files cold, the second is the steady state and gives the batches of the other sides (the tiling
+   is the original's PIL calls on the host, ``internvl_jax.processing.pil_tiles``: nothing compiles);
 2. bare step: the trainer's step (``train.step.train_step_spec`` with the trainer's optimiser, schedule and
    trainable mask from ``train.optim``, compiled as ``bench/step.py`` compiles it), params initialised as the
    trainer does, on those batches already on the device, each call blocked on;
@@ -452,7 +451,7 @@ def main():
     args = parse_args()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares a GPU with JAX
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
-    # every round's trainer compiles the same step again (and grain workers the resize programs): from disk
+    # every round's trainer compiles the same step again: from disk
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(workdir), "xla_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     import jax
@@ -494,20 +493,15 @@ def main():
     print(f"model FLOPs per step {flops:.3e}; peak {peak / 1e12:.2f} TFLOP/s ({peak_what})")
 
     # --- 1. input alone ------------------------------------------------------------------------------
-    from internvl_jax.processing.resample import render_image
-
-    _, _, cold_times = prebuild(cfg, config)  # compiles the resize programs of every shape bucket met
-    programs = render_image._cache_size()
-    host, stats, input_times = prebuild(cfg, config)  # the same batches again, every program compiled
+    _, _, cold_times = prebuild(cfg, config)  # the files read cold
+    host, stats, input_times = prebuild(cfg, config)  # the same batches again: the steady state
     fill = statistics.mean(s["token_fill"] for s in stats)
     tile_fill = statistics.mean(s["tile_fill"] for s in stats)
     samples = sum(s["samples"] for s in stats)
     tiles = sum(int(np.asarray(b["tile_mask"]).sum()) for b in host)
     print(f"input alone: {statistics.mean(input_times):.3f} s per batch ({sum(input_times) / tiles:.3f} s per tile) "
-          f"once the {programs} resize programs (one per shape bucket) are compiled; the first pass, compiling them, "
-          f"{statistics.mean(cold_times):.2f} s per batch; {samples} samples and {tiles} tiles in {args.steps} "
-          "batches, "
-          f"token fill {fill:.1%}, tile fill {tile_fill:.1%}")
+          f"(the first, cold pass {statistics.mean(cold_times):.2f} s per batch); {samples} samples and {tiles} tiles "
+          f"in {args.steps} batches, token fill {fill:.1%}, tile fill {tile_fill:.1%}")
 
     # --- 2-4. rounds of bare step, trainer and PyTorch --------------------------------------------------
     bare = BareStep(cfg, config)
