@@ -79,7 +79,8 @@ class Processor:
         """float32 [plan.num_tiles, S, S, 3] normalised tiles of one image (PIL image or uint8 [H, W, 3]) by
         ``plan``. ``resize="pil"``: the original's ``dynamic_preprocess`` on the host (:func:`pil_tiles`), bit for
         bit what the training pipeline gives; ``"device"``: the jitted path (equal to PIL up to rare off-by-one
-        rounding, faster in wall time where an idle device does the resize; a program per shape bucket)."""
+        rounding; a program per shape bucket; for accelerator hosts: on a CPU the host path is faster,
+        ``bench/preprocess.py``)."""
         if self.resize == "device":
             return image_tiles(np.asarray(image), plan, self.config.image_size)
         image = image if isinstance(image, Image.Image) else Image.fromarray(image)
