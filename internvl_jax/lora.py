@@ -225,14 +225,16 @@ def down(x, a, n_in: int, dtype, scale: float = 1.0, *, key=None, rate: float = 
     being kept: each adapted kernel would otherwise store its own [N, *in] copy of x (q, k and v three of them).
     """
     def product(x, a, key):
-        if key is not None and rate > 0:
+        if key is not None:
             keep, mask = dropout_keep(key, rate, x.shape)
             x = jnp.where(mask, x / keep, 0).astype(x.dtype)
         x = x.astype(dtype)
         x2 = x.reshape(math.prod(x.shape[:x.ndim - n_in]), -1)  # [N, I]
         return jnp.dot(x2, a.astype(dtype).reshape(x2.shape[1], -1), preferred_element_type=jnp.float32) * scale
 
-    return product(x, a, None) if key is None or rate == 0 else jax.checkpoint(product)(x, a, key)
+    if key is None or rate == 0:
+        return product(x, a, None)
+    return jax.checkpoint(product)(x, a, key)
 
 
 def up(xa, b, lead: tuple, split: bool, dtype):

@@ -33,8 +33,8 @@ class Checkpoints:
             enable_async_checkpointing=asynchronous)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_compression=compress), "data": grain.checkpoint.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_compression=compress),
+                           "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

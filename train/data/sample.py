@@ -270,6 +270,9 @@ def _frame_tiles(frames: np.ndarray, settings: SampleSettings, augment: bool, rn
     return normalize(np.concatenate([pil_tiles(Image.fromarray(f), one, settings.image_size) for f in frames]))
 
 
+# --------------------------------------------------------------------------------------------- video
+
+
 def _frame_number(name: str) -> int:
     match = re.search(r"_(\d+).jpg$", name)  # the original's extract_frame_number (its unescaped dot included)
     return int(match.group(1)) if match else -1
