@@ -342,23 +342,6 @@ def run_trainer(cfg):
     return result, nxt.calls, save.calls, time.perf_counter() - t0
 
 
-def torch_batches(batches, device, dtype):
-    """Our host batches as PyTorch inputs: ids, positions, labels, weights [B, L]; the valid tiles [N, 3, S, S]."""
-    import torch
-
-    out = []
-    for b in batches:
-        tiles = np.asarray(b["pixel_values"], np.float32)[np.asarray(b["tile_mask"])]
-        out.append({
-            "input_ids": torch.tensor(b["input_ids"], dtype=torch.long, device=device),
-            "position_ids": torch.tensor(np.asarray(b["positions"]), dtype=torch.long, device=device),
-            "labels": torch.tensor(b["labels"], dtype=torch.long, device=device),
-            "loss_weights": torch.tensor(b["loss_weights"], dtype=torch.float32, device=device),
-            "pixel_values": torch.tensor(tiles.transpose(0, 3, 1, 2), device=device, dtype=dtype),
-        })
-    return out
-
-
 class TorchSide:
     """transformers + torch AdamW from our initial ``params`` (host arrays, through the hf export table), restarted
     from them on every :meth:`run`."""
@@ -388,10 +371,12 @@ class TorchSide:
 
     def batches(self, batches):
         """Our host batches as PyTorch inputs: ids, positions, labels, weights [B, L]; the valid tiles
-        [N, 3, S, S] in order (None for a batch of text-only rows)."""
+        [N, 3, S, S] in order, normalised as the original's transform does (None for a batch of text-only rows)."""
+        from internvl_jax.processing import normalize
+
         torch, out = self.torch, []
         for b in batches:
-            tiles = np.asarray(b["pixel_values"], np.float32)[np.asarray(b["tile_mask"])]
+            tiles = normalize(np.asarray(b["pixel_values"])[np.asarray(b["tile_mask"])])
             out.append({
                 "input_ids": torch.tensor(b["input_ids"], dtype=torch.long, device=self.device),
                 "position_ids": torch.tensor(np.asarray(b["positions"]), dtype=torch.long, device=self.device),

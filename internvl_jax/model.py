@@ -15,6 +15,7 @@ import flax.linen as nn
 from .config import InternVLConfig
 from .decoder import Decoder
 from .layers import as_dtype
+from .processing.pixels import normalize_levels
 from .projector import Projector, pixel_shuffle
 from .vision import InternViT
 
@@ -80,8 +81,11 @@ class InternVL(nn.Module):
 
     def encode_images(self, tiles, valid=None):
         """tiles [N, H, W, 3] -> [N, tokens_per_tile, E] LLM-space features; valid: bool [N] or None, False for
-        empty tile slots, whose features are not used (the ViT may skip their attention)."""
+        empty tile slots, whose features are not used (the ViT may skip their attention). Tiles are normalised
+        floats, or uint8 levels (the training pipeline's), normalised here."""
         c = self.config
+        if tiles.dtype == jnp.uint8:
+            tiles = normalize_levels(tiles)
         h = self.vision(tiles, valid)[:, 1:]  # drop the class token
         n, p, width = h.shape
         gh, gw = tiles.shape[1] // c.vision.patch_size, tiles.shape[2] // c.vision.patch_size
@@ -91,8 +95,9 @@ class InternVL(nn.Module):
     def __call__(self, input_ids, pixel_values=None, tile_mask=None, positions=None, segment_ids=None, cache=None,
                  cache_index=None, cache_start=None, last_only: bool = False, return_hidden: bool = False,
                  image_index=None):
-        """input_ids int [B, L]; pixel_values [B, T, H, W, 3]; tile_mask bool [B, T] (default: all valid);
-        positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed samples differ).
+        """input_ids int [B, L]; pixel_values [B, T, H, W, 3] (normalised, or uint8 levels); tile_mask bool [B, T]
+        (default: all valid); positions [B, L] int or float (V2PE); segment_ids int [B, L] (0 = padding, packed
+        samples differ).
         ``last_only``: logits of the last position only. With a KV ``cache`` (generation, ``unrolled``), returns
         (logits, cache); see :class:`~internvl_jax.decoder.Decoder`. ``return_hidden``: the final-norm hidden
         states [B, L, E] instead of logits (:meth:`head` makes logits of any piece of them). ``image_index``: int

@@ -21,6 +21,7 @@ import optax
 import torch
 
 from convert.load import from_state_dict
+from internvl_jax.processing import normalize
 from reference import IMAGE_SIZE, IMAGE_TOKEN_ID, TOKENS_PER_TILE, tiny_internvl
 from test_train_parity import IMG_END, IMG_START, OPTIM, TOTAL_STEPS, _keep_gradients, _our_layout, _torch_optimizer, _worst
 from train import optim
@@ -49,7 +50,7 @@ def _pair(prompt, n_chosen, n_rejected, rng, line):
     for kind, n in prompt:
         if kind == "image":
             ids += [IMG_START] + [IMAGE_TOKEN_ID] * (n * TOKENS_PER_TILE) + [IMG_END]
-            tiles += [rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32) for _ in range(n)]
+            tiles += [rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for _ in range(n)]
         else:
             ids += rng.integers(1, IMG_START, n).tolist()
     halves = []
@@ -58,7 +59,7 @@ def _pair(prompt, n_chosen, n_rejected, rng, line):
         seq = np.asarray(ids + answer, np.int32)
         labels = np.asarray([IGNORE] * len(ids) + answer, np.int32)
         halves.append((seq, labels, np.arange(len(seq), dtype=np.int32)))
-    pixels = np.stack(tiles) if tiles else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    pixels = np.stack(tiles) if tiles else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     return {"chosen": halves[0], "rejected": halves[1], "pixel_values": pixels, "dataset": "mpo", "line": line,
             "ref": None}
 
@@ -78,8 +79,9 @@ def _batch(pairs, rows: int = 2):
 
 
 def _torch_logps(model, ids, labels, pixels):
-    """(sum of the answer tokens' log-probs, their NLLs [n]) of one sequence, HF shift."""
-    px = torch.tensor(pixels.transpose(0, 3, 1, 2)) if len(pixels) else None
+    """(sum of the answer tokens' log-probs, their NLLs [n]) of one sequence, HF shift; pixels: uint8 levels,
+    normalised as the original's transform does."""
+    px = torch.tensor(normalize(pixels).transpose(0, 3, 1, 2)) if len(pixels) else None
     logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long), pixel_values=px).logits[0, :-1]
     targets = torch.tensor(labels[1:], dtype=torch.long)
     keep = targets != IGNORE

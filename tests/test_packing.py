@@ -47,7 +47,7 @@ def make_sample(parts, line, *, dataset="d", tpt=TPT, size=2, answer=None, seed=
     if k:
         labels[-k:] = ids[-k:]
     return {"input_ids": ids, "labels": labels, "positions": np.arange(len(ids), dtype=np.int32),
-            "pixel_values": rng.standard_normal((tiles, size, size, 3)).astype(np.float32),
+            "pixel_values": rng.integers(0, 256, (tiles, size, size, 3), np.uint8),
             "dataset": dataset, "line": line}
 
 
@@ -277,7 +277,7 @@ def test_skipped_items_are_counted_and_logged_once_each(caplog):
             self.dataset, self.line, self.reason = dataset, line, reason
 
     bad_shape = make_sample([4], 3)
-    bad_shape["pixel_values"] = np.zeros((1, 5, 5, 3), np.float32)
+    bad_shape["pixel_values"] = np.zeros((1, 5, 5, 3), np.uint8)
     stream = [make_sample([4], 1), Skipped("imgs", 2, "image file not found"), bad_shape,
               Skipped("imgs", 2, "image file not found"), make_sample([3], 4)]
     totals = PackStats()
@@ -288,6 +288,14 @@ def test_skipped_items_are_counted_and_logged_once_each(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2  # once per (dataset, line, reason)
     assert "imgs line 2: image file not found" in messages[0] and "d line 3: malformed sample" in messages[1]
+
+
+def test_float_pixels_are_a_type_error_naming_the_sample():
+    """Rows carry uint8 levels (the model normalises them): normalised float tiles are a caller's bug, not bad data."""
+    sample = make_sample([4, ("img", 1), 3], 7)
+    sample["pixel_values"] = sample["pixel_values"].astype(np.float32)
+    with pytest.raises(TypeError, match="sample d:7 has float32 pixel_values; rows carry uint8 levels"):
+        list(pack([sample], CFG))
 
 
 def test_fill_rate_counts_capacity_of_every_row():
@@ -334,7 +342,7 @@ def test_packed_row_gives_the_per_sample_losses_and_gradients_of_the_samples_alo
         n, k = len(s["input_ids"]), len(s["pixel_values"])
         labels = np.full(L, IGNORE, np.int32)
         labels[:n] = shift_labels(s["labels"])
-        pixels = np.zeros((T, size, size, 3), np.float32)
+        pixels = np.zeros((T, size, size, 3), np.uint8)
         pixels[:k] = s["pixel_values"]
         x = (labels != IGNORE).sum()
         return {"input_ids": np.pad(s["input_ids"], (0, L - n)), "labels": labels,

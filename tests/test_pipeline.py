@@ -41,7 +41,7 @@ def fake_prepare(record, rng):
         ids += [START, CTX, END] + rng.integers(1, 200, 2).tolist()
     ids = np.asarray(ids, np.int32)
     labels = np.where(np.arange(len(ids)) >= len(ids) // 2, ids, IGNORE).astype(np.int32)
-    pixels = rng.standard_normal((spec.get("tiles", 0), 2, 2, 3)).astype(np.float32)
+    pixels = rng.integers(0, 256, (spec.get("tiles", 0), 2, 2, 3), np.uint8)
     return {"input_ids": ids, "labels": labels, "positions": np.arange(len(ids), dtype=np.int32),
             "pixel_values": pixels, "dataset": record.dataset, "line": record.line}
 

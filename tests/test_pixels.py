@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from internvl_jax.processing.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize
+import jax
+
+from internvl_jax.processing.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize, normalize_levels
 from internvl_jax.processing.resample import bucket_key, image_tiles, render_image
 from internvl_jax.processing.tiling import pil_tiles, plan_tiles
 from internvl_jax.samples import photo_like
@@ -64,6 +66,17 @@ def test_normalize_is_the_formula_bit_for_bit():
         assert out.dtype == np.float32 and out.shape == x.shape
         np.testing.assert_array_equal(out, formula(x))
         np.testing.assert_array_equal(x, kept)
+
+
+DEVICE_TOL = 1e-6  # normalize_levels: XLA multiplies by reciprocals where normalize divides (values up to 2.7)
+
+
+def test_normalize_levels_on_the_device_is_normalize_within_a_last_bit():
+    """The model's normalisation of uint8 tiles (jitted) against the host's, for every level of every channel."""
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    out = np.asarray(jax.jit(normalize_levels)(levels))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, normalize(levels), rtol=0, atol=DEVICE_TOL)
 
 
 def test_normalisation_is_the_original():

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from convert.load import from_state_dict
+from internvl_jax.processing import normalize
 from reference import IMAGE_SIZE, IMAGE_TOKEN_ID, TOKENS_PER_TILE, max_diff, tiny_internvl
 from train import optim
 from train.loss import IGNORE
@@ -62,19 +63,20 @@ ROWS = [[0, 1], [2, 3]]
 
 def _sample(parts, rng) -> dict:
     """One conversation as train/data/sample.py gives it: input_ids, labels (NOT shifted), positions int32 [n],
-    pixel_values float32 [k, S, S, 3]."""
+    pixel_values uint8 [k, S, S, 3] (levels: our step normalises them, the torch side gets the host's
+    normalisation, the original's)."""
     ids, labels, tiles = [], [], []
     for kind, n in parts:
         if kind == "image":
             span = [IMG_START] + [IMAGE_TOKEN_ID] * (n * TOKENS_PER_TILE) + [IMG_END]
             ids += span
             labels += [IGNORE] * len(span)
-            tiles += [rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32) for _ in range(n)]
+            tiles += [rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for _ in range(n)]
         else:
             text = rng.integers(0, IMG_START, n).tolist()
             ids += text
             labels += text if kind == "answer" else [IGNORE] * n
-    pixels = np.stack(tiles) if tiles else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    pixels = np.stack(tiles) if tiles else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     return {"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32),
             "positions": np.arange(len(ids), dtype=np.int32), "pixel_values": pixels, "dataset": "parity",
             "line": 0}
@@ -93,7 +95,7 @@ def _pack(samples: list[dict]) -> dict:
     keys = {"input_ids": (np.int32, 0), "labels": (np.int32, IGNORE), "loss_weights": (np.float32, 0),
             "positions": (np.int32, 0), "segment_ids": (np.int32, 0)}
     batch = {k: np.full((len(ROWS), L), fill, dtype) for k, (dtype, fill) in keys.items()}
-    batch["pixel_values"] = np.zeros((len(ROWS), T, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    batch["pixel_values"] = np.zeros((len(ROWS), T, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     batch["tile_mask"] = np.zeros((len(ROWS), T), bool)
     for r, members in enumerate(ROWS):
         at, tile = 0, 0
@@ -142,7 +144,7 @@ def _torch_loss(ref, samples: list[dict]) -> torch.Tensor:
     """sum(w * CE) / sum(w) over all samples, each run alone with the HF shift, w = 1 / sqrt(x) per sample."""
     total, weights = 0.0, 0.0
     for s in samples:
-        pixels = torch.tensor(s["pixel_values"].transpose(0, 3, 1, 2)) if len(s["pixel_values"]) else None
+        pixels = torch.tensor(normalize(s["pixel_values"]).transpose(0, 3, 1, 2)) if len(s["pixel_values"]) else None
         logits = ref(input_ids=torch.tensor(s["input_ids"][None], dtype=torch.long), pixel_values=pixels).logits[0]
         targets = torch.tensor(s["labels"][1:], dtype=torch.long)
         ce = torch.nn.functional.cross_entropy(logits[:-1], targets, ignore_index=IGNORE, reduction="none")

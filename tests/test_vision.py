@@ -51,6 +51,20 @@ def test_image_features_after_projector(loaded):
     assert max_diff(got, expected.numpy()) <= TOL_MODULE
 
 
+def test_image_features_of_uint8_levels_are_those_of_the_normalised_tiles(loaded):
+    """The training pipeline's uint8 tiles: the model normalises them itself (the reference gets the host's
+    normalisation, the original's)."""
+    from internvl_jax.processing import normalize
+
+    ref, model, params = loaded
+    levels = np.random.default_rng(4).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = ref.model.get_image_features(
+            pixel_values=torch.tensor(normalize(levels).transpose(0, 3, 1, 2))).pooler_output
+    got = model.apply({"params": params}, jnp.asarray(levels), method=lambda m, t: m.encode_images(t))
+    assert max_diff(got, expected.numpy()) <= TOL_MODULE
+
+
 def test_drop_path_is_off_without_rng_and_stochastic_with_it():
     from internvl_jax.model import InternVL, init_params
     from internvl_jax.presets import get_preset

@@ -69,10 +69,8 @@ def abstract_preference_batch(config, rows: int, seq_len: int, tiles: int, pairs
 def pair_logps(model: InternVL, params, batch: dict, pairs: int, rng=None, *, vocab_chunk: int | None = 1024):
     """(sequence log-probs float32 [B, P, 2], completion lengths [B, P, 2], chosen-answer NLL sum float32 []) of
     the preference rows ``batch`` under ``params``; ``rng`` (optional) drives drop path."""
-    c = model.config
-    pixels = batch.get("pixel_values")
     hidden = model.apply(
-        {"params": params}, batch["input_ids"], None if pixels is None else pixels.astype(c.dtype),
+        {"params": params}, batch["input_ids"], batch.get("pixel_values"),
         batch.get("tile_mask"), batch.get("positions"), batch["segment_ids"], return_hidden=True,
         image_index=batch["image_index"], rngs=None if rng is None else {"dropout": rng})
     head = lambda h: model.apply({"params": params}, h, method=InternVL.head)  # noqa: E731

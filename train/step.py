@@ -40,14 +40,14 @@ BATCH_KEYS = ("input_ids", "labels", "loss_weights", "positions", "segment_ids",
 def abstract_batch(config, rows: int, seq_len: int, tiles: int, *, float_positions: bool = False) -> dict:
     """A training batch's shapes (design card): input_ids, labels, segment_ids int32 [rows, seq_len];
     loss_weights float32 [rows, seq_len]; positions int32 (float32 for V2PE) [rows, seq_len]; pixel_values
-    [rows, tiles, S, S, 3] in the compute dtype and tile_mask bool [rows, tiles] (no image keys when ``tiles``
-    is 0)."""
+    uint8 [rows, tiles, S, S, 3] (the tiles' levels, as the pipeline sends them: the model normalises them) and
+    tile_mask bool [rows, tiles] (no image keys when ``tiles`` is 0)."""
     s = config.image_size
     tokens = lambda dtype: jax.ShapeDtypeStruct((rows, seq_len), dtype)  # noqa: E731
     batch = {"input_ids": tokens(jnp.int32), "labels": tokens(jnp.int32), "loss_weights": tokens(jnp.float32),
              "positions": tokens(jnp.float32 if float_positions else jnp.int32), "segment_ids": tokens(jnp.int32)}
     if tiles:
-        batch["pixel_values"] = jax.ShapeDtypeStruct((rows, tiles, s, s, 3), jnp.dtype(config.dtype))
+        batch["pixel_values"] = jax.ShapeDtypeStruct((rows, tiles, s, s, 3), jnp.uint8)
         batch["tile_mask"] = jax.ShapeDtypeStruct((rows, tiles), jnp.bool_)
     return batch
 
@@ -70,10 +70,8 @@ def _micro_batches(batch: dict, accum: int) -> dict:
 
 def loss_sum(model: InternVL, params, batch: dict, rng=None, *, vocab_chunk: int | None = 1024):
     """``sum(loss_weights * CE)`` of one (micro-)batch, float32 scalar; ``rng`` (optional) drives drop path."""
-    c = model.config
-    pixels = batch.get("pixel_values")
     hidden = model.apply(
-        {"params": params}, batch["input_ids"], None if pixels is None else pixels.astype(c.dtype),
+        {"params": params}, batch["input_ids"], batch.get("pixel_values"),
         batch.get("tile_mask"), batch.get("positions"), batch.get("segment_ids"), return_hidden=True,
         rngs=None if rng is None else {"dropout": rng})
     head = lambda h: model.apply({"params": params}, h, method=InternVL.head)  # noqa: E731

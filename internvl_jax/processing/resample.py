@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .pixels import IMAGENET_MEAN, IMAGENET_STD
+from .pixels import normalize_levels
 from .tiling import TilePlan
 
 _PRECISION_BITS = 22  # PIL's fixed point for 8-bit resampling: 32 - 8 - 2
@@ -176,7 +176,7 @@ def render_image(image, grid_bands, thumb_bands, *, grid: tuple[int, int], order
     if thumb_bands is not None:
         tiles = jnp.concatenate([tiles, _resize_tiles(x, *thumb_bands, orders[1])[0]])
     tiles = jnp.moveaxis(tiles, 1, -1)  # [n, t, t, 3]
-    return (tiles / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return normalize_levels(tiles)
 
 
 def _pad_first_axis(a: np.ndarray, n: int) -> np.ndarray:

@@ -1,13 +1,14 @@
 """Packing prepared samples into static-shaped rows (pure numpy, host side).
 
 A *Sample* (train/data/sample.py) is one conversation, unpadded: ``input_ids`` / ``labels`` (not shifted) /
-``positions`` [n], ``pixel_values`` float32 [k, S, S, 3], plus ``dataset`` and ``line``. A *row* holds several
-samples under a token budget L and a tile budget T (the static shapes of one compiled step):
+``positions`` [n], ``pixel_values`` uint8 [k, S, S, 3] (levels: the model normalises them), plus ``dataset`` and
+``line``. A *row* holds several samples under a token budget L and a tile budget T (the static shapes of one
+compiled step):
 
 - ``input_ids`` int32 [L] (pad ``pad_id``), ``labels`` int32 [L], shifted per sample (labels[i] is the target of
   position i; IGNORE at each sample's last token and on padding), ``loss_weights`` float32 [L],
 - ``positions`` [L] int32 (float32 with V2PE) as the sample gives them (they restart per sample; padding 0),
-- ``segment_ids`` int32 [L] (1..k per sub-sample, 0 = padding), ``pixel_values`` float32 [T, S, S, 3] (the
+- ``segment_ids`` int32 [L] (1..k per sub-sample, 0 = padding), ``pixel_values`` uint8 [T, S, S, 3] (the
   sub-samples' tiles in order, zero padding) and ``tile_mask`` bool [T].
 
 The packer is greedy and deterministic (next-fit): samples enter the current row in stream order while both
@@ -315,6 +316,16 @@ def _is_skipped(item) -> bool:
     return not isinstance(item, dict) and all(hasattr(item, a) for a in ("dataset", "line", "reason"))
 
 
+def tile_levels(pixels, dataset: str, line: int) -> np.ndarray:
+    """A sample's ``pixel_values`` as uint8 [k, S, S, 3]; a TypeError for another dtype (rows carry the tiles'
+    levels, a quarter of float32's bytes to the devices, and the model normalises them)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"packing: sample {dataset}:{line} has {pixels.dtype} pixel_values; rows carry uint8 levels "
+                        "(the model normalises them on the device)")
+    return pixels
+
+
 def _check_sample(sample: dict, cfg: PackConfig) -> str | None:
     """Why a Sample dict breaks the contract (train/data/sample.py), or None."""
     missing = [k for k in ("input_ids", "labels", "positions", "pixel_values") if k not in sample]
@@ -361,7 +372,7 @@ class Packer:
         positions = positions.astype(cfg.positions_dtype)
         raw_labels = np.asarray(item["labels"])
         labels = shift_labels(raw_labels)
-        pixels = np.asarray(item["pixel_values"], np.float32)
+        pixels = tile_levels(item["pixel_values"], dataset, line)
         spans = image_spans(ids, cfg)
         # tiles before each token index: IMG_CONTEXT tokens fill the tiles in order
         ctx_before = np.concatenate([[0], np.cumsum(ids == cfg.img_context_id)])
@@ -423,7 +434,7 @@ def empty_rows(rows: int, cfg: PackConfig) -> dict[str, np.ndarray]:
         "loss_weights": np.zeros((rows, L), np.float32),
         "positions": np.zeros((rows, L), cfg.positions_dtype),
         "segment_ids": np.zeros((rows, L), np.int32),
-        "pixel_values": np.zeros((rows, T, S, S, 3), np.float32),
+        "pixel_values": np.zeros((rows, T, S, S, 3), np.uint8),
         "tile_mask": np.zeros((rows, T), bool),
     }
 

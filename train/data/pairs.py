@@ -33,7 +33,7 @@ from train.loss import IGNORE
 
 from .meta import Record
 from .packing import (
-    MALFORMED, TOO_MANY_TILES, Drop, Packer, PackConfig, RowFormat, _is_skipped, empty_rows, shift_labels,
+    MALFORMED, TOO_MANY_TILES, Drop, Packer, PackConfig, RowFormat, _is_skipped, empty_rows, shift_labels, tile_levels,
 )
 from .sample import SampleSettings, Skipped, _Bad, _build, json_object
 
@@ -60,7 +60,7 @@ def prepare_pair(record: Record, spec, settings: SampleSettings, rng: np.random.
     """One preference record -> a pair dict, or Skipped(dataset, line, reason).
 
     Pair: ``chosen`` and ``rejected``, each (input_ids int32 [n], labels int32 [n] unshifted, positions [n]);
-    ``pixel_values`` float32 [k, S, S, 3] shared; ``dataset``, ``line``; ``ref`` float32 [2] from ``reference``
+    ``pixel_values`` uint8 [k, S, S, 3] shared; ``dataset``, ``line``; ``ref`` float32 [2] from ``reference``
     ({(dataset, line): (chosen, rejected) log-probs}) or None.
     """
     try:
@@ -114,7 +114,7 @@ class PairPacker(Packer):
             ids, labels, positions = item[name]
             ids = np.asarray(ids, np.int32)
             halves.append((ids, shift_labels(labels), np.asarray(positions).astype(cfg.positions_dtype)))
-        pixels = np.asarray(item["pixel_values"], np.float32)
+        pixels = tile_levels(item["pixel_values"], dataset, line)
         for ids, _, _ in halves:
             if int((ids == cfg.img_context_id).sum()) != len(pixels) * cfg.tokens_per_tile:
                 return [Drop(dataset, line, MALFORMED, 0, f"{int((ids == cfg.img_context_id).sum())} IMG_CONTEXT "

@@ -29,8 +29,8 @@ What the original (OpenGVLab/InternVL ``internvl_chat/internvl/train/internvl_ch
 * JPEG augmentation (``data_augment``): ``build_transform(is_train=True)`` applies, to every tile
   independently, ``RandomChoice`` over JPEG qualities ``range(75, 101)`` (75..100 inclusive, uniform), PIL's
   ``save(format='JPEG', quality=q)`` with its defaults, then the resize to the tile size (a no-op for tiles)
-  and the normalisation. A video frame goes through the same transform untiled: JPEG at its own size, then
-  the resize.
+  and the normalisation (here on the device, by the model: tiles leave the host as uint8 levels). A video frame
+  goes through the same transform untiled: JPEG at its own size, then the resize.
 * ``"supervise": "first_token"`` (a key of the record; default ``"all"``) keeps the loss on the first token of
   each answer only: a process-reward critic's ``+`` / ``-`` judgements (train.prm_data) without their stop tokens.
 * Text-only samples carry one white dummy tile with ``image_flags`` 0 in the original; here zero tiles (the
@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from internvl_jax.processing import (
-    Template, Tokenizer, expand_image_tokens, load_image, normalize, pil_tiles, plan_tiles, sft_labels,
+    Template, Tokenizer, expand_image_tokens, load_image, pil_tiles, plan_tiles, sft_labels,
     training_frame_indices, v2pe_positions,
 )
 from internvl_jax.processing import video as _video
@@ -253,21 +253,21 @@ def _plans(images: list[Image.Image], per_image: int, settings: SampleSettings):
 
 def _image_tiles(images: list[Image.Image], plans, settings: SampleSettings, augment: bool,
                  rng: np.random.Generator) -> np.ndarray:
-    """float32 [sum of tiles, S, S, 3]: each image's tiles in order (the original's PIL tiling, JPEG after tiling
-    when augmenting), normalised."""
+    """uint8 [sum of tiles, S, S, 3]: each image's tiles in order (the original's PIL tiling, JPEG after tiling
+    when augmenting); the model normalises them on the device."""
     tiles = []
     for im, plan in zip(images, plans):
         t = pil_tiles(im, plan, settings.image_size)
         tiles.append(_jpeg(t, rng) if augment else t)
-    return normalize(np.concatenate(tiles))
+    return np.concatenate(tiles)
 
 
 def _frame_tiles(frames: np.ndarray, settings: SampleSettings, augment: bool, rng: np.random.Generator) -> np.ndarray:
-    """uint8 frames [t, H, W, 3] -> float32 [t, S, S, 3]: one tile per frame (JPEG first when augmenting)."""
+    """uint8 frames [t, H, W, 3] -> uint8 [t, S, S, 3]: one tile per frame (JPEG first when augmenting)."""
     if augment:
         frames = _jpeg(frames, rng)
     one = plan_tiles(frames.shape[2], frames.shape[1], dynamic=False, use_thumbnail=False)
-    return normalize(np.concatenate([pil_tiles(Image.fromarray(f), one, settings.image_size) for f in frames]))
+    return np.concatenate([pil_tiles(Image.fromarray(f), one, settings.image_size) for f in frames])
 
 
 # --------------------------------------------------------------------------------------------- video
@@ -450,7 +450,7 @@ def _build(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np.
     elif images:
         pixels = _image_tiles(images, plans, settings, augment, rng)
     else:
-        pixels = np.zeros((0, settings.image_size, settings.image_size, 3), np.float32)
+        pixels = np.zeros((0, settings.image_size, settings.image_size, 3), np.uint8)
     def positions_of(ids, state):
         if settings.v2pe is None:
             return np.arange(len(ids), dtype=np.int32)
@@ -472,8 +472,8 @@ def prepare(record: Record, spec: DatasetSpec, settings: SampleSettings, rng: np
 
     Sample: ``input_ids`` int32 [n] and ``labels`` int32 [n] (processing.sft_labels of the conversation with
     each ``<image>`` expanded to its tiles; labels unshifted, IGNORE = -100 off the answers), ``positions``
-    int32 [n] (0..n-1) or float32 [n] (V2PE), ``pixel_values`` float32 [k, S, S, 3] (ImageNet-normalised
-    tiles in placeholder order; k = 0 for text-only), ``dataset`` str and ``line`` int.
+    int32 [n] (0..n-1) or float32 [n] (V2PE), ``pixel_values`` uint8 [k, S, S, 3] (the tiles'
+    levels in placeholder order, normalised by the model; k = 0 for text-only), ``dataset`` str and ``line`` int.
     """
     try:
         return _build(record, spec, settings, rng)
