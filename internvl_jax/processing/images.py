@@ -12,14 +12,19 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB (EXIF orientation applied; alpha dropped as the original does; CMYK/P/L converted)."""
-    image = ImageOps.exif_transpose(image)
+def to_rgb(image: Image.Image, *, in_place: bool = False) -> Image.Image:
+    """Any PIL image -> RGB (EXIF orientation applied; alpha dropped as the original does; CMYK/P/L converted),
+    never the caller's object unless ``in_place`` (an image the caller will not use again, such as a file just
+    decoded: the EXIF rotation then happens in it and an RGB image comes back as it is, with no copy)."""
+    if in_place:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)  # a copy, rotated or not
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)
         scale = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
         image = Image.fromarray(np.clip(np.round(a * 255.0 / scale), 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image again
 
 
 def load_image(source) -> Image.Image:
@@ -30,7 +35,7 @@ def load_image(source) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb(im)
+            return to_rgb(im, in_place=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except Image.DecompressionBombError as e:  # not an OSError: it would reach the user as a traceback
