@@ -11,7 +11,10 @@
    LayerScale: the 1.0 ViT) for the ViT, which is most of the compute, and a transformers ``LlamaModel`` of
    QLLaMA's shape over the 96 query embeddings (it has no cross-attention, so the reference does less work than
    ours). Torch eager runs with ``torch.no_grad``; ours is one jitted program. Runs are interleaved after a
-   warm-up; medians. Goal: ours >= 1.2x.
+   warm-up; medians. Goal: ours >= 1.2x. Then the roofline: each side's FLOPs per image (XLA's cost analysis of
+   the unrolled program; torch's FlopCounterMode), this host's float32 matmul ceiling (the best of jax and torch on 2048^3), each
+   side's share of it, and the ratio ours would reach running at the ceiling: the highest any implementation of
+   our FLOPs can show against this torch run.
 2. The contrastive stage of InternVL-14B-224px on v5p-128 (fsdp rules over 64 chips, bf16 params with float32
    Adam moments as the trainer keeps them): the exact per-device bytes of params, gradients and optimiser state
    from the rule shardings (``sharding.plan.tree_bytes_per_device``), against the chip's HBM.
@@ -152,8 +155,53 @@ def main():
         print(f"{name:>6}: {rate:8.2f} images/s (median of {args.repeats})")
     if "torch" in rates:
         print(f"ratio ours / torch eager: {rates['ours'] / rates['torch']:.2f}x (goal >= 1.2x)")
+        roofline(config, theirs, rates, args.batch)
     if not args.skip_plan:
         memory_plan(args.chips)
+
+
+def matmul_ceiling(n: int = 2048) -> float:
+    """This host's float32 matmul rate (FLOP/s): the best of jax's and torch's on [n, n] x [n, n]."""
+    import jax.numpy as jnp
+    import torch
+
+    a, t = jnp.ones((n, n), jnp.float32), torch.ones((n, n))
+    dot = jax.jit(jnp.dot)
+    best = 0.0
+    for fn in (lambda: dot(a, a).block_until_ready(), lambda: t @ t):
+        fn()
+        best = max(best, 2 * n**3 / min(timed(fn, lambda out: out) for _ in range(5)))
+    return best
+
+
+def our_flops(config, batch: int) -> float:
+    """FLOPs of one image's InternVL-G features: XLA's cost analysis of the lowered program with every layer
+    unrolled (a scan's body is counted once) and the XLA attention (a custom call counts nothing)."""
+    from internvl_jax.clip_model import InternVLCLIP, abstract_clip_params
+
+    counted = config.replace(attention_impl="batched",
+                             scan_unroll=max(config.vision.num_layers, config.qllama.num_layers))
+    model = InternVLCLIP(counted)
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, "InternVL-G", method=InternVLCLIP.image_features))
+    pixels = jax.ShapeDtypeStruct((batch, config.vision.image_size, config.vision.image_size, 3), np.float32)
+    return fn.lower(abstract_clip_params(counted), pixels).cost_analysis()["flops"] / batch
+
+
+def roofline(config, theirs, rates: dict, batch: int) -> None:
+    """Each side's FLOPs per image (:func:`our_flops`; torch's FlopCounterMode, its matmuls), their rates against
+    the host's matmul ceiling, and the highest ratio ours could reach there: the workload is matmul-bound, so the
+    goal is reachable only where that bound clears it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours = our_flops(config, batch)
+    with FlopCounterMode(display=False) as counter:
+        theirs()
+    ref = counter.get_total_flops() / batch
+    peak = matmul_ceiling()
+    print(f"roofline: ours {ours / 1e9:.1f} GFLOP per image (QLLaMA's cross-attention and both poolers included), "
+          f"torch {ref / 1e9:.1f}; this host's float32 matmul ceiling {peak / 1e9:.1f} GFLOP/s (best of jax, torch "
+          f"on 2048^3): ours at {rates['ours'] * ours / peak:.0%} of it, torch at {rates['torch'] * ref / peak:.0%}; "
+          f"ours at the ceiling would be {peak / ours / rates['torch']:.2f}x torch")
 
 
 def memory_plan(chips: str) -> None:
