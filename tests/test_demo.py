@@ -4,7 +4,7 @@ scratch on 8 simulated CPU devices with FSDP, exports it, reloads it and answers
 CI runs a shortened setting (``--steps`` below). What it must show: the model answers from the images, i.e. beats
 the best image-blind answerer (for each question kind, always the kind's most frequent held-out answer) by a clear
 margin. Measured: 0.745 at STEPS against a blind 0.350 (0.755 before b19b623). The default 600 steps
-(``internvl-jax demo``) reach the issue's goal, 0.920 >= 0.90, in 5.5 minutes (seed 0, the README's figures); CI runs
+(``internvl-jax demo``) reach the issue's goal, 0.915 >= 0.90, in 4.6 minutes (seed 0, the README's figures); CI runs
 the shortened setting."""
 
 import collections
