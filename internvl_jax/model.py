@@ -15,7 +15,6 @@ import flax.linen as nn
 from .config import InternVLConfig
 from .decoder import Decoder
 from .layers import as_dtype
-from .processing.pixels import normalize_levels
 from .projector import Projector, pixel_shuffle
 from .vision import InternViT
 
@@ -82,10 +81,8 @@ class InternVL(nn.Module):
     def encode_images(self, tiles, valid=None):
         """tiles [N, H, W, 3] -> [N, tokens_per_tile, E] LLM-space features; valid: bool [N] or None, False for
         empty tile slots, whose features are not used (the ViT may skip their attention). Tiles are normalised
-        floats, or uint8 levels (the training pipeline's), normalised here."""
+        floats, or uint8 levels (the training pipeline's), which the ViT's embedding normalises."""
         c = self.config
-        if tiles.dtype == jnp.uint8:
-            tiles = normalize_levels(tiles)
         h = self.vision(tiles, valid)[:, 1:]  # drop the class token
         n, p, width = h.shape
         gh, gw = tiles.shape[1] // c.vision.patch_size, tiles.shape[2] // c.vision.patch_size

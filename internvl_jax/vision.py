@@ -16,6 +16,7 @@ import flax.linen as nn
 from .config import VisionConfig
 from .attention import attend
 from .layers import Dense, Norm, constrain, param_with_axes, resolve_attention_impl, scan_layers
+from .processing.pixels import normalize_levels
 
 _CUBIC_A = -0.75  # torch's bicubic kernel constant
 
@@ -64,7 +65,8 @@ class VisionEmbeddings(nn.Module):
 
     @nn.compact
     def __call__(self, pixels):
-        """pixels [N, H, W, 3] -> [N, 1 + (H/p)*(W/p), C]: class token, then patches row-major."""
+        """pixels [N, H, W, 3] (normalised floats, or uint8 levels: normalised here, so that the host sends a
+        quarter of float32's bytes) -> [N, 1 + (H/p)*(W/p), C]: class token, then patches row-major."""
         c, p = self.cfg, self.cfg.patch_size
         n, h, w, ch = pixels.shape
         if h % p or w % p:
@@ -85,6 +87,8 @@ class VisionEmbeddings(nn.Module):
             (1, c.grid * c.grid + 1, c.hidden_size),
             self.param_dtype,
         )
+        if pixels.dtype == jnp.uint8:
+            pixels = normalize_levels(pixels)
         # a stride-p p x p convolution is a matmul over non-overlapping patches
         patches = pixels.astype(self.dtype).reshape(n, gh, p, gw, p, ch)
         x = jnp.einsum("nhpwqc,pqcd->nhwd", patches, kernel.astype(self.dtype)) + bias.astype(self.dtype)
