@@ -184,6 +184,53 @@ def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(tmp_path):
     assert_same_batches(take(restored["data"], 4), expected)
 
 
+def test_a_position_taken_before_the_next_batch_saves_and_restores_as_the_iterator_then(tmp_path):
+    """The trainer takes step s + 1's batch while the device runs step s and saves checkpoint s afterwards, from an
+    IteratorPosition taken before: it writes grain's file as the iterator would have, and restores that point."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    from train.checkpoint import IteratorPosition
+
+    records = make_records("a", 40, long_every=5)
+    it = iter(pipeline(records))
+    take(it, 5)
+    position = IteratorPosition(it)
+    with ocp.CheckpointManager(tmp_path / "now") as mngr:
+        mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    expected = take(it, 4)  # the iterator moves on before the position is saved
+    with ocp.CheckpointManager(tmp_path / "later") as mngr:
+        mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(position)))
+    name = os.path.join("5", "data", "process_0-of-1.json")
+    assert open(tmp_path / "later" / name).read() == open(tmp_path / "now" / name).read()
+    with ocp.CheckpointManager(tmp_path / "later") as mngr:
+        restored = mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(
+            iter(pipeline(records)))))
+    assert_same_batches(take(restored["data"], 4), expected)
+
+
+def test_samples_are_prepared_in_reading_threads_of_the_niceness_asked():
+    """nice=N: every thread that prepares a sample runs at CPU niceness N (Linux), so that a step computing on the
+    same cores keeps them; the main thread, which packs and dispatches, keeps its own; and the stream is the same."""
+    import threading
+
+    seen = {}
+
+    def recording_prepare(record, rng):
+        tid = threading.get_native_id()
+        seen[tid] = os.getpriority(os.PRIO_PROCESS, tid)
+        return fake_prepare(record, rng)
+
+    records = make_records("a", 40)
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    sources = [Source("a", records)]
+    niced = take(iter(make_pipeline(sources, recording_prepare, CFG, batch_size=2, seed=0, process_index=0,
+                                    process_count=1, nice=main + 7)), 6)
+    assert seen and set(seen.values()) == {main + 7} and threading.get_native_id() not in seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+    assert_same_batches(niced, take(iter(pipeline(records)), 6))
+
+
 # ----------------------------------------------------------------------------------------------
 # Multi-host: two localhost processes
 # ----------------------------------------------------------------------------------------------

@@ -16,10 +16,23 @@ manager opens (``cleanup_tmp_directories``).
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
 import orbax.checkpoint as ocp
+
+
+class IteratorPosition:
+    """A data iterator's position now, for a save that starts later: the trainer takes the next batch while the
+    device still runs the step, and only then saves (the save waits for the step's state). grain's handler writes
+    it as it writes the iterator itself (one JSON file per process)."""
+
+    def __init__(self, iterator):
+        self._text = json.dumps(iterator.get_state(), indent=4)
+
+    def get_state(self) -> bytes:
+        return self._text.encode()
 
 
 class Checkpoints:
@@ -40,8 +53,9 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, meta: dict, *, force: bool = False) -> bool:
-        """Start saving ``step`` if it is due (or ``force``); returns whether it did. The iterator's state is read
-        now, so call this after the step's batch was taken and before the next one is."""
+        """Start saving ``step`` if it is due (or ``force``); returns whether it did. ``data_iterator``: the
+        iterator, whose state is read now (call this after the step's batch was taken and before the next one is),
+        or an :class:`IteratorPosition` taken then."""
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta)), force=force)

@@ -36,7 +36,7 @@ from sharding.plan import model_flops
 from sharding.topology import CHIPS
 
 from . import optim
-from .checkpoint import Checkpoints
+from .checkpoint import Checkpoints, IteratorPosition
 from .clip_train import make_clip_step
 from .config import ConfigError, TrainConfig, check_batch_split, is_clip_run, lora_rules, optim_config, validate
 from .inputs import Inputs, build_caption_inputs, build_inputs
@@ -365,12 +365,14 @@ def train(cfg: TrainConfig, *, on_step=None) -> RunResult:
                 state, metrics = step_fn(state, sharding.shard_batch(batch, mesh, cfg.rules), *extra)
             for reason, n in stats.get("skipped", {}).items():
                 host["skipped_samples"][reason] = host["skipped_samples"].get(reason, 0) + n
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                # the iterator has yielded exactly step + 1 batches: the state the checkpoint must hold
-                checkpoints.save(step + 1, saved(state), inputs.iterator, {**run_meta, "host": host},
-                                 force=step + 1 == cfg.steps)
+            due = (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps
+            # the iterator has yielded exactly step + 1 batches: the position the checkpoint must hold
+            position = IteratorPosition(inputs.iterator) if due else None
             if step + 1 < cfg.steps:
                 next_batch, next_stats = inputs.next()  # host work while the device runs this step
+            if due:  # after the input: the save waits for the step's state
+                checkpoints.save(step + 1, saved(state), position, {**run_meta, "host": host},
+                                 force=step + 1 == cfg.steps)
             m = _host(metrics)
             now = time.perf_counter()
             seconds, t_last = now - t_last, now
