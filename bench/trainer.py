@@ -31,7 +31,9 @@ Measured, on the same ``--steps`` batches:
    ``--save-every`` steps. Its step time is ``metrics.jsonl``'s ``seconds`` (the wall time of one loop
    iteration, host work included). Its host calls are timed by wrapping ``Inputs.next`` and ``Checkpoints.save``
    (nothing else changes; a save waits for the step's state, so its time includes the rest of that step). Its
-   losses must equal the bare step's (same batches, same initial state);
+   losses must equal the bare step's (same batches, same initial state). The report splits the trainer's time
+   beyond the bare step's, batch by batch, into the steps that save or follow a save (orbax's asynchronous write
+   shares the cores with the next step) and the others (the input, metrics and dispatch);
 4. PyTorch eager: ``transformers.InternVLForConditionalGeneration`` (sdpa attention) of the same shapes, loaded
    with our initial params, ``torch.optim.AdamW`` with the same hyper-parameters and global-norm clipping, the same
    loss (``sum(loss_weights * CE) / sum(loss_weights)``, float32 logits) on the same packed batches, the valid
@@ -432,6 +434,18 @@ def ratio_line(name: str, value: float, goal: float) -> str:
     return f"{name} = {value:.3f}   (goal >= {goal:.2f}: {'met' if value >= goal else 'NOT met'})"
 
 
+def overhead_line(rounds: list[dict], save_every: int, steps: int) -> str:
+    """Where the trainer's time beyond the bare step goes: the mean difference of the two on the same batch, at the
+    steps that save a checkpoint or follow one (its asynchronous write overlaps the next step) and at the others."""
+    near = {s for s in range(2, steps + 1) if s % save_every == 0 or s == steps or (s - 1) % save_every == 0}
+    far = set(range(2, steps + 1)) - near
+    diff = lambda group: statistics.mean(g["trainer_steps"][s - 1] - g["bare_steps"][s - 1]  # noqa: E731
+                                         for g in rounds for s in group)
+    return (f"trainer - bare step on the same batch: {diff(near):+.3f} s at a save and the step after it (steps "
+            f"{', '.join(map(str, sorted(near)))}), {diff(far):+.3f} s at the others (steps "
+            f"{', '.join(map(str, sorted(far)))})" if far and near else "")
+
+
 def main():
     args = parse_args()
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares a GPU with JAX
@@ -517,7 +531,7 @@ def main():
         for side in sides:
             if side == "bare":
                 times, bare_losses = bare.run(device_batches)
-                got["bare"] = statistics.mean(times[1:])
+                got["bare"], got["bare_steps"] = statistics.mean(times[1:]), times
                 show("bare", times)
             elif side == "torch" and torch_side:
                 times, torch_losses = torch_side.run(torch_batches)
@@ -530,7 +544,7 @@ def main():
                 assert result.model.config == config, "bench/trainer.py's model config differs from the trainer's"
                 records = result.metrics
                 seconds = [rec["seconds"] for rec in records]
-                got["trainer"] = statistics.mean(seconds[1:])
+                got["trainer"], got["trainer_steps"] = statistics.mean(seconds[1:]), seconds
                 show("trainer", seconds)
                 saves = {rec["step"] for rec in records if rec["step"] % cfg.save_every == 0}
                 at_save = [x for rec, x in zip(records[1:], seconds[1:]) if rec["step"] in saves]
@@ -560,6 +574,9 @@ def main():
     print(side_line("bare step", bare_s, tokens, flops, peak))
     if torch_side:
         print(side_line("PyTorch eager", mean("torch"), tokens, flops, peak))
+    overhead = overhead_line(rounds, cfg.save_every, args.steps)
+    if overhead:
+        print(overhead)
     per_round = lambda a, b: ", ".join(f"{g[b] / g[a]:.3f}" for g in rounds)  # noqa: E731
     print(ratio_line("trainer / bare step", bare_s / trainer_s, GOAL_BARE)
           + f"   per round {per_round('trainer', 'bare')}")
