@@ -209,28 +209,6 @@ def test_a_position_taken_before_the_next_batch_saves_and_restores_as_the_iterat
     assert_same_batches(take(restored["data"], 4), expected)
 
 
-def test_samples_are_prepared_in_reading_threads_of_the_niceness_asked():
-    """nice=N: every thread that prepares a sample runs at CPU niceness N (Linux), so that a step computing on the
-    same cores keeps them; the main thread, which packs and dispatches, keeps its own; and the stream is the same."""
-    import threading
-
-    seen = {}
-
-    def recording_prepare(record, rng):
-        tid = threading.get_native_id()
-        seen[tid] = os.getpriority(os.PRIO_PROCESS, tid)
-        return fake_prepare(record, rng)
-
-    records = make_records("a", 40)
-    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    sources = [Source("a", records)]
-    niced = take(iter(make_pipeline(sources, recording_prepare, CFG, batch_size=2, seed=0, process_index=0,
-                                    process_count=1, nice=main + 7)), 6)
-    assert seen and set(seen.values()) == {main + 7} and threading.get_native_id() not in seen
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
-    assert_same_batches(niced, take(iter(pipeline(records)), 6))
-
-
 # ----------------------------------------------------------------------------------------------
 # Multi-host: two localhost processes
 # ----------------------------------------------------------------------------------------------

@@ -305,19 +305,3 @@ def test_adapter_layout_is_hf_or_original_and_original_refuses_split_vit_adapter
         validate(apply_overrides(base, ["lora.rank=4", "lora.targets=vit_split,llm", "lora.adapter_layout=original"]))
     for fine in (["lora.targets=vit_split,llm"], ["lora.targets=vit,llm", "lora.adapter_layout=original"]):
         validate(apply_overrides(base, ["lora.rank=4", *fine]))
-
-
-@pytest.mark.parametrize("nice,ok", [(-1, False), (0, True), (19, True), (20, False)])
-def test_data_nice_is_a_niceness_from_0_to_19(tmp_path, nice, ok):
-    """``data.nice``: the decoding threads' CPU niceness; outside 0..19 the config fails before anything loads."""
-    from train.config import validate
-
-    (tmp_path / "meta.json").write_text("{}")
-    cfg = apply_overrides(load_train_config("demo"), [f"workdir={tmp_path}", f"data.meta={tmp_path / 'meta.json'}",
-                                                      f"data.nice={nice}"])
-    assert load_train_config("demo").data.nice == 19
-    if ok:
-        validate(cfg)
-    else:
-        with pytest.raises(ConfigError, match=rf"data.nice={nice}: expected a CPU niceness from 0 to 19"):
-            validate(cfg)

@@ -50,7 +50,6 @@ class DataConfig:
     min_num_frames: int = 8  # video frames per training sample, drawn in [min, max] as the original
     max_num_frames: int = 32
     workers: int = 0  # grain worker processes for decoding (0: in the training process)
-    nice: int = 19  # CPU niceness (0-19) of the decoding threads (Linux): the step's own threads keep the cores
     eval_samples: int = 64  # held-out samples per evaluation (0: no evaluation)
 
 
@@ -220,7 +219,6 @@ def validate(cfg: TrainConfig) -> None:
          f"data.rows={cfg.data.rows} does not split into accum_steps={cfg.accum_steps} micro-batches"),
         (cfg.export in ("", "hf", "original"), f"export={cfg.export!r}: expected '', hf or original"),
         (cfg.dtype in ("float32", "bfloat16"), f"dtype={cfg.dtype!r}: expected float32 or bfloat16"),
-        (0 <= cfg.data.nice <= 19, f"data.nice={cfg.data.nice}: expected a CPU niceness from 0 to 19"),
         (cfg.save_every >= 1 and cfg.keep >= 1, f"save_every={cfg.save_every}, keep={cfg.keep}: expected >= 1"),
         (cfg.lora.rank >= 0, f"lora.rank={cfg.lora.rank}: expected >= 0 (0 = no LoRA)"),
         (cfg.objective in OBJECTIVES, f"objective={cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}"),

@@ -155,8 +155,7 @@ def build_inputs(cfg: TrainConfig, config, reference: dict | None = None,
     processor, tokenizer_dir, settings, pack = plan.processor, plan.tokenizer_dir, plan.settings, plan.pack
     specs = read_meta(d.meta)
     pipeline = make_pipeline(meta_sources(specs), plan.prepare(specs, settings, reference), pack,
-                             batch_size=d.rows // processes, seed=cfg.seed, workers=d.workers, rows=plan.rows,
-                             nice=d.nice)
+                             batch_size=d.rows // processes, seed=cfg.seed, workers=d.workers, rows=plan.rows)
     eval_dataset = None
     if d.eval_meta and d.eval_samples > 0:
         eval_specs = read_meta(d.eval_meta)
@@ -164,7 +163,7 @@ def build_inputs(cfg: TrainConfig, config, reference: dict | None = None,
         eval_settings = dataclasses.replace(settings, data_augment=False)
         eval_dataset = make_pipeline(sources, plan.prepare(eval_specs, eval_settings, eval_reference), pack,
                                      batch_size=d.rows // processes, seed=cfg.seed, shuffle=False, num_epochs=1,
-                                     rows=plan.rows, nice=d.nice)
+                                     rows=plan.rows)
     s = config.image_size
     rows, length = d.rows, d.max_tokens
     shapes = {"input_ids": ((rows, length), np.int32), "labels": ((rows, length), np.int32),
@@ -199,8 +198,7 @@ def build_caption_inputs(cfg: TrainConfig, config) -> Inputs:
     size = config.image_size
     pipeline = make_pipeline(meta_sources(specs), CaptionPrepare(specs, CaptionSettings(tokenizer, size, d.max_tokens)),
                              caption_pack_config(d.max_tokens, size), batch_size=d.rows // processes, seed=cfg.seed,
-                             workers=d.workers, rows=caption_rows(cfg.objective, tokenizer, d.max_tokens),
-                             nice=d.nice)
+                             workers=d.workers, rows=caption_rows(cfg.objective, tokenizer, d.max_tokens))
     shapes = caption_batch_shapes(cfg.objective, d.rows, d.max_tokens, size)
     shapes["pixel_values"] = (shapes["pixel_values"][0], config.dtype)
     abstract = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}

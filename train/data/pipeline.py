@@ -36,9 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,35 +104,13 @@ def tfds_source(name: str, tfds_name: str, split: str, *, data_dir: str | None =
                   weight)
 
 
-_THIS_THREAD = threading.local()
-
-
-def lower_thread_priority(nice: int) -> None:
-    """Raise the calling thread's CPU niceness to ``nice`` (Linux, where a thread has its own; elsewhere nothing).
-    Never lowers it (that needs privileges), never touches the main thread (it dispatches the steps); threads it
-    starts inherit it."""
-    if (nice <= 0 or sys.platform != "linux" or getattr(_THIS_THREAD, "nice", None) == nice
-            or threading.current_thread() is threading.main_thread()):
-        return
-    tid = threading.get_native_id()
-    if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-        os.setpriority(os.PRIO_PROCESS, tid, min(nice, 19))
-    _THIS_THREAD.nice = nice
-
-
 class SafePrepare:
-    """``prepare(record, rng)`` that never raises: an exception becomes a skipped item (the packer counts it).
+    """``prepare(record, rng)`` that never raises: an exception becomes a skipped item (the packer counts it)."""
 
-    nice: the niceness the calling (reading) thread takes first (:func:`lower_thread_priority`; 0 = unchanged).
-    Where the train step computes on the host's own cores, as on a CPU, decoding at a low priority fills the step's
-    idle moments instead of stalling one of its threads, which stalls the others at the next barrier.
-    """
-
-    def __init__(self, prepare: Callable, nice: int = 0):
-        self.prepare, self.nice = prepare, nice
+    def __init__(self, prepare: Callable):
+        self.prepare = prepare
 
     def __call__(self, record, rng: np.random.Generator):
-        lower_thread_priority(self.nice)
         try:
             return self.prepare(record, rng)
         except Exception as e:  # noqa: BLE001 - a bad sample must not stop a long run
@@ -180,10 +155,9 @@ def record_dataset(sources: Sequence[Source], *, seed: int = 0, shuffle: bool = 
 
 def sample_dataset(sources: Sequence[Source], prepare: Callable, *, seed: int = 0, shuffle: bool = True,
                    num_epochs: int | None = None, process_index: int | None = None,
-                   process_count: int | None = None, nice: int = 0) -> grain.MapDataset:
+                   process_count: int | None = None) -> grain.MapDataset:
     """This process's prepared items (Sample dicts or skips): the global stream, ``prepare`` with one seeded rng
-    per global element (in threads of CPU niceness ``nice``, see :class:`SafePrepare`), then every
-    ``process_count``-th element from ``process_index`` (default: jax's)."""
+    per global element, then every ``process_count``-th element from ``process_index`` (default: jax's)."""
     if process_index is None or process_count is None:
         import jax
 
@@ -192,7 +166,7 @@ def sample_dataset(sources: Sequence[Source], prepare: Callable, *, seed: int = 
     if not 0 <= process_index < process_count:
         raise ValueError(f"sample_dataset: process_index={process_index} is not in [0, {process_count})")
     ds = record_dataset(sources, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
-    ds = ds.random_map(SafePrepare(prepare, nice), seed=_seed(seed, 1000))
+    ds = ds.random_map(SafePrepare(prepare), seed=_seed(seed, 1000))
     return ds[process_index::process_count]
 
 
@@ -282,22 +256,21 @@ def make_pipeline(sources: Sequence[Source], prepare: Callable, pack: PackConfig
                   seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, workers: int = 0,
                   worker_buffer: int = 2, read_threads: int = 2, read_buffer: int = 8, prefetch_batches: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
-                  rows: RowFormat = SFT_ROWS, nice: int = 0) -> grain.IterDataset:
+                  rows: RowFormat = SFT_ROWS) -> grain.IterDataset:
     """The whole input pipeline of one process; ``iter()`` of it is the checkpointable iterator.
 
     sources: the run's datasets (:class:`Source`); prepare(record, rng) -> Sample dict or Skipped (picklable when
     workers > 0, e.g. a ``functools.partial`` of a module-level function); pack: budgets and packing switches;
     batch_size: rows of this process per step. workers: decoding processes (grain ``mp_prefetch``; 0 = in this
     process), each holding ``worker_buffer`` prepared samples; read_threads / read_buffer: grain ReadOptions of
-    each reading process; prefetch_batches: batches built ahead in a background thread (0 = none); nice: the CPU
-    niceness of the threads that prepare samples (Linux; 0 = the process's own; see :class:`SafePrepare`).
+    each reading process; prefetch_batches: batches built ahead in a background thread (0 = none).
     process_index / process_count: this process's shard (default: jax.process_index() / jax.process_count()).
     rows: what rows hold (SFT samples; ``train.data.pairs.PAIR_ROWS`` for preference pairs).
     """
     if workers < 0:
         raise ValueError(f"make_pipeline: workers must be >= 0, got {workers}")
     samples = sample_dataset(sources, prepare, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                             process_index=process_index, process_count=process_count, nice=nice)
+                             process_index=process_index, process_count=process_count)
     ds = samples.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_buffer))
     if workers:
         from absl import flags
