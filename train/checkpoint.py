@@ -55,10 +55,11 @@ class Checkpoints:
     def save(self, step: int, state, data_iterator, meta: dict, *, force: bool = False) -> bool:
         """Start saving ``step`` if it is due (or ``force``); returns whether it did. ``data_iterator``: the
         iterator, whose state is read now (call this after the step's batch was taken and before the next one is),
-        or an :class:`IteratorPosition` taken then."""
+        or an :class:`IteratorPosition` taken then. ``meta`` is copied now: orbax writes it in the background, while
+        the caller's counters move on."""
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta)), force=force)
+            meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))), force=force)
 
     def restore(self, step: int, abstract_state, data_iterator):
         """(state, meta) of ``step``; ``abstract_state``: ``ShapeDtypeStruct`` leaves with their shardings, so each
