@@ -546,14 +546,9 @@ def main():
                 seconds = [rec["seconds"] for rec in records]
                 got["trainer"], got["trainer_steps"] = statistics.mean(seconds[1:]), seconds
                 show("trainer", seconds)
-                saves = {rec["step"] for rec in records if rec["step"] % cfg.save_every == 0}
-                at_save = [x for rec, x in zip(records[1:], seconds[1:]) if rec["step"] in saves]
-                others = [x for rec, x in zip(records[1:], seconds[1:]) if rec["step"] not in saves]
                 print(f"    trainer: wall {wall:.1f} s (compile and the final save included); host calls per step: "
                       f"Inputs.next {statistics.mean(next_calls[1:]):.3f} s, Checkpoints.save "
-                      f"{statistics.mean(save_calls):.3f} s (it waits for the step's state); save steps "
-                      f"{statistics.mean(at_save) if at_save else float('nan'):.2f} s, the others "
-                      f"{statistics.mean(others):.2f} s")
+                      f"{statistics.mean(save_calls):.3f} s (it waits for the step's state)")
                 losses = [rec["loss"] for rec in records]
         diff = max(abs(a - b) for a, b in zip(losses, bare_losses))
         line = f"    losses: trainer {losses[0]:.4f} -> {losses[-1]:.4f}, max |trainer - bare step| {diff:.1e}"
