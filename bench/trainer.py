@@ -239,21 +239,23 @@ def run_config(cfg, model):
 
 
 def prebuild(cfg, config):
-    """(host batches, host stats, seconds per batch): the run's pipeline, drained of ``cfg.steps`` batches."""
+    """(host batches, host stats, seconds per batch, CPU seconds per batch): the run's pipeline, drained of
+    ``cfg.steps`` batches."""
     from train.inputs import build_inputs
 
     inputs = build_inputs(cfg, config)
-    batches, stats, times = [], [], []
+    batches, stats, times, cpu = [], [], [], []
     try:
         for _ in range(cfg.steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             batch, s = inputs.next()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             batches.append(batch)
             stats.append(s)
     finally:
         inputs.close()
-    return batches, stats, times
+    return batches, stats, times, cpu
 
 
 class BareStep:
@@ -492,13 +494,14 @@ def main():
     print(f"model FLOPs per step {flops:.3e}; peak {peak / 1e12:.2f} TFLOP/s ({peak_what})")
 
     # --- 1. input alone ------------------------------------------------------------------------------
-    _, _, cold_times = prebuild(cfg, config)  # the files read cold
-    host, stats, input_times = prebuild(cfg, config)  # the same batches again: the steady state
+    _, _, cold_times, _ = prebuild(cfg, config)  # the files read cold
+    host, stats, input_times, input_cpu = prebuild(cfg, config)  # the same batches again: the steady state
     fill = statistics.mean(s["token_fill"] for s in stats)
     tile_fill = statistics.mean(s["tile_fill"] for s in stats)
     samples = sum(s["samples"] for s in stats)
     tiles = sum(int(np.asarray(b["tile_mask"]).sum()) for b in host)
-    print(f"input alone: {statistics.mean(input_times):.3f} s per batch ({sum(input_times) / tiles:.3f} s per tile) "
+    print(f"input alone: {statistics.mean(input_times):.3f} s per batch ({sum(input_times) / tiles:.3f} s per tile; "
+          f"CPU {statistics.mean(input_cpu):.3f} s per batch, this process's threads) "
           f"(the first, cold pass {statistics.mean(cold_times):.2f} s per batch); {samples} samples and {tiles} tiles "
           f"in {args.steps} batches, token fill {fill:.1%}, tile fill {tile_fill:.1%}")
 
