@@ -18,13 +18,8 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-
-# Run as a script, this file's folder comes first on sys.path, where "checkpoint" is this file.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import jax.numpy as jnp
 import numpy as np

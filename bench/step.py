@@ -19,15 +19,8 @@ share the host's cores, so the peak is the host's, not multiplied by the device 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-
-# Run as a script, this file's folder comes first on sys.path, where "train" is bench/train.py, not the train package
-# (which sharding.plan imports).
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 import jax
 import jax.numpy as jnp

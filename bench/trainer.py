@@ -62,15 +62,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-# Run as a script, this file's folder comes first on sys.path, where "train" is this file, not the train package.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 
 GOAL_BARE, GOAL_TORCH = 0.95, 1.0
 
