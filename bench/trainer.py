@@ -496,8 +496,8 @@ def main():
     samples = sum(s["samples"] for s in stats)
     tiles = sum(int(np.asarray(b["tile_mask"]).sum()) for b in host)
     print(f"input alone: {statistics.mean(input_times):.3f} s per batch ({sum(input_times) / tiles:.3f} s per tile; "
-          f"CPU {statistics.mean(input_cpu):.3f} s per batch, this process's threads) "
-          f"(the first, cold pass {statistics.mean(cold_times):.2f} s per batch); {samples} samples and {tiles} tiles "
+          f"CPU {statistics.mean(input_cpu):.3f} s per batch, this process's threads; the first, cold pass "
+          f"{statistics.mean(cold_times):.2f} s per batch); {samples} samples and {tiles} tiles "
           f"in {args.steps} batches, token fill {fill:.1%}, tile fill {tile_fill:.1%}")
 
     # --- 2-4. rounds of bare step, trainer and PyTorch --------------------------------------------------
